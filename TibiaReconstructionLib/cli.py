@@ -1,0 +1,54 @@
+"""The `tibia-recon` command: one subcommand per job, each registered by the module that does it."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import TibiaReconError
+
+# Modules that add subcommands through a `register_cli(subparsers)` function, in help order.
+_COMMAND_MODULES = ["info", "phantoms.cli", "prepare", "training.cli", "evaluate", "predict_cli", "segment",
+                    "demo", "bench"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tibia-recon",
+        description="Predict a patient's healthy tibia from a CT of the fractured tibia, and make data, train, "
+                    "evaluate and benchmark the models behind it. Coordinates in files are LPS (ITK/DICOM) "
+                    "unless a file name says RAS.",
+        epilog="Run `tibia-recon COMMAND --help` for the options of one command.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith(f"{__package__}.{name.split('.')[0]}"):
+                continue  # that part of the product is not built yet
+            raise
+        module.register_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except TibiaReconError as exc:
+        print(f"tibia-recon {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tibia-recon {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""Errors the product raises for bad input. Each message says what is wrong and what to do."""
+
+
+class TibiaReconError(Exception):
+    """Base class of every error the library raises on purpose."""
+
+
+class InputError(TibiaReconError, ValueError):
+    """An input (file, volume, mask, argument) cannot be used as given."""
+
+
+class GeometryMismatchError(InputError):
+    """Two volumes that must share one voxel grid do not."""
+
+
+class BundleError(TibiaReconError):
+    """A model bundle is missing, incomplete, corrupt or of an unsupported version."""
+
+
+class OutputExistsError(TibiaReconError, FileExistsError):
+    """An output path already exists and overwriting was not requested."""
