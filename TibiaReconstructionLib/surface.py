@@ -1,0 +1,141 @@
+"""Surfaces with VTK: iso-surfaces of volumes in LPS, affine moves, smoothing, decimation, STL.
+
+Every vtkPolyData returned here has its points in LPS mm unless a function says otherwise; STL
+files are written in the frame the caller names ('LPS' for ITK tools, 'RAS' for Slicer), and the
+frame is also recorded in the STL header.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+from .errors import InputError
+from .geometry import Grid, Volume, apply_affine, lps_to_ras
+from .io import atomic_path
+
+STL_FRAMES = ("LPS", "RAS")
+
+
+def polydata_points(polydata: vtk.vtkPolyData) -> np.ndarray:
+    """The points of a polydata as an (n, 3) float64 array (a copy)."""
+    if polydata.GetPoints() is None:
+        return np.zeros((0, 3))
+    return numpy_support.vtk_to_numpy(polydata.GetPoints().GetData()).astype(float)
+
+
+def _set_points(polydata: vtk.vtkPolyData, points: np.ndarray) -> vtk.vtkPolyData:
+    out = vtk.vtkPolyData()
+    out.DeepCopy(polydata)
+    vpts = vtk.vtkPoints()
+    vpts.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points, dtype=np.float64), deep=True))
+    out.SetPoints(vpts)
+    return out
+
+
+def transform_polydata(polydata: vtk.vtkPolyData, matrix: np.ndarray) -> vtk.vtkPolyData:
+    """A copy with points moved by the 4x4 affine; triangles are re-oriented if it reflects space."""
+    out = _set_points(polydata, apply_affine(matrix, polydata_points(polydata)))
+    if np.linalg.det(matrix[:3, :3]) < 0:
+        rev = vtk.vtkReverseSense()
+        rev.SetInputData(out)
+        rev.Update()
+        out = rev.GetOutput()
+    return out
+
+
+def isosurface(array: np.ndarray, grid: Grid, level: float) -> vtk.vtkPolyData:
+    """Flying-edges iso-surface of ``array`` (k, j, i) on ``grid`` at ``level``, points in LPS mm."""
+    if array.shape != grid.shape:
+        raise InputError(f"Array shape {array.shape} does not match the grid {grid.shape}.")
+    image = vtk.vtkImageData()
+    image.SetDimensions(*grid.size)
+    image.SetSpacing(1.0, 1.0, 1.0)  # work in index space, then map with the full index->LPS matrix
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+        np.ascontiguousarray(array, dtype=np.float32).reshape(-1), deep=True))
+    fe = vtk.vtkFlyingEdges3D()
+    fe.SetInputData(image)
+    fe.SetValue(0, float(level))
+    fe.ComputeNormalsOff()
+    fe.Update()
+    return transform_polydata(fe.GetOutput(), grid.ijk_to_lps)
+
+
+def smooth_and_decimate(polydata: vtk.vtkPolyData, iterations: int = 15, pass_band: float = 0.1,
+                        target_reduction: float = 0.5, max_error_mm: float = 0.1) -> vtk.vtkPolyData:
+    """Windowed-sinc smoothing, then decimation that removes up to ``target_reduction`` of the
+    triangles while keeping every vertex within ``max_error_mm`` of the smoothed surface; with normals."""
+    out = polydata
+    if iterations > 0 and out.GetNumberOfPoints() > 0:
+        sm = vtk.vtkWindowedSincPolyDataFilter()
+        sm.SetInputData(out)
+        sm.SetNumberOfIterations(iterations)
+        sm.SetPassBand(pass_band)
+        sm.NormalizeCoordinatesOn()
+        sm.BoundarySmoothingOff()
+        sm.FeatureEdgeSmoothingOff()
+        sm.NonManifoldSmoothingOn()
+        sm.Update()
+        out = sm.GetOutput()
+    if target_reduction > 0 and out.GetNumberOfPolys() > 0:
+        dec = vtk.vtkDecimatePro()
+        dec.SetInputData(out)
+        dec.SetTargetReduction(target_reduction)
+        dec.PreserveTopologyOn()
+        dec.SetMaximumError(max_error_mm)
+        dec.SetErrorIsAbsolute(1)
+        dec.SetAbsoluteError(max_error_mm)
+        dec.Update()
+        out = dec.GetOutput()
+    normals = vtk.vtkPolyDataNormals()
+    normals.SetInputData(out)
+    normals.ConsistencyOn()
+    normals.SplittingOff()
+    normals.Update()
+    return normals.GetOutput()
+
+
+def labelmap_surface(labelmap: Volume, smoothing_iterations: int = 15, target_reduction: float = 0.5,
+                     max_error_mm: float = 0.1) -> vtk.vtkPolyData:
+    """Closed, smoothed surface (LPS mm) of the nonzero voxels of a labelmap."""
+    mask = np.pad((labelmap.array != 0).astype(np.float32), 1)  # closed even where the mask touches the border
+    grid = labelmap.grid
+    padded = Grid(tuple(np.asarray(grid.size) + 2), grid.spacing, grid.index_to_physical(-np.ones(3)), grid.direction)
+    return smooth_and_decimate(isosurface(mask, padded, 0.5), smoothing_iterations,
+                               target_reduction=target_reduction, max_error_mm=max_error_mm)
+
+
+def write_stl(polydata: vtk.vtkPolyData, path: str | os.PathLike, frame: str = "LPS", overwrite: bool = False) -> Path:
+    """Write an LPS polydata as binary STL with points in ``frame`` ('LPS' or 'RAS')."""
+    if frame not in STL_FRAMES:
+        raise InputError(f"Unknown STL frame {frame!r}; use 'LPS' (ITK, DICOM) or 'RAS' (3D Slicer).")
+    if polydata.GetNumberOfPolys() == 0:
+        raise InputError("The surface is empty, so there is nothing to write to STL.")
+    # LPS -> RAS flips two axes (a rotation by 180 degrees), so triangle orientation is kept
+    out = polydata if frame == "LPS" else _set_points(polydata, lps_to_ras(polydata_points(polydata)))
+    tri = vtk.vtkTriangleFilter()
+    tri.SetInputData(out)
+    tri.Update()
+    with atomic_path(path, overwrite) as tmp:
+        writer = vtk.vtkSTLWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetInputData(tri.GetOutput())
+        writer.SetFileTypeToBinary()
+        writer.SetHeader(f"TibiaReconstruction surface; coordinates {frame} mm")
+        if not writer.Write():
+            raise InputError(f"Could not write STL {path}; check that the folder is writable and not full.")
+    return Path(path)
+
+
+def read_stl(path: str | os.PathLike) -> vtk.vtkPolyData:
+    """Read an STL file (points in whatever frame it was written in)."""
+    if not Path(path).is_file():
+        raise InputError(f"STL file not found: {path}.")
+    reader = vtk.vtkSTLReader()
+    reader.SetFileName(str(path))
+    reader.Update()
+    return reader.GetOutput()
