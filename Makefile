@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/tibia-recon demo --out demo-output
+	$(BIN)/tibia-recon demo --out demo-output --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -q Testing

@@ -126,3 +126,137 @@ def prepare_case(ct: Volume, tibia: Volume, side: str, grid: Grid, window_hu: Se
                  fracture: Volume | None = None) -> CanonicalCase:
     """Canonical tensors of one case, with P computed from its own tibia mask."""
     return to_canonical(ct, tibia, grid, patient_to_canonical(tibia, side), window_hu, fracture)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sets: a list of cases (CT + tibia label [+ fractured version]) -> one canonical data set
+
+
+@dataclass
+class CaseFiles:
+    """Files of one case. Paths are absolute; ``label_value`` selects the tibia in a multi-label map."""
+
+    id: str
+    ct: Path
+    tibia: Path
+    side: str
+    label_value: int | None = None
+    fractured_ct: Path | None = None
+    fractured_tibia: Path | None = None
+    fracture_mask: Path | None = None
+
+
+def read_case_list(path: str | Path) -> list[CaseFiles]:
+    """Cases from a JSON manifest ({"cases": [...]}) or a CSV with a header row.
+
+    Keys/columns: id, ct, tibia (mask or label map), side (left/right), optional label_value, and for
+    fractured cases fractured_ct, fractured_tibia, fracture_mask. Relative paths are relative to the
+    list's folder and must stay inside it.
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"Case list not found: {path}.")
+    if path.suffix.lower() == ".json":
+        rows = json.loads(path.read_text()).get("cases", [])
+    elif path.suffix.lower() == ".csv":
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        raise InputError(f"{path}: a case list must be .json or .csv.")
+    if not rows:
+        raise InputError(f"{path} lists no cases.")
+    root = path.parent.resolve()
+
+    def resolve(value, row_id, key):
+        if value in (None, ""):
+            return None
+        p = (root / str(value)).resolve()
+        if root not in p.parents and p != root:
+            raise InputError(f"Case {row_id!r}: {key} path {value!r} leaves the data set folder {root}; refused.")
+        return p
+
+    cases = []
+    for n, row in enumerate(rows):
+        cid = str(row.get("id") or f"case{n:04d}")
+        missing = [k for k in ("ct", "tibia", "side") if not row.get(k)]
+        if missing:
+            raise InputError(f"Case {cid!r} in {path} lacks {', '.join(missing)}.")
+        lv = row.get("label_value")
+        cases.append(CaseFiles(cid, resolve(row["ct"], cid, "ct"), resolve(row["tibia"], cid, "tibia"),
+                               str(row["side"]).lower(), int(lv) if lv not in (None, "") else None,
+                               resolve(row.get("fractured_ct"), cid, "fractured_ct"),
+                               resolve(row.get("fractured_tibia"), cid, "fractured_tibia"),
+                               resolve(row.get("fracture_mask"), cid, "fracture_mask")))
+    return cases
+
+
+def _prepare_one(args) -> tuple[dict, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    from .io import read_mask, read_volume
+
+    case, grid, window = args
+    ct = read_volume(case.ct)
+    tibia = read_mask(case.tibia, ct, "tibia label", case.label_value)
+    entry = {"id": case.id, "side": case.side, "ct": str(case.ct)}
+    if case.fractured_ct is None:
+        c = prepare_case(ct, tibia, case.side, grid, window)
+        entry["patient_to_canonical"] = c.patient_to_canonical.tolist()
+        return entry, c.tensor.astype(np.float16), None, None
+    fct = read_volume(case.fractured_ct)
+    ftib = read_mask(case.fractured_tibia or case.tibia, fct, "fractured tibia label", case.label_value)
+    frac = read_mask(case.fracture_mask, fct, "fracture mask")
+    p = patient_to_canonical(ftib, case.side)  # as at query time: from the fractured tibia
+    healthy = to_canonical(ct, tibia, grid, p, window)
+    fractured = to_canonical(fct, ftib, grid, p, window, frac)
+    entry["patient_to_canonical"] = p.tolist()
+    return entry, healthy.tensor.astype(np.float16), fractured.tensor.astype(np.float16), fractured.visible[None]
+
+
+def prepare_dataset(cases: list[CaseFiles], out: str | Path, grid: Grid, window_hu=DEFAULT_WINDOW_HU,
+                    workers: int = 1, overwrite: bool = False, progress: bool = True) -> Path:
+    """Prepare every case into one canonical data set folder (see :mod:`canonical`)."""
+    from multiprocessing import get_context
+
+    from tqdm import tqdm
+
+    from .canonical import write_canonical_dataset
+
+    fractured = [c.fractured_ct is not None for c in cases]
+    if any(fractured) and not all(fractured):
+        raise InputError("Mixing fractured and healthy-only cases in one data set is not supported; prepare them "
+                         "separately.")
+    jobs = [(c, grid, tuple(window_hu)) for c in cases]
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            results = list(tqdm(pool.imap(_prepare_one, jobs), total=len(jobs), desc="prepare", disable=not progress))
+    else:
+        results = [_prepare_one(j) for j in tqdm(jobs, desc="prepare", disable=not progress)]
+    entries = [r[0] for r in results]
+    images = np.stack([r[1] for r in results])
+    inputs = np.stack([r[2] for r in results]) if all(fractured) else None
+    visible = np.stack([r[3] for r in results]) if all(fractured) else None
+    return write_canonical_dataset(out, grid, tuple(window_hu), entries, images, inputs, visible, overwrite=overwrite)
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("prepare", help="turn CTs + tibia labels (phantoms or real data) into canonical tensors",
+                       description="Mirror right legs to left, align the tibia's long axis, crop and resample to "
+                                   "the canonical grid, normalise tibia-masked HU to [0, 1]. Input: a JSON "
+                                   "manifest (as `tibia-recon phantoms` writes) or a CSV with columns id, ct, "
+                                   "tibia, side[, label_value, fractured_ct, fractured_tibia, fracture_mask].")
+    p.add_argument("cases", help="manifest.json or cases.csv")
+    p.add_argument("--out", required=True, help="output data set folder")
+    p.add_argument("--grid-size", type=int, nargs=3, default=(64, 64, 224), metavar=("X", "Y", "Z"))
+    p.add_argument("--spacing", type=float, default=2.0, help="canonical voxel size in mm (default 2)")
+    p.add_argument("--window", type=float, nargs=2, default=DEFAULT_WINDOW_HU, metavar=("LO", "HI"),
+                   help="HU window mapped to [0, 1] (default -200 1800)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true")
+
+    def run(a):
+        out = prepare_dataset(read_case_list(a.cases), a.out, canonical_grid(a.grid_size, a.spacing), a.window,
+                              a.workers, a.overwrite)
+        print(f"canonical data set written to {out}")
+
+    p.set_defaults(func=run)

@@ -1,0 +1,199 @@
+"""Predict the healthy tibia in the patient's own CT grid from a fractured CT, its tibia mask and a
+coarse fracture mask.
+
+Pipeline (paper step 4): mirror a right leg -> align the long axis and crop (P, patient ->
+canonical) -> resample to the bundle's canonical grid -> y * m_tibia * (1 - m_fracture) ->
+mask-robust LocNet -> theta (standard -> canonical) -> aligned -> autoencoder -> reconstruction in
+standard coordinates -> back through theta and P -> the CT grid. All points are LPS mm.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import vtk
+
+from .bundle import Bundle, load_bundle
+from .errors import InputError
+from .geometry import Grid, TransformChain, Volume, apply_affine, check_same_grid, invert_affine, resample
+from .models.sampler import theta_to_matrix
+from .prepare import patient_to_canonical, to_canonical
+from .surface import isosurface, smooth_and_decimate, transform_polydata
+
+DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "default"
+MAX_FRACTURE_FRACTION = 0.6  # refuse when more of the tibia than this is hidden by the fracture mask
+Progress = Callable[[float, str], None]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a clear error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("Device 'cuda' was requested but no CUDA GPU is available; use device 'cpu' or 'auto'.")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda'.")
+    return torch.device(device)
+
+
+@dataclass
+class Prediction:
+    """The predicted healthy tibia on the CT grid, its surface (LPS mm) and how it was obtained."""
+
+    labelmap: Volume
+    intensity: Volume
+    surface: vtk.vtkPolyData
+    side: str
+    transforms: TransformChain  # patient -> canonical -> standard
+    theta: np.ndarray  # 4x4, standard -> canonical (the sampler's convention)
+    timings: dict = field(default_factory=dict)
+    volumes_ml: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    bundle_name: str = ""
+    device: str = "cpu"
+
+    def report(self) -> dict:
+        """JSON-ready summary: side, transforms, volumes, timings, warnings."""
+        return {"side": self.side, "bundle": self.bundle_name, "device": self.device, "frame": "LPS mm",
+                "theta_standard_to_canonical": self.theta.tolist(), "transforms": self.transforms.to_dict(),
+                "patient_to_standard": self.transforms.matrix().tolist(), "volumes_ml": self.volumes_ml,
+                "timings_s": self.timings, "warnings": self.warnings,
+                "surface": {"points": self.surface.GetNumberOfPoints(), "triangles": self.surface.GetNumberOfPolys()}}
+
+
+def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Check the three inputs; return boolean tibia and fracture arrays. Raises InputError naming the problem."""
+    check_same_grid(ct, tibia, "CT", "tibia mask")
+    check_same_grid(ct, fracture, "CT", "fracture mask")
+    arr = ct.array
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise InputError(f"The CT has voxel type {arr.dtype}; a CT must hold real numbers (HU).")
+    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
+        raise InputError("The CT contains NaN or infinite voxels; fix or replace them (e.g. with -1000 HU) first.")
+    hi = float(np.percentile(arr[::4, ::4, ::4], 99.9)) if arr.size > 64 else float(arr.max())
+    if hi < 300.0:
+        raise InputError(f"The image does not look like a CT in Hounsfield units: its 99.9th percentile is {hi:.4g}, "
+                         "but bone is above 300 HU. MR or normalised images are not supported; give the original CT.")
+    tib, frac = tibia.array != 0, fracture.array != 0
+    n_tib = int(tib.sum())
+    if n_tib == 0:
+        raise InputError("The tibia mask is empty. Segment the tibia (all fragments) or use automatic segmentation.")
+    if not frac.any():
+        raise InputError("The fracture mask is empty. Paint a coarse mask over the fracture zone (all fracture "
+                         "lines and gaps) before predicting.")
+    hidden = float((tib & frac).sum()) / n_tib
+    if (tib & frac).sum() == 0:
+        raise InputError("The fracture mask does not overlap the tibia mask at all; it must cover the fracture "
+                         "zone of the tibia. Check that the right segments were chosen.")
+    if hidden > MAX_FRACTURE_FRACTION:
+        raise InputError(f"The fracture mask hides {hidden:.0%} of the tibia; at most {MAX_FRACTURE_FRACTION:.0%} "
+                         "can be predicted reliably. Paint only the fracture zone.")
+    return tib, frac
+
+
+class Predictor:
+    """Loads a model bundle once and predicts healthy tibiae from fractured CTs."""
+
+    def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE, self.device)
+
+    def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str):
+        grid = self.bundle.grid
+        p = patient_to_canonical(tibia, side)
+        case = to_canonical(ct, tibia, grid, p, self.bundle.window_hu, fracture)
+        x = torch.from_numpy(case.tensor[None]).to(self.device)
+        with torch.no_grad():
+            theta, aligned, recon = self.bundle.align_and_reconstruct(x)
+            proto = self.bundle.prototype.to(self.device)
+            fit = float(torch.mean((aligned[:, :proto.shape[1]] - proto) ** 2 * (aligned[:, -1:] > 0)))
+        return p, theta_to_matrix(theta[0].cpu()), recon[0].float().cpu().numpy(), fit
+
+    def predict(self, ct: Volume, tibia_mask: Volume, fracture_mask: Volume, side: str = "auto",
+                progress: Progress | None = None) -> Prediction:
+        """Predict the healthy tibia. ``side``: 'left', 'right' or 'auto' (the side whose mirror image
+        the model aligns better). Inputs are not modified."""
+        report = progress or (lambda f, m: None)
+        t = {}
+        t0 = time.perf_counter()
+        report(0.0, "Checking inputs")
+        validate_inputs(ct, tibia_mask, fracture_mask)
+        t["check"] = time.perf_counter() - t0
+        if side not in ("auto", "left", "right"):
+            raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
+        t0 = time.perf_counter()
+        report(0.1, "Aligning and reconstructing")
+        candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s)
+                      for s in (("left", "right") if side == "auto" else (side,))}
+        chosen = min(candidates, key=lambda s: candidates[s][3])
+        p, theta, recon, _ = candidates[chosen]
+        t["model"] = time.perf_counter() - t0
+
+        report(0.6, "Mapping the prediction into the CT grid")
+        t0 = time.perf_counter()
+        chain = TransformChain().then("mirror, align long axis, centre", p, "canonical") \
+            .then("inverse theta (LocNet)", invert_affine(theta), "standard")
+        labelmap, intensity = self._to_ct_grid(recon, chain.matrix(), ct)
+        t["resample"] = time.perf_counter() - t0
+
+        report(0.8, "Building the surface")
+        t0 = time.perf_counter()
+        surface = self._surface(recon[-1], invert_affine(chain.matrix()))
+        t["surface"] = time.perf_counter() - t0
+        report(1.0, "Done")
+        voxel_ml = float(np.prod(ct.spacing)) / 1000.0
+        tib = tibia_mask.array != 0
+        volumes = {"predicted_tibia": float(labelmap.array.sum()) * voxel_ml,
+                   "input_tibia": float(tib.sum()) * voxel_ml,
+                   "fracture_mask_in_tibia": float((tib & (fracture_mask.array != 0)).sum()) * voxel_ml}
+        warnings = []
+        if side == "auto" and len(candidates) == 2:
+            fits = sorted(c[3] for c in candidates.values())
+            if fits[1] < 1.2 * fits[0]:
+                warnings.append("The leg side was chosen automatically with low margin; pass side='left' or "
+                                "'right' if known.")
+        return Prediction(labelmap, intensity, surface, chosen, chain, theta, t, volumes, warnings,
+                          self.bundle.name, str(self.device))
+
+    def _to_ct_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[Volume, Volume]:
+        """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the CT grid, computing only
+        the CT sub-box that the predicted tibia can reach."""
+        grid: Grid = self.bundle.grid
+        occ = recon[-1]
+        lo_hu, hi_hu = self.bundle.window_hu
+        inside = np.argwhere(occ > 0.25)
+        labelmap = np.zeros(ct.array.shape, np.uint8)
+        intensity = np.full(ct.array.shape, lo_hu, np.float32)
+        if len(inside) == 0:
+            return ct.with_array(labelmap), ct.with_array(intensity)
+        box_std = np.array([inside.min(0), inside.max(0)])[:, ::-1].astype(float)  # (i, j, k) corners
+        corners = np.array([[box_std[a, 0], box_std[b, 1], box_std[c, 2]] for a in (0, 1) for b in (0, 1)
+                            for c in (0, 1)])
+        pts = apply_affine(invert_affine(patient_to_standard), grid.index_to_physical(corners))
+        ijk = ct.physical_to_index(pts)
+        margin = np.ceil(2.0 * grid.spacing.max() / ct.spacing) + 1
+        lo = np.clip(np.floor(ijk.min(0) - margin), 0, np.array(ct.grid.size) - 1).astype(int)
+        hi = np.clip(np.ceil(ijk.max(0) + margin), 0, np.array(ct.grid.size) - 1).astype(int)
+        sub = Grid(tuple(hi - lo + 1), ct.spacing, ct.index_to_physical(lo.astype(float)), ct.direction)
+        occ_sub = resample(Volume.on_grid(occ.astype(np.float32), grid), sub, patient_to_standard).array
+        int_sub = resample(Volume.on_grid(recon[0].astype(np.float32), grid), sub, patient_to_standard).array
+        label_sub = occ_sub >= 0.5
+        hu = lo_hu + np.clip(int_sub / np.maximum(occ_sub, 1e-3), 0, 1) * (hi_hu - lo_hu)
+        sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
+        labelmap[sl] = label_sub
+        intensity[sl] = np.where(label_sub, hu, lo_hu)
+        return ct.with_array(labelmap), ct.with_array(intensity)
+
+    def _surface(self, occ: np.ndarray, standard_to_patient: np.ndarray) -> vtk.vtkPolyData:
+        """Iso-surface of the occupancy at 0.5 in standard coordinates, moved into patient LPS, smoothed and
+        decimated (vertices within 0.1 mm of the smoothed surface)."""
+        grid: Grid = self.bundle.grid
+        padded = Grid(tuple(np.asarray(grid.size) + 2), grid.spacing, grid.origin - grid.spacing, grid.direction)
+        surf = isosurface(np.pad(occ, 1), padded, 0.5)
+        return smooth_and_decimate(transform_polydata(surf, standard_to_patient), iterations=10,
+                                   target_reduction=0.3, max_error_mm=0.1)
