@@ -101,18 +101,24 @@ class Predictor:
 
     def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto") -> None:
         self.device = resolve_device(device)
+        self.bundle_path = "(in memory)" if isinstance(bundle, Bundle) else str(bundle or DEFAULT_BUNDLE)
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE, self.device)
 
     def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str):
         grid = self.bundle.grid
         p = patient_to_canonical(tibia, side)
         case = to_canonical(ct, tibia, grid, p, self.bundle.window_hu, fracture)
-        x = torch.from_numpy(case.tensor[None]).to(self.device)
-        with torch.no_grad():
-            theta, aligned, recon = self.bundle.align_and_reconstruct(x)
-            proto = self.bundle.prototype.to(self.device)
-            fit = float(torch.mean((aligned[:, :proto.shape[1]] - proto) ** 2 * (aligned[:, -1:] > 0)))
-        return p, theta_to_matrix(theta[0].cpu()), recon[0].float().cpu().numpy(), fit
+        x = torch.from_numpy(case.tensor[None])
+        visible = torch.from_numpy(case.visible[None, None].astype(np.float32))
+        theta, aligned, recon = self.bundle.align_and_reconstruct(x, visible)
+        return p, theta_to_matrix(theta[0]), recon[0].float().cpu().numpy(), self._misfit(aligned, recon)
+
+    def _misfit(self, aligned: torch.Tensor, recon: torch.Tensor) -> float:
+        """How badly the aligned input matches the model (prototype, else its own reconstruction) where
+        the input has bone: the lower, the more plausible the leg side."""
+        ref = self.bundle.prototype if self.bundle.prototype is not None else recon
+        seen = (aligned[:, -1:] > 0.5).float()
+        return float(torch.sum((aligned - ref.to(aligned)) ** 2 * seen) / torch.clamp(seen.sum(), min=1.0))
 
     def predict(self, ct: Volume, tibia_mask: Volume, fracture_mask: Volume, side: str = "auto",
                 progress: Progress | None = None) -> Prediction:
@@ -158,7 +164,7 @@ class Predictor:
                 warnings.append("The leg side was chosen automatically with low margin; pass side='left' or "
                                 "'right' if known.")
         return Prediction(labelmap, intensity, surface, chosen, chain, theta, t, volumes, warnings,
-                          self.bundle.name, str(self.device))
+                          self.bundle_path, str(self.device))
 
     def _to_ct_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[Volume, Volume]:
         """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the CT grid, computing only

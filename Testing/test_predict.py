@@ -1,0 +1,132 @@
+import numpy as np
+import pytest
+
+from TibiaReconstructionLib import metrics
+from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
+from TibiaReconstructionLib.geometry import Grid, Volume, apply_affine, euler_rotation, mirror, resample
+from TibiaReconstructionLib.predict import Predictor
+from TibiaReconstructionLib.surface import polydata_points
+from synthetic import bone_case
+from tiny_bundle import make_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    return Predictor(make_tiny_bundle(tmp_path_factory.mktemp("b") / "bundle"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def case():
+    return bone_case(pose_deg=(3.0, -2.0, 8.0), spacing=(1.5, 1.5, 2.5), size=(48, 48, 72))
+
+
+@pytest.fixture(scope="module")
+def result(predictor, case):
+    return predictor.predict(*case, side="left")
+
+
+def test_prediction_recovers_the_healthy_bone(result, case):
+    ct, tibia, fracture = case
+    assert result.labelmap.grid.same_as(ct.grid)
+    assert metrics.dice(result.labelmap.array, tibia.array) > 0.85  # the masked slab is filled in
+    assert result.labelmap.array[fracture.array > 0].mean() > 0.8
+    assert result.intensity.array[result.labelmap.array > 0].mean() > 300  # bone HU inside the label
+
+
+def test_surface_lies_on_the_labelmap_boundary(result, case):
+    ct = case[0]
+    pts = polydata_points(result.surface)
+    assert len(pts) > 100
+    # every vertex has both label and background voxels within one voxel: it lies on the boundary
+    ijk = np.rint(ct.physical_to_index(pts)).astype(int) + 2
+    lab = np.pad(result.labelmap.array, 2)
+    near_label, near_background = np.zeros(len(pts), bool), np.zeros(len(pts), bool)
+    for dk in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            for di in (-1, 0, 1):
+                v = lab[ijk[:, 2] + dk, ijk[:, 1] + dj, ijk[:, 0] + di]
+                near_label |= v > 0
+                near_background |= v == 0
+    assert (near_label & near_background).mean() > 0.98
+
+
+def test_translation_moves_the_prediction(predictor, case, result):
+    ct, tibia, fracture = case
+    shift = np.array([31.0, -12.5, 40.0])
+    moved = [Volume(v.array, v.spacing, v.origin + shift, v.direction) for v in case]
+    res = predictor.predict(*moved, side="left")
+    assert metrics.dice(res.labelmap.array, result.labelmap.array) > 0.99
+    np.testing.assert_allclose(polydata_points(res.surface).mean(0), polydata_points(result.surface).mean(0) + shift,
+                               atol=0.2)
+
+
+def test_right_leg_equals_mirrored_left_leg(predictor, case, result):
+    mirrored = [mirror(v)[0] for v in case]
+    h = mirror(case[0])[1]
+    res = predictor.predict(*mirrored, side="right")
+    expected = mirror(result.labelmap)[0]
+    assert metrics.dice(res.labelmap.array, expected.array) > 0.98
+    np.testing.assert_allclose(polydata_points(res.surface).mean(0),
+                               apply_affine(h, polydata_points(result.surface).mean(0)), atol=0.3)
+
+
+def test_auto_side_finds_the_mirrored_leg(predictor, case):
+    mirrored = [mirror(v)[0] for v in case]
+    assert predictor.predict(*mirrored, side="auto").side == "right"
+    assert predictor.predict(*case, side="auto").side == "left"
+
+
+def test_oblique_ct_gives_the_same_surface_as_its_axis_aligned_copy(predictor):
+    rot = euler_rotation((0.0, 0.0, 25.0))[:3, :3]
+    oblique = bone_case(pose_deg=(0.0, 0.0, 25.0), spacing=(1.5, 1.5, 2.5), size=(48, 48, 72), direction=rot)
+    grid = Grid((56, 56, 72), np.array([1.5, 1.5, 2.5]), oblique[0].grid.center - np.array([41.25, 41.25, 88.75]))
+    straight = [resample(v, grid, interpolation="nearest", default_value=0 if n else -1000)
+                for n, v in enumerate(oblique)]
+    a = predictor.predict(*oblique, side="left")
+    b = predictor.predict(*straight, side="left")
+    pa, pb = polydata_points(a.surface), polydata_points(b.surface)
+    from scipy.spatial import cKDTree
+    d = cKDTree(pb).query(pa)[0]
+    assert np.sqrt(np.mean(d ** 2)) < 1.5  # mm, voxel size 1.5 x 1.5 x 2.5
+
+
+def test_inputs_are_not_modified(predictor, case):
+    before = [v.array.copy() for v in case]
+    predictor.predict(*case, side="left")
+    for b, v in zip(before, case):
+        np.testing.assert_array_equal(b, v.array)
+
+
+def test_mask_on_another_grid_is_a_clear_error(predictor, case):
+    ct, tibia, fracture = case
+    other = Volume(fracture.array, fracture.spacing, fracture.origin + 3.0, fracture.direction)
+    with pytest.raises(GeometryMismatchError, match="fracture mask"):
+        predictor.predict(ct, tibia, other)
+
+
+@pytest.mark.parametrize("problem,match", [
+    ("empty_tibia", "tibia mask is empty"), ("empty_fracture", "fracture mask is empty"),
+    ("fracture_everywhere", "hides"), ("fracture_outside", "does not overlap"),
+    ("mr_like", "does not look like a CT"), ("nan", "NaN"), ("side", "Unknown side")])
+def test_bad_inputs_are_refused_clearly(predictor, case, problem, match):
+    ct, tibia, fracture = case
+    side = "left"
+    if problem == "empty_tibia":
+        tibia = tibia.with_array(np.zeros_like(tibia.array))
+    elif problem == "empty_fracture":
+        fracture = fracture.with_array(np.zeros_like(fracture.array))
+    elif problem == "fracture_everywhere":
+        fracture = tibia
+    elif problem == "fracture_outside":
+        fracture = fracture.with_array((tibia.array == 0).astype(np.uint8) * 0)
+        fracture.array[0, 0, 0] = 1
+    elif problem == "mr_like":
+        ct = ct.with_array((ct.array.astype(np.float32) + 1000) / 2400)
+    elif problem == "nan":
+        arr = ct.array.astype(np.float32)
+        arr[3, 3, 3] = np.nan
+        ct = ct.with_array(arr)
+    else:
+        side = "middle"
+    with pytest.raises(InputError, match=match):
+        predictor.predict(ct, tibia, fracture, side=side)

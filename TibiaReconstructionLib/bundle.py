@@ -1,0 +1,188 @@
+"""Model bundles: a folder with ``weights.safetensors`` + ``config.json``. Loading executes no code.
+
+config.json: {"format": "tibia-recon-bundle/1", "library_version", "grid" (canonical Grid, LPS mm),
+"window_hu", "channels", "side_convention", "locnet": {...architecture}, "autoencoder": {"type", ...},
+"prototype": bool, "training": {...}, "metrics": {...}}. Weight keys: "locnet.*", "autoencoder.*"
+and, if present, "prototype" (1, C, Z, Y, X). Tensors are (N, C, Z, Y, X) on the canonical grid.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .canonical import CHANNEL_NAMES, replace_folder
+from .errors import BundleError, InputError, OutputExistsError
+from .geometry import Grid
+from .models import AffineGridSampler, Autoencoder, LocNet, build_autoencoder, build_locnet, invert_theta
+
+FORMAT = "tibia-recon-bundle/1"
+CONFIG = "config.json"
+WEIGHTS = "weights.safetensors"
+SIDE_CONVENTION = "left; right legs are mirrored about the sagittal plane before prediction"
+REQUIRED_KEYS = ("format", "library_version", "grid", "window_hu", "channels", "side_convention", "locnet",
+                 "autoencoder", "prototype", "training")
+_PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".npy", ".npz", ".tar"}
+
+
+class Bundle:
+    """A loaded bundle: models in eval mode on ``device`` plus the canonical grid and intensity window."""
+
+    def __init__(self, config: dict, grid: Grid, locnet: LocNet, autoencoder: Autoencoder,
+                 prototype: torch.Tensor | None, device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.grid = grid
+        self.window_hu = tuple(config["window_hu"])
+        self.channels = list(config["channels"])
+        self.device = torch.device(device)
+        self.locnet = locnet.to(self.device).eval()
+        self.autoencoder = autoencoder.to(self.device).eval()
+        self.prototype = None if prototype is None else prototype.to(self.device)
+        self.sampler = AffineGridSampler(grid).to(self.device)
+
+    @torch.no_grad()
+    def align_and_reconstruct(self, x: torch.Tensor, visible: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """θ (N, 3, 4) in canonical mm, x aligned to standard coordinates, and its reconstruction there.
+
+        ``x`` (N, C, Z, Y, X) is on the canonical grid (fracture region zeroed); ``visible``
+        (N, 1, Z, Y, X) marks its observed voxels (all when None). Voxels that the alignment pulls
+        from outside the input count as not visible.
+        """
+        x = x.to(self.device, torch.float32)
+        theta = self.locnet(x)
+        aligned = self.sampler(x, theta)
+        vis = torch.ones_like(x[:, :1]) if visible is None else visible.to(self.device, torch.float32)
+        vis_aligned = (self.sampler(vis, theta) > 0.5).float()
+        return theta, aligned, self.autoencoder.reconstruct(aligned, vis_aligned)
+
+    @torch.no_grad()
+    def to_input_frame(self, standard: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Map tensors from standard coordinates back onto the input's canonical grid (applies θ⁻¹)."""
+        return self.sampler(standard.to(self.device), invert_theta(theta.to(self.device).double()).float())
+
+
+def save_bundle(folder, *, grid: Grid, window_hu, locnet: LocNet, autoencoder: Autoencoder,
+                prototype: torch.Tensor | None = None, training: dict | None = None, metrics: dict | None = None,
+                channels: list[str] | None = None, overwrite: bool = False) -> Path:
+    """Write a bundle folder atomically (temporary sibling folder renamed into place)."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{folder} already exists and is not empty; choose another folder or allow "
+                                f"overwriting.")
+    c = locnet.config.in_channels
+    config = {"format": FORMAT, "library_version": __version__, "grid": grid.to_dict(),
+              "window_hu": [float(w) for w in window_hu], "channels": list(channels or CHANNEL_NAMES[:c]),
+              "side_convention": SIDE_CONVENTION, "locnet": locnet.config.to_dict(),
+              "autoencoder": dict(autoencoder.config), "prototype": prototype is not None,
+              "training": training or {}, "metrics": metrics or {}}
+    weights = {f"locnet.{k}": v for k, v in locnet.state_dict().items()}
+    weights.update({f"autoencoder.{k}": v for k, v in autoencoder.state_dict().items()})
+    if prototype is not None:
+        weights["prototype"] = prototype.detach().reshape(1, c, *grid.shape)
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    _check_consistent(config, grid, {k: list(v.shape) for k, v in weights.items()}, folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+        replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_bundle(folder, device: str | torch.device = "cpu") -> Bundle:
+    """Load and validate a bundle (format, version, keys, shapes); raises BundleError saying what to fix."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BundleError(f"No model bundle at {folder}: expected a folder with {CONFIG} and {WEIGHTS}.")
+    _refuse_pickles(folder)
+    for name in (CONFIG, WEIGHTS):
+        if not (folder / name).is_file():
+            raise BundleError(f"The model bundle {folder} lacks {name}; re-export it with `tibia-recon export-bundle`.")
+    try:
+        config = json.loads((folder / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{folder / CONFIG} is not valid JSON ({exc}); re-export the bundle.") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise BundleError(f"{folder} has bundle format {found!r}, but this library (version {__version__}) reads "
+                          f"only {FORMAT!r}. Use a matching library version or re-export the bundle.")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise BundleError(f"{folder / CONFIG} lacks {missing}; re-export the bundle.")
+    try:
+        grid = Grid.from_dict(config["grid"])
+        locnet = build_locnet(config["locnet"])
+        autoencoder = build_autoencoder(config["autoencoder"])
+    except (InputError, KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{folder / CONFIG} describes models this library cannot build: {exc}") from exc
+    try:
+        with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise BundleError(f"{folder / WEIGHTS} is not a readable safetensors file ({exc}); re-export the bundle.") \
+            from exc
+    _check_consistent(config, grid, {k: list(v.shape) for k, v in tensors.items()}, folder)
+    expected = _expected_shapes(config, grid, locnet, autoencoder)
+    _check_keys(expected, {k: list(v.shape) for k, v in tensors.items()}, folder)
+    locnet.load_state_dict({k[len("locnet."):]: v.float() for k, v in tensors.items() if k.startswith("locnet.")})
+    autoencoder.load_state_dict({k[len("autoencoder."):]: v.float() for k, v in tensors.items()
+                                 if k.startswith("autoencoder.")})
+    prototype = tensors["prototype"].float() if config["prototype"] else None
+    return Bundle(config, grid, locnet, autoencoder, prototype, device)
+
+
+def _expected_shapes(config: dict, grid: Grid, locnet: LocNet, autoencoder: Autoencoder) -> dict[str, list[int]]:
+    shapes = {f"locnet.{k}": list(v.shape) for k, v in locnet.state_dict().items()}
+    shapes.update({f"autoencoder.{k}": list(v.shape) for k, v in autoencoder.state_dict().items()})
+    if config["prototype"]:
+        shapes["prototype"] = [1, len(config["channels"]), *grid.shape]
+    return shapes
+
+
+def _check_keys(expected: dict[str, list[int]], found: dict[str, list[int]], folder: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = [f"{k}: expected {expected[k]}, found {found[k]}" for k in sorted(set(expected) & set(found))
+             if expected[k] != found[k]]
+    problems = ([f"missing weights {missing}"] if missing else []) + (
+        [f"unexpected weights {extra}"] if extra else []) + ([f"wrong shapes: {'; '.join(wrong)}"] if wrong else [])
+    if problems:
+        raise BundleError(f"The weights in {folder / WEIGHTS} do not match its {CONFIG}: " + "; ".join(problems)
+                          + ". The bundle is corrupt or mixed from different exports; re-export it.")
+
+
+def _check_consistent(config: dict, grid: Grid, shapes: dict[str, list[int]], folder: Path) -> None:
+    """Channels and grid in the config agree with the model settings."""
+    c = len(config["channels"])
+    if config["locnet"].get("in_channels", 2) != c or config["autoencoder"].get("in_channels", 2) != c:
+        raise BundleError(f"{folder}: the LocNet and autoencoder must take {c} channels as the bundle's channel "
+                          f"list says ({config['channels']}).")
+    ae_shape = config["autoencoder"].get("shape")
+    if ae_shape is not None and list(ae_shape) != list(grid.shape):
+        raise BundleError(f"{folder}: the autoencoder works on (Z, Y, X) {ae_shape} but the canonical grid is "
+                          f"{list(grid.shape)}.")
+    if config["prototype"] and "prototype" not in shapes:
+        raise BundleError(f"{folder}: the config announces a prototype but the weights have none; re-export it.")
+
+
+def _refuse_pickles(folder: Path) -> None:
+    checked = (folder / WEIGHTS, folder / CONFIG)  # parsed by safetensors / json, which execute nothing
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p not in checked):
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if path.suffix.lower() in _PICKLE_SUFFIXES or (len(head) == 2 and head[0] == 0x80 and head[1] <= 5) \
+                or head == b"PK":
+            raise BundleError(f"The bundle {folder} contains {path.name}, which looks like a pickle or archive; "
+                              f"loading those can run code, so bundles hold only {WEIGHTS} and JSON. Remove the "
+                              f"file or re-export the bundle with `tibia-recon export-bundle`.")

@@ -1,0 +1,98 @@
+"""PCA autoencoder on aligned canonical tensors, with a mask-robust (visible-voxel) encoder.
+
+Vectors are the flattened (C, Z, Y, X) tensors. ``encode`` projects onto the k principal axes;
+with ``visible`` it instead solves the probabilistic-PCA least squares on the visible voxels only
+(ridge = noise variance / component variance), so masked-out voxels do not bias the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..errors import InputError
+from .autoencoder import Autoencoder, masked_mse
+from .config import ArchConfig
+
+
+@dataclass
+class PCAConfig(ArchConfig):
+    in_channels: int = 2
+    shape: list[int] = field(default_factory=lambda: [224, 64, 64])  # (Z, Y, X)
+    components: int = 32
+
+
+class PCA(Autoencoder):
+    """Mean + k orthonormal components (k, D) with their variances and the residual noise variance."""
+
+    kind = "pca"
+
+    def __init__(self, config: PCAConfig | dict | None = None) -> None:
+        super().__init__()
+        cfg = config if isinstance(config, PCAConfig) else PCAConfig.from_dict(config or {})
+        self.arch = cfg
+        self.config = {"type": self.kind, **cfg.to_dict()}
+        d = cfg.in_channels * cfg.shape[0] * cfg.shape[1] * cfg.shape[2]
+        self.register_buffer("mean", torch.zeros(d))
+        self.register_buffer("components", torch.zeros(cfg.components, d))
+        self.register_buffer("variances", torch.ones(cfg.components))
+        self.register_buffer("noise_variance", torch.zeros(()))
+
+    @torch.no_grad()
+    def fit(self, n_cases: int, get_case: Callable[[int], torch.Tensor], chunk: int = 1 << 18) -> "PCA":
+        """Fit on ``n_cases`` tensors ``get_case(i)`` (C, Z, Y, X) with the Gram-matrix SVD, in float64.
+
+        Memory stays at one (n_cases, chunk) block besides the results.
+        """
+        k = self.arch.components
+        if n_cases < 2 or k > n_cases - 1:
+            raise InputError(f"PCA with {k} components needs at least {k + 1} training cases, got {n_cases}.")
+        rows = torch.stack([get_case(i).reshape(-1).float() for i in range(n_cases)])
+        if rows.shape[1] != self.mean.numel():
+            raise InputError(f"PCA expects cases of {self.mean.numel()} values ({self.arch.in_channels} channels x "
+                             f"{self.arch.shape}), got {rows.shape[1]}.")
+        mean = rows.double().mean(0)
+        gram = torch.zeros(n_cases, n_cases, dtype=torch.float64)
+        for a in range(0, rows.shape[1], chunk):
+            block = rows[:, a:a + chunk].double() - mean[a:a + chunk]
+            gram += block @ block.T
+        evals, evecs = torch.linalg.eigh(gram)
+        evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
+        comps = torch.zeros(k, rows.shape[1])
+        for a in range(0, rows.shape[1], chunk):
+            block = rows[:, a:a + chunk].double() - mean[a:a + chunk]
+            comps[:, a:a + chunk] = (evecs[:, :k].T @ block / evals[:k].sqrt().clamp_min(1e-12)[:, None]).float()
+        self.mean.copy_(mean.float())
+        self.components.copy_(comps)
+        self.variances.copy_((evals[:k] / (n_cases - 1)).clamp_min(1e-12).float())
+        residual = evals[k:].sum() / (n_cases - 1) / max(rows.shape[1] - k, 1)
+        self.noise_variance.copy_(residual.float())
+        return self
+
+    def encode(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes (N, k) of x (N, C, Z, Y, X); least squares on the voxels where ``visible`` (N, 1, ...) is 1."""
+        flat = x.reshape(x.shape[0], -1) - self.mean
+        if visible is None:
+            return flat @ self.components.T
+        weights = visible.to(x.dtype).expand_as(x).reshape(x.shape[0], -1)
+        ridge = torch.diag(self.noise_variance / self.variances)
+        codes = []
+        for w, r in zip(weights, flat):
+            wc = self.components * w
+            codes.append(torch.linalg.solve(wc @ self.components.T + ridge
+                                            + 1e-6 * torch.eye(len(ridge), dtype=x.dtype, device=x.device),
+                                            wc @ torch.where(w > 0, r, torch.zeros_like(r))))
+        return torch.stack(codes)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Tensors (N, C, Z, Y, X) from codes (N, k)."""
+        return (self.mean + z @ self.components).reshape(z.shape[0], self.arch.in_channels, *self.arch.shape)
+
+    def reconstruct(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.encode(x, visible))
+
+    def loss(self, x, target, visible=None):
+        mse = masked_mse(self.reconstruct(x, visible), target, visible)
+        return mse, {"mse": mse.item()}
