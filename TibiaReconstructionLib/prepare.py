@@ -192,51 +192,83 @@ def read_case_list(path: str | Path) -> list[CaseFiles]:
     return cases
 
 
-def _prepare_one(args) -> tuple[dict, np.ndarray, np.ndarray | None, np.ndarray | None]:
+def _prepare_volumes(entry: dict, ct: Volume, tibia: Volume, side: str, grid: Grid, window,
+                     fractured: tuple[Volume, Volume, Volume] | None = None):
+    """Canonical tensors of one case (healthy; plus fractured input and visibility when given)."""
+    if fractured is None:
+        c = prepare_case(ct, tibia, side, grid, window)
+        entry["patient_to_canonical"] = c.patient_to_canonical.tolist()
+        return entry, c.tensor.astype(np.float16), None, None
+    fct, ftib, frac = fractured
+    p = patient_to_canonical(ftib, side)  # as at query time: from the fractured tibia
+    healthy = to_canonical(ct, tibia, grid, p, window)
+    broken = to_canonical(fct, ftib, grid, p, window, frac)
+    entry["patient_to_canonical"] = p.tolist()
+    return entry, healthy.tensor.astype(np.float16), broken.tensor.astype(np.float16), broken.visible[None]
+
+
+def _prepare_one(args):
     from .io import read_mask, read_volume
 
     case, grid, window = args
     ct = read_volume(case.ct)
     tibia = read_mask(case.tibia, ct, "tibia label", case.label_value)
     entry = {"id": case.id, "side": case.side, "ct": str(case.ct)}
-    if case.fractured_ct is None:
-        c = prepare_case(ct, tibia, case.side, grid, window)
-        entry["patient_to_canonical"] = c.patient_to_canonical.tolist()
-        return entry, c.tensor.astype(np.float16), None, None
-    fct = read_volume(case.fractured_ct)
-    ftib = read_mask(case.fractured_tibia or case.tibia, fct, "fractured tibia label", case.label_value)
-    frac = read_mask(case.fracture_mask, fct, "fracture mask")
-    p = patient_to_canonical(ftib, case.side)  # as at query time: from the fractured tibia
-    healthy = to_canonical(ct, tibia, grid, p, window)
-    fractured = to_canonical(fct, ftib, grid, p, window, frac)
-    entry["patient_to_canonical"] = p.tolist()
-    return entry, healthy.tensor.astype(np.float16), fractured.tensor.astype(np.float16), fractured.visible[None]
+    fractured = None
+    if case.fractured_ct is not None:
+        fct = read_volume(case.fractured_ct)
+        fractured = (fct, read_mask(case.fractured_tibia or case.tibia, fct, "fractured tibia label", case.label_value),
+                     read_mask(case.fracture_mask, fct, "fracture mask"))
+    return _prepare_volumes(entry, ct, tibia, case.side, grid, window, fractured)
 
 
-def prepare_dataset(cases: list[CaseFiles], out: str | Path, grid: Grid, window_hu=DEFAULT_WINDOW_HU,
+def _prepare_phantom(args):
+    """Generate one fractured phantom in memory (coarse scanner-like spacing) and prepare it."""
+    from .phantoms import generate_case
+
+    seed, grid, window = args
+    rng = np.random.default_rng([seed, 7])
+    spacing = (float(rng.uniform(1.0, 1.6)),) * 2 + (float(rng.uniform(1.0, 3.0)),)
+    c = generate_case(seed, fractured=True, spacing=spacing)
+    entry = {"id": f"phantom{seed:06d}", "side": c.side, "seed": seed, "spacing": list(spacing),
+             "fracture_type": c.fracture_type}
+    return _prepare_volumes(entry, c.ct, c.labels.with_array((c.labels.array == 1).astype(np.uint8)), c.side, grid,
+                            window,
+        (c.fractured_ct, c.fractured_labels.with_array((c.fractured_labels.array == 1).astype(np.uint8)),
+         c.fracture_mask))
+
+
+def prepare_dataset(cases: list[CaseFiles] | range, out: str | Path, grid: Grid, window_hu=DEFAULT_WINDOW_HU,
                     workers: int = 1, overwrite: bool = False, progress: bool = True) -> Path:
-    """Prepare every case into one canonical data set folder (see :mod:`canonical`)."""
+    """Prepare every case into one canonical data set folder (see :mod:`canonical`).
+
+    ``cases`` is a list of case files, or a range of seeds of fractured phantoms generated in memory.
+    """
     from multiprocessing import get_context
 
     from tqdm import tqdm
 
     from .canonical import write_canonical_dataset
 
-    fractured = [c.fractured_ct is not None for c in cases]
-    if any(fractured) and not all(fractured):
-        raise InputError("Mixing fractured and healthy-only cases in one data set is not supported; prepare them "
-                         "separately.")
+    if isinstance(cases, range):
+        worker, fractured = _prepare_phantom, True
+    else:
+        worker, kinds = _prepare_one, {c.fractured_ct is not None for c in cases}
+        if len(kinds) > 1:
+            raise InputError("Mixing fractured and healthy-only cases in one data set is not supported; prepare "
+                             "them separately.")
+        fractured = kinds.pop()
     jobs = [(c, grid, tuple(window_hu)) for c in cases]
     if workers > 1:
         with get_context("spawn").Pool(workers) as pool:
-            results = list(tqdm(pool.imap(_prepare_one, jobs), total=len(jobs), desc="prepare", disable=not progress))
+            results = list(tqdm(pool.imap(worker, jobs), total=len(jobs), desc="prepare", disable=not progress))
     else:
-        results = [_prepare_one(j) for j in tqdm(jobs, desc="prepare", disable=not progress)]
-    entries = [r[0] for r in results]
+        results = [worker(j) for j in tqdm(jobs, desc="prepare", disable=not progress)]
     images = np.stack([r[1] for r in results])
-    inputs = np.stack([r[2] for r in results]) if all(fractured) else None
-    visible = np.stack([r[3] for r in results]) if all(fractured) else None
-    return write_canonical_dataset(out, grid, tuple(window_hu), entries, images, inputs, visible, overwrite=overwrite)
+    inputs = np.stack([r[2] for r in results]) if fractured else None
+    visible = np.stack([r[3] for r in results]) if fractured else None
+    return write_canonical_dataset(out, grid, tuple(window_hu), [r[0] for r in results], images, inputs, visible,
+                                   overwrite=overwrite)
 
 
 def register_cli(sub) -> None:
@@ -245,7 +277,11 @@ def register_cli(sub) -> None:
                                    "the canonical grid, normalise tibia-masked HU to [0, 1]. Input: a JSON "
                                    "manifest (as `tibia-recon phantoms` writes) or a CSV with columns id, ct, "
                                    "tibia, side[, label_value, fractured_ct, fractured_tibia, fracture_mask].")
-    p.add_argument("cases", help="manifest.json or cases.csv")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("cases", nargs="?", help="manifest.json or cases.csv")
+    src.add_argument("--phantoms", type=int, metavar="N", help="instead: generate N fractured phantoms in memory "
+                                                               "(seeds --seed .. --seed+N-1)")
+    p.add_argument("--seed", type=int, default=0, help="first phantom seed (with --phantoms)")
     p.add_argument("--out", required=True, help="output data set folder")
     p.add_argument("--grid-size", type=int, nargs=3, default=(64, 64, 224), metavar=("X", "Y", "Z"))
     p.add_argument("--spacing", type=float, default=2.0, help="canonical voxel size in mm (default 2)")
@@ -255,7 +291,8 @@ def register_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
 
     def run(a):
-        out = prepare_dataset(read_case_list(a.cases), a.out, canonical_grid(a.grid_size, a.spacing), a.window,
+        cases = range(a.seed, a.seed + a.phantoms) if a.phantoms else read_case_list(a.cases)
+        out = prepare_dataset(cases, a.out, canonical_grid(a.grid_size, a.spacing), a.window,
                               a.workers, a.overwrite)
         print(f"canonical data set written to {out}")
 
