@@ -61,6 +61,7 @@ def test_stl_frames_and_no_overwrite(tmp_path):
     surf = labelmap_surface(vol)
     lps = write_stl(surf, tmp_path / "s_lps.stl", frame="LPS")
     ras = write_stl(surf, tmp_path / "s_ras.stl", frame="RAS")
+    assert lps.read_bytes()[:9] == b"SPACE=LPS" and ras.read_bytes()[:9] == b"SPACE=RAS"  # what Slicer reads
     p_lps, p_ras = polydata_points(read_stl(lps)), polydata_points(read_stl(ras))
     np.testing.assert_allclose(p_ras, lps_to_ras(p_lps), atol=1e-3)
     assert abs(p_lps[:, 0].mean() - polydata_points(surf)[:, 0].mean()) < 1e-3

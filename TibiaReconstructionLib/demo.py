@@ -9,8 +9,7 @@ from .errors import InputError
 
 RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 SAMPLE_CASE = RESOURCES / "SampleCase"
-SAMPLE_FILES = {"ct": "ct.nrrd", "tibia": "tibia_mask.nrrd", "fracture": "fracture_mask.nrrd",
-                "truth": "healthy_tibia_mask.nrrd"}
+SAMPLE_FILES = {"ct": "ct.nrrd", "tibia": "tibia.nrrd", "fracture": "fracture.nrrd", "truth": "healthy_tibia.nrrd"}
 
 
 def missing_parts(bundle: Path | None = None) -> list[str]:

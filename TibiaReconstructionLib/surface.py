@@ -1,8 +1,8 @@
 """Surfaces with VTK: iso-surfaces of volumes in LPS, affine moves, smoothing, decimation, STL.
 
 Every vtkPolyData returned here has its points in LPS mm unless a function says otherwise; STL
-files are written in the frame the caller names ('LPS' for ITK tools, 'RAS' for Slicer), and the
-frame is also recorded in the STL header.
+files are written in the frame the caller names and record it as ``SPACE=LPS`` / ``SPACE=RAS`` at the
+start of the STL header, which 3D Slicer honours when it loads the file.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def write_stl(polydata: vtk.vtkPolyData, path: str | os.PathLike, frame: str = "
         writer.SetFileName(str(tmp))
         writer.SetInputData(tri.GetOutput())
         writer.SetFileTypeToBinary()
-        writer.SetHeader(f"TibiaReconstruction surface; coordinates {frame} mm")
+        writer.SetHeader(f"SPACE={frame} TibiaReconstruction surface, mm")  # 3D Slicer reads SPACE=
         if not writer.Write():
             raise InputError(f"Could not write STL {path}; check that the folder is writable and not full.")
     return Path(path)

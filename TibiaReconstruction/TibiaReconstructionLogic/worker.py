@@ -1,0 +1,89 @@
+"""Runs one prediction in a separate Python process (started by job.PredictionJob).
+
+Usage: ``python worker.py WORK_DIR``. WORK_DIR holds ``inputs.json`` (grid, bundle, device, side) and
+``ct.npy``, ``tibia.npy``, ``fracture.npy`` (arrays [k, j, i] on that grid, LPS). The worker writes
+``labelmap.npy``, ``intensity.npy``, ``surface.vtp`` (points in LPS mm) and ``outputs.json`` (grids and the
+Predictor's report) and prints one JSON object per line on stdout:
+``{"progress": f, "message": m}``, then ``{"done": true}`` or ``{"error": type, "message": text}``.
+
+Geometry goes through JSON (exact decimal round trip of every float) and voxels through .npy, so the
+result is bit-identical to calling the Predictor in the Slicer process. Imports only the library,
+numpy and vtk; never slicer or Qt.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+
+def emit(**message):
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def run(workDir):
+    import numpy as np
+    import vtk
+
+    from TibiaReconstructionLib.geometry import Grid, Volume
+
+    with open(os.path.join(workDir, "inputs.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    grid = Grid.from_dict(config["grid"])
+    ct = Volume.on_grid(np.load(os.path.join(workDir, "ct.npy")), grid)
+    tibia = Volume.on_grid(np.load(os.path.join(workDir, "tibia.npy")), grid)
+    fracture = Volume.on_grid(np.load(os.path.join(workDir, "fracture.npy")), grid)
+
+    emit(progress=0.0, message="Loading the model")
+    from TibiaReconstructionLib.predict import Predictor
+
+    predictor = Predictor(config.get("bundle") or None, device=config.get("device", "auto"))
+    result = predictor.predict(ct, tibia, fracture, side=config.get("side", "auto"),
+                               progress=lambda fraction, message: emit(progress=float(fraction), message=str(message)))
+
+    np.save(os.path.join(workDir, "labelmap.npy"), np.ascontiguousarray(result.labelmap.array))
+    np.save(os.path.join(workDir, "intensity.npy"), np.ascontiguousarray(result.intensity.array))
+    writer = vtk.vtkXMLPolyDataWriter()
+    writer.SetFileName(os.path.join(workDir, "surface.vtp"))
+    writer.SetInputData(result.surface)
+    writer.SetDataModeToBinary()
+    if not writer.Write():
+        raise RuntimeError("Could not write the predicted surface to " + workDir)
+    outputs = {"labelmap_grid": result.labelmap.grid.to_dict(), "intensity_grid": result.intensity.grid.to_dict(),
+               "report": result.report()}
+    tmp = os.path.join(workDir, "outputs.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(outputs, f, default=_jsonDefault)
+    os.replace(tmp, os.path.join(workDir, "outputs.json"))
+
+
+def _jsonDefault(obj):
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    return str(obj)
+
+
+def main(argv):
+    if len(argv) != 2:
+        sys.stderr.write(__doc__)
+        return 64
+    try:
+        run(argv[1])
+    except Exception as exc:  # reported to the parent, which raises it in Slicer
+        from TibiaReconstructionLib.errors import TibiaReconError
+
+        traceback.print_exc(file=sys.stderr)
+        kind = type(exc).__name__ if isinstance(exc, TibiaReconError) else "RuntimeError"
+        emit(error=kind, message=str(exc) if isinstance(exc, TibiaReconError) else f"{type(exc).__name__}: {exc}")
+        return 2
+    emit(done=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
