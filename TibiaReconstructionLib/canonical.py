@@ -90,7 +90,11 @@ def write_canonical_dataset(folder, grid: Grid, window, cases: Sequence[dict], i
 
 
 def replace_folder(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing ``dst`` if it exists (renames only; no partial ``dst``)."""
+    """Move folder ``src`` to ``dst``, replacing ``dst`` if it exists (renames only; no partial ``dst``).
+    ``src`` (usually a 0700 temporary folder) gets the usual folder permissions first."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(src, 0o777 & ~umask)
     if dst.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
         os.replace(dst, old / dst.name)

@@ -22,6 +22,8 @@ import SimpleITK as sitk
 from .errors import InputError, OutputExistsError
 from .geometry import Volume, check_same_grid
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
 
 
@@ -137,6 +139,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     suffix = "".join(target.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, target)
@@ -173,8 +176,9 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, overwrite: boo
     image = volume.with_array(arr).to_sitk()
     direction = volume.direction
     series_uid = f"2.25.{uuid.uuid4().int}"
-    tmp_folder = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent if folder.parent.exists()
-                                       else None))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp_folder = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    os.chmod(tmp_folder, 0o777 & ~_UMASK)
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     orientation = "\\".join(f"{v:.10g}" for v in (*direction[:, 0], *direction[:, 1]))
