@@ -59,6 +59,30 @@ def run_demo(out: str | Path, bundle=None, device="auto", overwrite=False) -> di
     return accuracy
 
 
+def make_sample_case(seed: int, out: str | Path = SAMPLE_CASE, spacing=(1.2, 1.2, 2.0), fracture_type="oblique",
+                     side="right", overwrite: bool = False) -> Path:
+    """Write a held-out fractured phantom as the sample case: the fractured CT, its tibia and fracture
+    masks, and the healthy tibia label (ground truth, on the same grid), compressed NRRD."""
+    from .io import write_json, write_volume
+    from .phantoms import generate_case
+
+    case = generate_case(seed, fractured=True, side=side, spacing=spacing, fracture_type=fracture_type,
+                         size_limit_mm=(170.0, 170.0, 480.0))
+    out = Path(out)
+    tibia = lambda labels: labels.with_array((labels.array == 1).astype("uint8"))  # noqa: E731
+    write_volume(case.fractured_ct, out / SAMPLE_FILES["ct"], overwrite=overwrite)
+    write_volume(tibia(case.fractured_labels), out / SAMPLE_FILES["tibia"], label=True, overwrite=overwrite)
+    write_volume(case.fracture_mask, out / SAMPLE_FILES["fracture"], label=True, overwrite=overwrite)
+    write_volume(tibia(case.labels), out / SAMPLE_FILES["truth"], label=True, overwrite=overwrite)
+    write_json({"source": "synthetic phantom (TibiaReconstructionLib.phantoms), not used in training",
+                "seed": seed, "side": case.side, "fracture_type": case.fracture_type,
+                "spacing_mm": list(spacing), "coordinates": "LPS mm",
+                "fragments": [{"id": f["id"], "transform_healthy_to_fractured": f["transform"]}
+                              for f in case.fragments],
+                "command": f"tibia-recon demo --make-sample-case {seed}"}, out / "case.json", overwrite=overwrite)
+    return out
+
+
 def register_cli(sub) -> None:
     p = sub.add_parser("demo", help="predict the bundled sample case and report accuracy",
                        description="Run predict on the sample fractured case in Resources/SampleCase with the bundled "
@@ -68,8 +92,13 @@ def register_cli(sub) -> None:
     p.add_argument("--bundle", default=None)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier demo")
+    p.add_argument("--make-sample-case", type=int, metavar="SEED", help="instead: (re)make the sample case from "
+                                                                        "phantom SEED into Resources/SampleCase")
 
     def run(a):
+        if a.make_sample_case is not None:
+            print(f"sample case written to {make_sample_case(a.make_sample_case, overwrite=a.overwrite)}")
+            return
         acc = run_demo(a.out, a.bundle, a.device, a.overwrite)
         print(f"Dice {acc['dice']:.3f}  RMSD {acc['rmsd_mm']:.2f} mm  HD95 {acc['hd95_mm']:.2f} mm  "
               f"(side {acc['side']}, {sum(acc['timings_s'].values()):.2f} s)")
