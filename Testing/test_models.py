@@ -9,6 +9,7 @@ from TibiaReconstructionLib.geometry import Grid, Volume, euler_rotation, make_a
 from TibiaReconstructionLib.models import (PCA, VAE, VQVAE, AffineGridSampler, LocNet, Prototype, build_autoencoder,
                                            compose_theta, identity_theta, invert_theta, masked_mse, matrix_to_theta,
                                            theta_to_matrix)
+from TibiaReconstructionLib.models.sampler import sampling_grid
 
 TINY_LOCNET = {"channels": [4, 8], "input_downsample": 1, "pool_size": [2, 1, 1], "hidden": 16}
 
@@ -54,6 +55,12 @@ def test_sampler_is_differentiable_in_image_and_theta(rng):
     assert x.grad.abs().sum() > 0 and theta.grad.abs().sum() > 0
     assert torch.autograd.gradcheck(lambda t: AffineGridSampler(grid)(x.detach().double(), t).sum(),
                                     theta.detach().double().requires_grad_(True), atol=1e-4)
+
+
+def test_sampling_grid_equals_torch_affine_grid(rng):
+    theta = torch.from_numpy(np.eye(3, 4) + 0.2 * rng.normal(size=(2, 3, 4))).float()
+    expected = torch.nn.functional.affine_grid(theta, [2, 1, 5, 6, 7], align_corners=True)
+    assert torch.allclose(sampling_grid(theta, (5, 6, 7)), expected, atol=1e-6)
 
 
 def test_sampler_rejects_wrong_shapes():

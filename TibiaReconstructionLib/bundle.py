@@ -9,6 +9,7 @@ and, if present, "prototype" (1, C, Z, Y, X). Tensors are (N, C, Z, Y, X) on the
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +30,7 @@ WEIGHTS = "weights.safetensors"
 SIDE_CONVENTION = "left; right legs are mirrored about the sagittal plane before prediction"
 REQUIRED_KEYS = ("format", "library_version", "grid", "window_hu", "channels", "side_convention", "locnet",
                  "autoencoder", "prototype", "training")
+MAX_GRID_VOXELS = 2**27  # a canonical grid larger than 512^3 voxels is not a plausible bundle setting
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".npy", ".npz", ".tar"}
 
 
@@ -111,8 +113,8 @@ def load_bundle(folder, device: str | torch.device = "cpu") -> Bundle:
             raise BundleError(f"The model bundle {folder} lacks {name}; re-export it with `tibia-recon export-bundle`.")
     try:
         config = json.loads((folder / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{folder / CONFIG} is not valid JSON ({exc}); re-export the bundle.") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise BundleError(f"{folder / CONFIG} is not valid JSON ({exc}); re-export the bundle.") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else None
         raise BundleError(f"{folder} has bundle format {found!r}, but this library (version {__version__}) reads "
@@ -120,26 +122,69 @@ def load_bundle(folder, device: str | torch.device = "cpu") -> Bundle:
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise BundleError(f"{folder / CONFIG} lacks {missing}; re-export the bundle.")
-    try:
-        grid = Grid.from_dict(config["grid"])
-        locnet = build_locnet(config["locnet"])
-        autoencoder = build_autoencoder(config["autoencoder"])
-    except (InputError, KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{folder / CONFIG} describes models this library cannot build: {exc}") from exc
+    grid = _check_config_values(config, folder)
+    try:  # on the meta device first: shapes only, no memory, so a corrupt config cannot exhaust memory
+        with torch.device("meta"):
+            expected = _expected_shapes(config, grid, build_locnet(config["locnet"]),
+                                        build_autoencoder(config["autoencoder"]))
+    except Exception as exc:  # noqa: BLE001 - the config is untrusted data; any failure means it is unusable
+        raise BundleError(f"{folder / CONFIG} describes models this library cannot build: {exc}") from None
     try:
         with safe_open(str(folder / WEIGHTS), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+            _check_consistent(config, grid, shapes, folder)
+            _check_keys(expected, shapes, folder)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
+    except BundleError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, KeyError, MemoryError) as exc:
         raise BundleError(f"{folder / WEIGHTS} is not a readable safetensors file ({exc}); re-export the bundle.") \
-            from exc
-    _check_consistent(config, grid, {k: list(v.shape) for k, v in tensors.items()}, folder)
-    expected = _expected_shapes(config, grid, locnet, autoencoder)
-    _check_keys(expected, {k: list(v.shape) for k, v in tensors.items()}, folder)
-    locnet.load_state_dict({k[len("locnet."):]: v.float() for k, v in tensors.items() if k.startswith("locnet.")})
-    autoencoder.load_state_dict({k[len("autoencoder."):]: v.float() for k, v in tensors.items()
-                                 if k.startswith("autoencoder.")})
-    prototype = tensors["prototype"].float() if config["prototype"] else None
-    return Bundle(config, grid, locnet, autoencoder, prototype, device)
+            from None
+    bad = [k for k, v in tensors.items() if not torch.is_floating_point(v) or not bool(torch.isfinite(v).all())]
+    if bad:
+        raise BundleError(f"The weights {bad[:5]} in {folder / WEIGHTS} are not finite floating point numbers (NaN, "
+                          "infinite or of integer type); the file is corrupt. Re-export the bundle.")
+    try:
+        locnet = build_locnet(config["locnet"])
+        autoencoder = build_autoencoder(config["autoencoder"])
+        locnet.load_state_dict({k[len("locnet."):]: v.float() for k, v in tensors.items() if k.startswith("locnet.")})
+        autoencoder.load_state_dict({k[len("autoencoder."):]: v.float() for k, v in tensors.items()
+                                     if k.startswith("autoencoder.")})
+        prototype = tensors["prototype"].float() if config["prototype"] else None
+        return Bundle(config, grid, locnet, autoencoder, prototype, device)
+    except (InputError, RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise BundleError(f"The model bundle {folder} cannot be loaded: {exc}. Re-export the bundle.") from None
+
+
+def _check_config_values(config: dict, folder: Path) -> Grid:
+    """The types and ranges of the config's values; returns its canonical grid."""
+    where = folder / CONFIG
+
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    window = config["window_hu"]
+    if not (isinstance(window, list) and len(window) == 2 and all(finite(w) for w in window) and window[0] < window[1]):
+        raise BundleError(f"{where}: 'window_hu' must be two numbers [low, high] in HU with low < high, got "
+                          f"{window!r}; re-export the bundle.")
+    channels = config["channels"]
+    if not (isinstance(channels, list) and channels and all(isinstance(c, str) for c in channels)):
+        raise BundleError(f"{where}: 'channels' must be a non-empty list of channel names, got {channels!r}; "
+                          "re-export the bundle.")
+    for key in ("locnet", "autoencoder", "training"):
+        if not isinstance(config[key], dict):
+            raise BundleError(f"{where}: {key!r} must be a JSON object, got {config[key]!r}; re-export the bundle.")
+    if not isinstance(config["prototype"], bool):
+        raise BundleError(f"{where}: 'prototype' must be true or false, got {config['prototype']!r}.")
+    try:
+        grid = Grid.from_dict(config["grid"])
+    except Exception as exc:  # noqa: BLE001 - untrusted data
+        raise BundleError(f"{where}: 'grid' is not a valid canonical grid (size, spacing, origin, direction): "
+                          f"{exc}; re-export the bundle.") from None
+    if math.prod(grid.size) > MAX_GRID_VOXELS:
+        raise BundleError(f"{where}: the canonical grid {list(grid.size)} has more than {MAX_GRID_VOXELS} voxels; "
+                          "the bundle is corrupt. Re-export it.")
+    return grid
 
 
 def _expected_shapes(config: dict, grid: Grid, locnet: LocNet, autoencoder: Autoencoder) -> dict[str, list[int]]:

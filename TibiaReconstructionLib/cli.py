@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from . import __version__
@@ -30,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name and exc.name.startswith(f"{__package__}.{name.split('.')[0]}"):
                 continue  # that part of the product is not built yet
             raise
-        module.register_cli(sub)
+        if hasattr(module, "register_cli"):  # a module still being written may not offer its command yet
+            module.register_cli(sub)
     return parser
 
 
@@ -43,11 +45,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TibiaReconError as exc:
-        print(f"tibia-recon {args.command}: error: {exc}", file=sys.stderr)
+        print(f"tibia-recon {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tibia-recon {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError) as exc:  # the environment, not a bug: a full disk, a missing permission, memory
+        what = "out of memory" if isinstance(exc, MemoryError) else f"{type(exc).__name__}"
+        print(f"tibia-recon {args.command}: error: {what}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a bug: one line for users, the traceback on request
+        if os.environ.get("TIBIA_RECON_TRACEBACK"):
+            raise
+        print(f"tibia-recon {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} (this is a bug; "
+              "rerun with TIBIA_RECON_TRACEBACK=1 to see where, and report it)", file=sys.stderr)
+        return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (multi-line messages such as grid mismatches are joined)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -19,3 +19,7 @@ class BundleError(TibiaReconError):
 
 class OutputExistsError(TibiaReconError, FileExistsError):
     """An output path already exists and overwriting was not requested."""
+
+
+class OutputError(TibiaReconError, OSError):
+    """An output cannot be written (folder missing or not writable, disk full); nothing was left half-written."""

@@ -6,9 +6,11 @@ in the target folder and an atomic rename, and refuses to replace an existing fi
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
+import shutil
 import tempfile
 import uuid
 import zlib
@@ -19,12 +21,16 @@ from typing import Iterator
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, OutputError, OutputExistsError, TibiaReconError
 from .geometry import Volume, check_same_grid
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 VOLUME_SUFFIXES = (".nrrd", ".nhdr", ".nii", ".nii.gz", ".mha", ".mhd")
+# The most memory one volume may take once read, checked from its header before any voxel is read.
+# Default 4 GiB (a 512x512x4000 int16 CT is 2 GiB); raise it with TIBIA_RECON_MAX_VOLUME_GB.
+MAX_VOLUME_BYTES = int(float(os.environ.get("TIBIA_RECON_MAX_VOLUME_GB", "4")) * 2**30)
+_DICOM_NAMES = (".dcm", ".dicom", ".ima", "")  # suffixes of files in a DICOM folder that must belong to the series
 
 
 def volume_suffix(path: str | os.PathLike) -> str:
@@ -48,8 +54,57 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     if len(files) < 2:
         raise InputError(f"The DICOM series in {folder} has only {len(files)} slice; a CT volume needs several.")
+    listed = {Path(f).name for f in files}
+    strays = [f.name for f in sorted(folder.iterdir()) if f.is_file() and f.name not in listed
+              and not f.name.startswith(".") and f.name.upper() != "DICOMDIR" and f.suffix.lower() in _DICOM_NAMES]
+    if strays:
+        raise InputError(f"The DICOM folder {folder} holds {len(strays)} file(s) that are not readable slices of its "
+                         f"series ({', '.join(strays[:3])}{', ...' if len(strays) > 3 else ''}): truncated, corrupt or "
+                         "not DICOM. A slice would be missing from the volume; re-export the series or remove them.")
+    first = _header(Path(files[0]))
+    _check_memory(folder, (*first.GetSize()[:2], len(files)), first.GetPixelID(), first.GetNumberOfComponents())
+    _check_even_slices(folder, files)
     reader.SetFileNames(files)
     return reader.Execute()
+
+
+def _check_even_slices(folder: Path, files: list[str]) -> None:
+    """Refuse a series whose slice positions have a gap or a duplicate (a missing or extra slice)."""
+    positions, normal = [], None
+    for name in files:
+        info = _header(Path(name))
+        if normal is None:
+            d = np.asarray(info.GetDirection(), float).reshape(info.GetDimension(), info.GetDimension())
+            normal = np.cross(d[:3, 0], d[:3, 1])
+        positions.append(float(np.asarray(info.GetOrigin()[:3]) @ normal))
+    steps = np.diff(np.sort(positions))
+    typical = float(np.median(steps))
+    worst = int(np.argmax(np.abs(steps - typical)))
+    if typical <= 0 or abs(steps[worst] - typical) > 0.1 * typical + 0.01:
+        raise InputError(f"The slices of the DICOM series in {folder} are not evenly spaced: slices {worst + 1} and "
+                         f"{worst + 2} are {steps[worst]:.3g} mm apart, the others {typical:.3g} mm. A slice is "
+                         "missing or duplicated; re-export the complete series.")
+
+
+def _header(path: Path) -> sitk.ImageFileReader:
+    """A reader holding the image information (size, type, geometry) of ``path``; reads no voxels."""
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.LoadPrivateTagsOff()
+    info.ReadImageInformation()
+    return info
+
+
+def _check_memory(path: Path, size, pixel_id: int, components: int) -> None:
+    """Refuse, before reading, a volume whose voxels would take more than MAX_VOLUME_BYTES of memory."""
+    voxel_bytes = sitk.Image([1, 1], pixel_id).GetSizeOfPixelComponent() * max(components, 1)
+    needed = int(np.prod([int(s) for s in size], dtype=object)) * voxel_bytes
+    if needed > MAX_VOLUME_BYTES:
+        dims = "x".join(str(int(s)) for s in size)
+        raise InputError(f"{path} is too large: {dims} voxels of {voxel_bytes} bytes need {needed / 2**30:.1f} GiB of "
+                         f"memory, above the limit of {MAX_VOLUME_BYTES / 2**30:.1f} GiB. Crop the CT to the lower leg "
+                         "(knee to ankle) or resample it; if this machine has the memory, raise the limit with the "
+                         "environment variable TIBIA_RECON_MAX_VOLUME_GB.")
 
 
 def _check_gzip_complete(path: Path) -> None:
@@ -83,6 +138,13 @@ def read_volume(path: str | os.PathLike, label: bool = False) -> Volume:
     if not p.exists():
         raise InputError(f"File not found: {p}. Check the path.")
     try:
+        if not p.is_dir():
+            info = _header(p)
+            if info.GetDimension() != 3 or info.GetNumberOfComponents() != 1:
+                raise InputError(f"{p} is not a 3D scalar volume (it has {info.GetDimension()} dimensions of size "
+                                 f"{info.GetSize()} and {info.GetNumberOfComponents()} components per voxel). "
+                                 "Provide one 3D CT or label volume.")
+            _check_memory(p, info.GetSize(), info.GetPixelID(), info.GetNumberOfComponents())
         if p.name.lower().endswith(".gz"):
             _check_gzip_complete(p)
         elif volume_suffix(p) == ".nii":
@@ -90,7 +152,7 @@ def read_volume(path: str | os.PathLike, label: bool = False) -> Volume:
         image = _read_dicom_series(p) if p.is_dir() else sitk.ReadImage(str(p))
     except InputError:
         raise
-    except RuntimeError as exc:
+    except (RuntimeError, OSError, ValueError, OverflowError) as exc:
         detail = str(exc).strip().splitlines()[-1] if str(exc).strip() else ""
         raise InputError(f"Cannot read {p} as an image: the file is unreadable, truncated or not in a supported "
                          f"format ({', '.join(VOLUME_SUFFIXES)} or a DICOM folder). Reader said: {detail}") from None
@@ -98,7 +160,11 @@ def read_volume(path: str | os.PathLike, label: bool = False) -> Volume:
         raise InputError(f"{p} is not a 3D scalar volume (it has {image.GetDimension()} dimensions of size "
                          f"{image.GetSize()} and {image.GetNumberOfComponentsPerPixel()} components per voxel). "
                          "Provide one 3D CT or label volume.")
-    volume = Volume.from_sitk(image)
+    try:
+        volume = Volume.from_sitk(image)
+    except InputError as exc:
+        raise InputError(f"{p} has an unusable geometry: {exc} Fix the file's header (spacing, direction) or "
+                         "re-export it.") from None
     return as_label(volume, str(p)) if label else volume
 
 
@@ -125,6 +191,12 @@ def read_mask(path: str | os.PathLike, reference: Volume | None = None, name: st
     if reference is not None:
         check_same_grid(reference, vol, "CT", f"{name} ({path})")
     arr = vol.array == label_value if label_value is not None else vol.array != 0
+    if label_value is not None and not arr.any() and vol.array.any():
+        present = np.unique(vol.array)
+        present = present[present != 0]
+        raise InputError(f"The {name} ({path}) has no voxel with label {label_value}; its labels are "
+                         f"{', '.join(str(v) for v in present[:10])}{', ...' if len(present) > 10 else ''}. "
+                         "Pass the tibia's label value.")
     return vol.with_array(arr.astype(np.uint8))
 
 
@@ -135,17 +207,38 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     if target.exists() and not overwrite:
         raise OutputExistsError(f"{target} already exists; it was left untouched. Choose another output or pass "
                                 "--overwrite (overwrite=True).")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        suffix = "".join(target.suffixes) or ".tmp"
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         yield Path(tmp)
         os.replace(tmp, target)
+    except TibiaReconError:
+        raise
+    except OSError as exc:
+        raise output_error(exc, target) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def output_error(exc: OSError, target: Path) -> OutputError:
+    """An OutputError saying why ``target`` could not be written (disk full, not writable, not a folder)."""
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return OutputError(f"The disk is full: could not write {target} ({why}). Nothing was left half-written; free "
+                           "some space or choose an output folder on another disk.")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(f"Cannot write {target}: the folder is not writable ({why}). Choose an output folder you "
+                           "can write to.")
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):
+        return OutputError(f"Cannot write {target}: part of the path is a file, not a folder ({why}). Choose "
+                           "another output folder.")
+    return OutputError(f"Cannot write {target}: {why}. Check that the output folder exists, is writable and the "
+                       "disk is not full.")
 
 
 def write_volume(volume: Volume, path: str | os.PathLike, label: bool = False, overwrite: bool = False,
@@ -158,8 +251,22 @@ def write_volume(volume: Volume, path: str | os.PathLike, label: bool = False, o
     if not volume_suffix(p):
         return write_dicom_series(vol, p, overwrite=overwrite)
     with atomic_path(p, overwrite) as tmp:
-        sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=compress)
+        try:
+            sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=compress)
+        except RuntimeError as exc:
+            raise OutputError(f"Could not write {p}: {_write_failure_hint(p)} (writer said: "
+                              f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})") from None
     return p
+
+
+def _write_failure_hint(path: Path) -> str:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return "check that the folder exists and is writable and that the disk is not full"
+    if free < 64 * 2**20:
+        return f"the disk is full ({free / 2**20:.0f} MiB free); free some space or choose another folder"
+    return "check that the folder is writable and that the disk is not full"
 
 
 def write_dicom_series(volume: Volume, folder: str | os.PathLike, overwrite: bool = False,
@@ -176,25 +283,34 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, overwrite: boo
     image = volume.with_array(arr).to_sitk()
     direction = volume.direction
     series_uid = f"2.25.{uuid.uuid4().int}"
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp_folder = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    os.chmod(tmp_folder, 0o777 & ~_UMASK)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp_folder = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        os.chmod(tmp_folder, 0o777 & ~_UMASK)
+    except OSError as exc:
+        raise output_error(exc, folder) from None
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     orientation = "\\".join(f"{v:.10g}" for v in (*direction[:, 0], *direction[:, 1]))
-    for k in range(image.GetDepth()):
-        sl = image[:, :, k]
-        position = volume.index_to_physical(np.array([0.0, 0.0, k]))
-        tags = {
-            "0008|0060": "CT", "0008|103e": description, "0020|000e": series_uid,
-            "0020|000d": series_uid + ".1", "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
-            "0020|0037": orientation, "0020|0032": "\\".join(f"{v:.10g}" for v in position),
-            "0018|0050": f"{volume.spacing[2]:.10g}", "0028|1052": "0", "0028|1053": "1",
-        }
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        writer.SetFileName(str(tmp_folder / f"slice{k:05d}.dcm"))
-        writer.Execute(sl)
+    try:
+        for k in range(image.GetDepth()):
+            sl = image[:, :, k]
+            position = volume.index_to_physical(np.array([0.0, 0.0, k]))
+            tags = {
+                "0008|0060": "CT", "0008|103e": description, "0020|000e": series_uid,
+                "0020|000d": series_uid + ".1", "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
+                "0020|0037": orientation, "0020|0032": "\\".join(f"{v:.10g}" for v in position),
+                "0018|0050": f"{volume.spacing[2]:.10g}", "0028|1052": "0", "0028|1053": "1",
+            }
+            for tag, value in tags.items():
+                sl.SetMetaData(tag, value)
+            writer.SetFileName(str(tmp_folder / f"slice{k:05d}.dcm"))
+            writer.Execute(sl)
+    except (RuntimeError, OSError) as exc:
+        shutil.rmtree(tmp_folder, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise output_error(exc, folder) from None
+        raise OutputError(f"Could not write the DICOM series {folder}: {_write_failure_hint(folder)}.") from None
     if folder.exists():
         for f in folder.iterdir():
             f.unlink()

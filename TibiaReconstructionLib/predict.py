@@ -20,13 +20,20 @@ import vtk
 
 from .bundle import Bundle, load_bundle
 from .errors import InputError
-from .geometry import Grid, TransformChain, Volume, apply_affine, check_same_grid, invert_affine, resample
+from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, invert_affine, \
+    resample
 from .models.sampler import theta_to_matrix
 from .prepare import patient_to_canonical, to_canonical
 from .surface import isosurface, smooth_and_decimate, transform_polydata
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "default"
 MAX_FRACTURE_FRACTION = 0.6  # refuse when more of the tibia than this is hidden by the fracture mask
+# Voxel size: coarser than MAX_SPACING_MM along any axis (e.g. 10 mm slices) is refused, because the fracture
+# zone and the tibial plateau are then only a few voxels thick; coarser than WARN_SPACING_MM gives a warning.
+MAX_SPACING_MM = 6.0
+WARN_SPACING_MM = 3.0
+MIN_SLICES = 8  # a CT needs at least this many voxels along every axis
+MIN_TIBIA_EXTENT_MM = 60.0  # at least this much of the tibia must be in the CT (an adult tibia is 300-450 mm)
 Progress = Callable[[float, str], None]
 
 
@@ -70,6 +77,16 @@ def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> tuple[np.nda
     """Check the three inputs; return boolean tibia and fracture arrays. Raises InputError naming the problem."""
     check_same_grid(ct, tibia, "CT", "tibia mask")
     check_same_grid(ct, fracture, "CT", "fracture mask")
+    size = np.asarray(ct.grid.size)
+    if size.min() < MIN_SLICES:
+        raise InputError(f"The CT has only {size.min()} voxel(s) along its {'ijk'[int(np.argmin(size))]} axis (size "
+                         f"{'x'.join(str(n) for n in size)}); a CT that holds a tibia has dozens of slices. Load the "
+                         "whole CT series, not a single slice or a thin slab.")
+    spacing = ", ".join(f"{v:.3g}" for v in ct.spacing)
+    if ct.spacing.max() > MAX_SPACING_MM:
+        raise InputError(f"The CT's voxels are ({spacing}) mm: {ct.spacing.max():.3g} mm is coarser than the "
+                         f"{MAX_SPACING_MM:g} mm this product accepts, so the fracture zone and the tibial plateau "
+                         "cannot be resolved. Reconstruct thinner slices (3 mm or less) from the scanner data.")
     arr = ct.array
     if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise InputError(f"The CT has voxel type {arr.dtype}; a CT must hold real numbers (HU).")
@@ -79,10 +96,22 @@ def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> tuple[np.nda
     if hi < 300.0:
         raise InputError(f"The image does not look like a CT in Hounsfield units: its 99.9th percentile is {hi:.4g}, "
                          "but bone is above 300 HU. MR or normalised images are not supported; give the original CT.")
+    lo = float(arr.min())
+    if lo >= 0:
+        raise InputError(f"The image does not look like a CT in Hounsfield units: no voxel is below 0 (minimum "
+                         f"{lo:.4g}), but a CT has air (-1000 HU) and fat (about -100 HU). MR images are not "
+                         "supported; a CT stored without its rescale intercept (e.g. 0..4095) or with its background "
+                         "set to 0 must be converted back to HU first.")
     tib, frac = tibia.array != 0, fracture.array != 0
     n_tib = int(tib.sum())
     if n_tib == 0:
         raise InputError("The tibia mask is empty. Segment the tibia (all fragments) or use automatic segmentation.")
+    lo_kji, hi_kji = bounding_box(tib)
+    extent = (hi_kji - lo_kji + 1)[::-1] * ct.spacing
+    if extent.max() < MIN_TIBIA_EXTENT_MM:
+        raise InputError(f"The tibia mask spans only {extent.max():.0f} mm; at least {MIN_TIBIA_EXTENT_MM:g} mm of the "
+                         f"tibia must be in the CT (an adult tibia is 300-450 mm long). Check the mask, and that the "
+                         f"CT's voxel spacing ({spacing}) is in mm.")
     if not frac.any():
         raise InputError("The fracture mask is empty. Paint a coarse mask over the fracture zone (all fracture "
                          "lines and gaps) before predicting.")
@@ -94,6 +123,35 @@ def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> tuple[np.nda
         raise InputError(f"The fracture mask hides {hidden:.0%} of the tibia; at most {MAX_FRACTURE_FRACTION:.0%} "
                          "can be predicted reliably. Paint only the fracture zone.")
     return tib, frac
+
+
+def input_warnings(ct: Volume, tibia: Volume) -> list[str]:
+    """Problems that do not stop a prediction but make it less reliable: coarse voxels, a tibia cut off by the
+    field of view (its mask touches the first or last slice along an axis)."""
+    warnings = []
+    if ct.spacing.max() > WARN_SPACING_MM:
+        warnings.append(f"The CT's voxels are ({', '.join(f'{v:.3g}' for v in ct.spacing)}) mm, coarser than "
+                        f"{WARN_SPACING_MM:g} mm: the fracture zone and the tibial plateau are coarsely resolved and "
+                        "the prediction is less precise. Use thinner slices if available.")
+    tib = tibia.array != 0
+    box = bounding_box(tib)
+    if box is None:
+        return warnings
+    superior = int(np.argmax(np.abs(ct.direction[2])))  # the (i, j, k) axis closest to the body's long axis
+    for axis in range(3):
+        n = ct.grid.size[axis]
+        for index, at_end in ((0, box[0][2 - axis] == 0), (n - 1, box[1][2 - axis] == n - 1)):
+            if not at_end:
+                continue
+            if axis == superior:
+                up = (index == n - 1) == (ct.direction[2, axis] > 0)
+                where = f"the {'top (superior)' if up else 'bottom (inferior)'} slice of the CT"
+            else:
+                where = "the edge of the CT"
+            warnings.append(f"The tibia mask touches {where} ({'ijk'[axis]} = {index}): the tibia is cut off by the "
+                            "field of view there, so the prediction beyond the scan is the model's extrapolation. For "
+                            "a complete prediction, scan the whole tibia from knee to ankle.")
+    return warnings
 
 
 class Predictor:
@@ -128,10 +186,11 @@ class Predictor:
         t = {}
         t0 = time.perf_counter()
         report(0.0, "Checking inputs")
-        validate_inputs(ct, tibia_mask, fracture_mask)
-        t["check"] = time.perf_counter() - t0
         if side not in ("auto", "left", "right"):
             raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
+        validate_inputs(ct, tibia_mask, fracture_mask)
+        warnings = input_warnings(ct, tibia_mask)
+        t["check"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         report(0.1, "Aligning and reconstructing")
         candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s)
@@ -157,7 +216,6 @@ class Predictor:
         volumes = {"predicted_tibia": float(labelmap.array.sum()) * voxel_ml,
                    "input_tibia": float(tib.sum()) * voxel_ml,
                    "fracture_mask_in_tibia": float((tib & (fracture_mask.array != 0)).sum()) * voxel_ml}
-        warnings = []
         if side == "auto" and len(candidates) == 2:
             fits = sorted(c[3] for c in candidates.values())
             if fits[1] < 1.2 * fits[0]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from .errors import OutputExistsError
-from .io import read_mask, read_volume, volume_suffix, write_json, write_volume
+from .errors import InputError, OutputError, OutputExistsError
+from .io import output_error, read_mask, read_volume, volume_suffix, write_json, write_volume
 from .surface import write_stl
 
 OUTPUT_NAMES = ("predicted_tibia_label", "predicted_tibia_intensity", "predicted_tibia_LPS.stl",
@@ -22,8 +25,9 @@ def output_paths(out: Path, suffix: str) -> dict:
 
 def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="auto", side="auto",
                 overwrite=False, tibia_label=None, progress=None):
-    """Read inputs, predict, write all outputs; returns (Prediction, paths). Nothing is written if any
-    output exists and ``overwrite`` is false."""
+    """Read inputs, predict, write all outputs; returns (Prediction, paths). All or nothing: nothing is written
+    if any output exists and ``overwrite`` is false, if an input is bad, or if writing fails (the outputs are
+    written into a hidden staging folder inside ``out`` and renamed into place only once all are complete)."""
     from .predict import Predictor
 
     out = Path(out)
@@ -32,25 +36,73 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     if clash and not overwrite:
         raise OutputExistsError(f"Output files already exist: {', '.join(clash)}. They were left untouched; choose "
                                 "another --out folder or pass --overwrite.")
+    if side not in ("auto", "left", "right"):
+        raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
+    _check_output_folder(out)
     ct = read_volume(ct_path)
     tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
     fracture = read_mask(fracture_path, ct, "fracture mask")
     result = Predictor(bundle, device).predict(ct, tibia, fracture, side=side, progress=progress)
-    write_volume(result.labelmap, paths["label"], label=True, overwrite=overwrite)
-    write_volume(result.intensity, paths["intensity"], overwrite=overwrite)
-    write_stl(result.surface, paths["stl_lps"], "LPS", overwrite=overwrite)
-    write_stl(result.surface, paths["stl_ras"], "RAS", overwrite=overwrite)
     report = result.report()
     report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path), "fracture_mask": str(fracture_path)}
     report["outputs"] = {k: str(v) for k, v in paths.items()}
-    write_json(report, paths["report"], overwrite=overwrite)
+    _write_outputs(result, report, paths, overwrite)
     return result, paths
+
+
+def _check_output_folder(out: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"Cannot write the outputs to {out}: {existing} is a file, not a folder. Choose another "
+                          "--out folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"Cannot write the outputs to {out}: the folder {existing} is not writable. Choose an "
+                          "--out folder you can write to.")
+
+
+def _write_outputs(result, report: dict, paths: dict, overwrite: bool) -> None:
+    """Write every output into a staging folder, then rename them into place; on failure remove it all."""
+    out = paths["report"].parent
+    made = [d for d in (out, *out.parents) if not d.exists()]  # folders this run creates, deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tibia-recon-predict-", dir=out))
+    except OSError as exc:
+        raise output_error(exc, out) from None
+    try:
+        staged = {key: staging / path.name for key, path in paths.items()}
+        write_volume(result.labelmap, staged["label"], label=True)
+        write_volume(result.intensity, staged["intensity"])
+        write_stl(result.surface, staged["stl_lps"], "LPS")
+        write_stl(result.surface, staged["stl_ras"], "RAS")
+        write_json(report, staged["report"])
+        clash = [str(p) for p in paths.values() if p.exists()]
+        if clash and not overwrite:
+            raise OutputExistsError(f"Output files appeared while predicting: {', '.join(clash)}. They were left "
+                                    "untouched; choose another --out folder or pass --overwrite.")
+        for key, path in paths.items():
+            try:
+                os.replace(staged[key], path)
+            except OSError as exc:
+                raise output_error(exc, path) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _tqdm_progress():
     from tqdm import tqdm
 
-    bar = tqdm(total=100, desc="predict", bar_format="{l_bar}{bar}| {postfix}")
+    bar = tqdm(total=100, desc="predict", bar_format="{l_bar}{bar}| {postfix}", disable=None)  # only on a terminal
 
     def update(fraction, message):
         bar.n = int(round(100 * fraction))
@@ -59,6 +111,7 @@ def _tqdm_progress():
         if fraction >= 1.0:
             bar.close()
 
+    update.bar = bar  # so that a failed run can clear it before its one-line error message
     return update
 
 
@@ -79,8 +132,14 @@ def register_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     def run(a):
-        result, paths = run_predict(a.ct, a.tibia_mask, a.fracture_mask, a.out, a.bundle, a.device, a.side,
-                                    a.overwrite, a.tibia_label, _tqdm_progress())
+        progress = _tqdm_progress()
+        try:
+            result, paths = run_predict(a.ct, a.tibia_mask, a.fracture_mask, a.out, a.bundle, a.device, a.side,
+                                        a.overwrite, a.tibia_label, progress)
+        except BaseException:
+            progress.bar.leave = False
+            progress.bar.close()
+            raise
         print(f"side {result.side}; predicted tibia {result.volumes_ml['predicted_tibia']:.1f} ml; "
               f"{sum(result.timings.values()):.2f} s")
         for w in result.warnings:

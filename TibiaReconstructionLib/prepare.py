@@ -158,13 +158,21 @@ def read_case_list(path: str | Path) -> list[CaseFiles]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"Case list not found: {path}.")
-    if path.suffix.lower() == ".json":
-        rows = json.loads(path.read_text()).get("cases", [])
-    elif path.suffix.lower() == ".csv":
-        with path.open(newline="") as f:
-            rows = list(csv.DictReader(f))
-    else:
-        raise InputError(f"{path}: a case list must be .json or .csv.")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text())
+            rows = data.get("cases", []) if isinstance(data, dict) else None
+        elif path.suffix.lower() == ".csv":
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            raise InputError(f"{path}: a case list must be .json or .csv.")
+    except (ValueError, csv.Error) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise InputError(f"{path} is not a readable case list ({exc}); it must be a JSON manifest "
+                         "{\"cases\": [...]} or a CSV with a header row.") from None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise InputError(f"{path}: a JSON case list must be an object {{\"cases\": [{{\"id\": ..., \"ct\": ..., "
+                         "\"tibia\": ..., \"side\": ...}, ...]}.")
     if not rows:
         raise InputError(f"{path} lists no cases.")
     root = path.parent.resolve()
@@ -172,7 +180,10 @@ def read_case_list(path: str | Path) -> list[CaseFiles]:
     def resolve(value, row_id, key):
         if value in (None, ""):
             return None
-        p = (root / str(value)).resolve()
+        try:
+            p = (root / str(value)).resolve()
+        except (OSError, ValueError) as exc:
+            raise InputError(f"Case {row_id!r}: {key} path {value!r} is not a valid path ({exc}).") from None
         if root not in p.parents and p != root:
             raise InputError(f"Case {row_id!r}: {key} path {value!r} leaves the data set folder {root}; refused.")
         return p
@@ -184,8 +195,14 @@ def read_case_list(path: str | Path) -> list[CaseFiles]:
         if missing:
             raise InputError(f"Case {cid!r} in {path} lacks {', '.join(missing)}.")
         lv = row.get("label_value")
+        if str(row["side"]).lower() not in SIDES:
+            raise InputError(f"Case {cid!r} in {path} has side {row['side']!r}; use 'left' or 'right'.")
+        try:
+            lv = int(lv) if lv not in (None, "") else None
+        except (TypeError, ValueError):
+            raise InputError(f"Case {cid!r} in {path} has label_value {lv!r}; it must be a whole number.") from None
         cases.append(CaseFiles(cid, resolve(row["ct"], cid, "ct"), resolve(row["tibia"], cid, "tibia"),
-                               str(row["side"]).lower(), int(lv) if lv not in (None, "") else None,
+                               str(row["side"]).lower(), lv,
                                resolve(row.get("fractured_ct"), cid, "fractured_ct"),
                                resolve(row.get("fractured_tibia"), cid, "fractured_tibia"),
                                resolve(row.get("fracture_mask"), cid, "fracture_mask")))

@@ -14,7 +14,7 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .geometry import Grid, Volume, apply_affine, lps_to_ras
 from .io import atomic_path
 
@@ -127,7 +127,8 @@ def write_stl(polydata: vtk.vtkPolyData, path: str | os.PathLike, frame: str = "
         writer.SetFileTypeToBinary()
         writer.SetHeader(f"SPACE={frame} TibiaReconstruction surface, mm")  # 3D Slicer reads SPACE=
         if not writer.Write():
-            raise InputError(f"Could not write STL {path}; check that the folder is writable and not full.")
+            raise OutputError(f"Could not write STL {path}; check that the folder is writable and the disk is not "
+                              "full.")
     return Path(path)
 
 

@@ -100,5 +100,19 @@ class AffineGridSampler(torch.nn.Module):
         if theta.shape != (x.shape[0], 3, 4):
             raise InputError(f"θ must have shape ({x.shape[0]}, 3, 4) for a batch of {x.shape[0]}, got "
                              f"{tuple(theta.shape)}.")
-        flow = F.affine_grid(self.normalised_theta(theta.to(x.dtype)), list(x.shape), align_corners=True)
+        flow = sampling_grid(self.normalised_theta(theta.to(x.dtype)), tuple(x.shape[2:]))
         return F.grid_sample(x, flow, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def sampling_grid(theta_n: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """``F.affine_grid(theta_n, (N, C, *shape), align_corners=True)`` as three broadcast products.
+
+    Same values (N, Z, Y, X, 3), several times faster on CPUs than the generic batched matrix product.
+    """
+    n, (d, h, w) = theta_n.shape[0], shape
+    t = theta_n.transpose(1, 2)  # (N, 4, 3): the x, y, z coefficients and the offset of the output point
+    axis = lambda size: torch.linspace(-1.0, 1.0, size, dtype=theta_n.dtype, device=theta_n.device)  # noqa: E731
+    gx = axis(w).view(1, 1, 1, w, 1) * t[:, 0].view(n, 1, 1, 1, 3)
+    gy = axis(h).view(1, 1, h, 1, 1) * t[:, 1].view(n, 1, 1, 1, 3)
+    gz = axis(d).view(1, d, 1, 1, 1) * t[:, 2].view(n, 1, 1, 1, 3)
+    return (gz + t[:, 3].view(n, 1, 1, 1, 3)) + gy + gx

@@ -68,7 +68,9 @@ class ConvDecoder(nn.Module):
             if level >= residual_from_level:
                 layers.append(_res(channels[level]))
             layers.append(_up(channels[level], channels[level - 1]))
-        layers += [_up(channels[0], out_channels, conv_only=True), nn.Sigmoid()]
+        last = _up(channels[0], out_channels, conv_only=True)
+        nn.init.constant_(last.conv.bias, -4.0)  # start near the mostly empty background: sigmoid(-4) = 0.018
+        layers += [last, nn.Sigmoid()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
