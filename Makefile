@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test model clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,17 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q Testing
+
+# Train the default bundle from scratch (phantoms -> canonical data -> step 1 -> step 3 -> bundles),
+# with the committed recipe in Resources/Models/recipe. About 90 minutes on 2 CPU cores; outputs in runs/.
+RECIPE := Resources/Models/recipe
+model: setup
+	$(BIN)/tibia-recon prepare --phantoms 320 --seed 1000 --out data/train --workers 2 --overwrite
+	$(BIN)/tibia-recon prepare --phantoms 40 --seed 900000 --out data/val --workers 2 --overwrite
+	$(BIN)/tibia-recon train step1 --config $(RECIPE)/step1.json
+	$(BIN)/tibia-recon train step3 --config $(RECIPE)/step3.json
+	$(BIN)/tibia-recon export-bundle --step1 runs/default/step1 --step3 runs/default/step3 --ae vae --out runs/default/bundle-vae --overwrite
+	$(BIN)/tibia-recon export-bundle --step1 runs/default/step1 --step3 runs/default/step3 --ae pca32 --out runs/default/bundle-pca32 --overwrite
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

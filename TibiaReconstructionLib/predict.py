@@ -232,7 +232,7 @@ class Predictor:
         lo_hu, hi_hu = self.bundle.window_hu
         inside = np.argwhere(occ > 0.25)
         labelmap = np.zeros(ct.array.shape, np.uint8)
-        intensity = np.full(ct.array.shape, lo_hu, np.float32)
+        intensity = np.full(ct.array.shape, round(lo_hu), np.int16)  # HU, window floor outside the tibia
         if len(inside) == 0:
             return ct.with_array(labelmap), ct.with_array(intensity)
         box_std = np.array([inside.min(0), inside.max(0)])[:, ::-1].astype(float)  # (i, j, k) corners
@@ -250,7 +250,7 @@ class Predictor:
         hu = lo_hu + np.clip(int_sub / np.maximum(occ_sub, 1e-3), 0, 1) * (hi_hu - lo_hu)
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
         labelmap[sl] = label_sub
-        intensity[sl] = np.where(label_sub, hu, lo_hu)
+        intensity[sl] = np.rint(np.where(label_sub, hu, lo_hu)).astype(np.int16)
         return ct.with_array(labelmap), ct.with_array(intensity)
 
     def _surface(self, occ: np.ndarray, standard_to_patient: np.ndarray) -> vtk.vtkPolyData:
