@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from TibiaReconstructionLib.errors import InputError
-from TibiaReconstructionLib.geometry import apply_affine, euler_rotation, invert_affine, mirror, resample, Volume
+from TibiaReconstructionLib.geometry import Volume, euler_rotation, mirror, resample
 from TibiaReconstructionLib.prepare import canonical_grid, patient_to_canonical, prepare_case, to_canonical
 from synthetic import bone_case
 

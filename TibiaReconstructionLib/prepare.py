@@ -11,7 +11,6 @@ normalised from ``window_hu`` to [0, 1] and channel 1 = tibia occupancy in [0, 1
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
