@@ -180,6 +180,8 @@ def test_resume_after_interruption_gives_identical_weights(toy_set, tmp_path, mo
     monkeypatch.setattr(runner.TrainRun, "_one_step", original)
     with pytest.raises(OutputExistsError, match="--resume"):
         train_step1(_step1_config(folder, tmp_path / "part", **config))
+    with pytest.raises(InputError, match="another configuration"):
+        train_step1(_step1_config(folder, tmp_path / "part", **config, lr=0.5), resume=True)
     assert train_step1(_step1_config(folder, tmp_path / "part", **config), resume=True)
 
     full, part = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "part"))

@@ -61,7 +61,7 @@ def train_autoencoder(name: str, spec: dict, data: TrainingData, val: TrainingDa
         settings = RunSettings(common["seed"], spec["epochs"], spec["batch_size"], len(data),
                                common["checkpoint_every"], data.device, common["amp"], max_steps)
         run = TrainRun(out, {"autoencoder": model}, optimizer, settings,
-                       {"spec": spec, "common": common, "data": data.fingerprint()}, resume, name)
+                       {"spec": spec, "common": common, "dataset": data.fingerprint()}, resume, name)
 
         def step_fn(idx, rng, epoch):
             if spec["type"] == "vqvae":

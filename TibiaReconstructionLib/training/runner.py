@@ -52,6 +52,17 @@ class RunSettings:
         return self.epochs * self.steps_per_epoch
 
 
+_NOT_FINGERPRINTED = ("out", "data", "val_data", "threads", "checkpoint_every", "epochs", "max_steps")
+
+
+def fingerprint_of(settings):
+    """``settings`` without what may change between a run and its resumption (paths, threads, checkpoint
+    frequency, the number of epochs), at any depth."""
+    if isinstance(settings, dict):
+        return {k: fingerprint_of(v) for k, v in settings.items() if k not in _NOT_FINGERPRINTED}
+    return settings
+
+
 def seed_everything(seed: int, step: int) -> np.random.Generator:
     """Reseed torch from (seed, step) and return a numpy generator for the same pair."""
     torch.manual_seed((seed * 1_000_003 + step) % (2 ** 63))
@@ -75,7 +86,7 @@ class TrainRun:
                  settings: RunSettings, fingerprint: dict, resume: bool = False, desc: str = "") -> None:
         self.folder = Path(folder)
         self.modules, self.optimizer, self.settings = modules, optimizer, settings
-        self.fingerprint = json.loads(json.dumps(fingerprint))
+        self.fingerprint = json.loads(json.dumps(fingerprint_of(fingerprint)))
         self.desc = desc or self.folder.name
         self.step = 0
         ckpt = self.folder / "checkpoint"

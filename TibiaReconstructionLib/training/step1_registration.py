@@ -43,11 +43,6 @@ class ThetaTable(nn.Module):
         return torch.cat([lin, delta[:, 9:, None] * self.unit], dim=2)
 
 
-def fingerprint_config(config: dict) -> dict:
-    """The settings that change results (not paths, threads or checkpoint frequency)."""
-    return {k: v for k, v in config.items() if k not in ("out", "threads", "checkpoint_every", "data", "val_data")}
-
-
 def train_step1(config: dict, resume: bool = False, max_steps: int | None = None) -> bool:
     """Run step 1 as configured; True when finished (outputs written), False when stopped at ``max_steps``."""
     if config["mode"] not in ("stn", "direct"):
@@ -73,7 +68,7 @@ def train_step1(config: dict, resume: bool = False, max_steps: int | None = None
 
     settings = RunSettings(config["seed"], config["epochs"], config["batch_size"], len(data),
                            config["checkpoint_every"], device, config["amp"], max_steps)
-    fingerprint = {"config": fingerprint_config(config), "data": data.fingerprint()}
+    fingerprint = {"config": config, "dataset": data.fingerprint()}
     proto_group = {"params": list(prototype.parameters()), "lr": config["lr_prototype"], "weight_decay": 0.0}
     if direct:
         table = ThetaTable(len(data), locnet.config.translation_unit_mm).to(device)

@@ -119,7 +119,7 @@ def _train_locnet(config: dict, data: TrainingData, val: TrainingData | None, st
     settings = RunSettings(config["seed"], lc["epochs"], lc["batch_size"], len(data), config["checkpoint_every"],
                            data.device, config["amp"], max_steps)
     fingerprint = {"locnet": lc, "masking": config["masking"], "augment": aug, "seed": config["seed"],
-                   "data": data.fingerprint()}
+                   "dataset": data.fingerprint()}
     run = TrainRun(out, {"locnet": locnet}, optimizer, settings, fingerprint, resume, "step3 locnet")
     if not run.run(lambda idx, rng, epoch: losses(data, idx, rng), (lambda e: evaluate(val)) if val else None):
         return False
