@@ -387,9 +387,9 @@ def _bundle_copy(bundle_dir, tmp_path) -> Path:
 
 
 def _edit_config(folder: Path, edit) -> None:
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     edit(config)
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
 @pytest.mark.parametrize("problem,match", [
@@ -412,7 +412,7 @@ def test_bundle_with_a_bad_config(bundle_dir, tmp_path, problem, match):
     if problem in edits:
         _edit_config(folder, edits[problem])
     else:
-        (folder / "config.json").write_text("{not json" if problem == "not_json" else "[1, 2]")
+        (folder / "config.json").write_text("{not json" if problem == "not_json" else "[1, 2]", encoding="utf-8")
     with pytest.raises(BundleError, match=match):
         load_bundle(folder)
 
@@ -480,8 +480,8 @@ def test_cli_never_overwrites_existing_outputs(tmp_path, files, bundle_dir, caps
 def test_cli_one_existing_output_blocks_all(tmp_path, files, bundle_dir, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "report.json").write_text("mine")
-    (out / "notes.txt").write_text("also mine")
+    (out / "report.json").write_text("mine", encoding="utf-8")
+    (out / "notes.txt").write_text("also mine", encoding="utf-8")
     before = snapshot(out)
     assert "report.json" in cli_error(capsys, predict_args(files, out, bundle_dir))
     with pytest.raises(OutputExistsError, match="report.json. They were left untouched"):
@@ -491,10 +491,10 @@ def test_cli_one_existing_output_blocks_all(tmp_path, files, bundle_dir, capsys)
 
 def test_output_folder_under_a_regular_file(tmp_path, files, bundle_dir, capsys):
     blocker = tmp_path / "results.txt"
-    blocker.write_text("a file, not a folder")
+    blocker.write_text("a file, not a folder", encoding="utf-8")
     line = cli_error(capsys, predict_args(files, blocker / "out", bundle_dir))
     assert "results.txt is a file, not a folder. Choose another --out folder" in line
-    assert blocker.read_text() == "a file, not a folder"
+    assert blocker.read_text(encoding="utf-8") == "a file, not a folder"
     with pytest.raises(OutputError, match="part of the path is a file, not a folder"):
         io.write_volume(bone_case(size=(4, 4, 4))[0], blocker / "x.nrrd")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt"]
@@ -548,7 +548,7 @@ def test_full_disk_on_the_last_output_keeps_the_old_outputs(tmp_path, files, bun
 
     def json_then_full(data, path, overwrite=False):
         with io.atomic_path(path, overwrite) as tmp:
-            tmp.write_text("{\"side\": ")
+            tmp.write_text("{\"side\": ", encoding="utf-8")
             _disk_full()
 
     monkeypatch.setattr(predict_cli, "write_json", json_then_full)
@@ -611,7 +611,7 @@ def dataset(tmp_path, files):
 def _case_list(root: Path, **row) -> Path:
     entry = {"id": "c1", "ct": "ct.nrrd", "tibia": "tibia.nrrd", "side": "left", **row}
     path = root / "cases.json"
-    path.write_text(json.dumps({"cases": [entry]}))
+    path.write_text(json.dumps({"cases": [entry]}), encoding="utf-8")
     return path
 
 
@@ -633,7 +633,7 @@ def test_case_list_paths_cannot_escape_the_data_set(dataset, ct):
 ], ids=["not_json", "json_list", "bad_side", "bad_label_value", "missing_tibia"])
 def test_malformed_case_lists(dataset, content, match):
     path = dataset / "cases.json"
-    path.write_text(content)
+    path.write_text(content, encoding="utf-8")
     with pytest.raises(InputError, match=match):
         read_case_list(path)
 
@@ -721,11 +721,11 @@ def mutated_config(draw, original: str):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_load_bundle_config(bundle_dir, data):
-    original = (bundle_dir / "config.json").read_text()
+    original = (bundle_dir / "config.json").read_text(encoding="utf-8")
     text = data.draw(mutated_config(original))
     with tempfile.TemporaryDirectory() as d:
         folder = Path(shutil.copytree(bundle_dir, Path(d) / "bundle"))
-        (folder / "config.json").write_text(text)
+        (folder / "config.json").write_text(text, encoding="utf-8")
         try:
             load_bundle(folder)
         except BundleError:

@@ -40,7 +40,7 @@ def test_accuracy_writes_report_csv_and_figures(accuracy):
     assert sorted(p.name for p in out.iterdir()) == sorted(ACCURACY_FILES.values())
     for name in ("accuracy_boxplots.png", "accuracy_worst_case.png"):
         assert (out / name).read_bytes()[:4] == PNG
-    md = (out / "accuracy.md").read_text()
+    md = (out / "accuracy.md").read_text(encoding="utf-8")
     for part in ("tibia-recon bench accuracy --bundle", "--n 2 --seed 500000", "## By fracture type",
                  "## By fraction of the tibia masked", "Machine:", "TibiaReconstructionLib 0.1.0", "± "):
         assert part in md
@@ -78,7 +78,7 @@ def test_speed_writes_stage_timings_and_memory(bundle, tmp_path):
     assert float(row["total_s"]) == pytest.approx(sum(stages), abs=1e-3)
     assert 100.0 < float(row["rss_after_imports_mib"]) <= float(row["peak_rss_mib"])
     assert (tmp_path / "speed.png").read_bytes()[:4] == PNG
-    md = (tmp_path / "speed.md").read_text()
+    md = (tmp_path / "speed.md").read_text(encoding="utf-8")
     assert "| 48x48x96 |" in md and "tibia-recon bench speed --bundle" in md
 
 

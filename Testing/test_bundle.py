@@ -76,9 +76,9 @@ def test_existing_folder_is_not_overwritten(bundle_dir):
 
 
 def _edit_config(folder, **changes):
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config.update(changes)
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
 def test_missing_weight_key(bundle_dir):
@@ -109,9 +109,9 @@ def test_wrong_format_version(bundle_dir):
 
 def test_missing_config_key(bundle_dir):
     folder = bundle_dir[0]
-    config = json.loads((folder / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     del config["grid"]
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     with pytest.raises(BundleError, match="lacks \\['grid'\\]"):
         load_bundle(folder)
 

@@ -93,7 +93,7 @@ def unmasked(runs, tmp_path_factory):
 
 
 def test_writes_files_and_skips_missing_rows(runs, unmasked):
-    md = (unmasked / "table1.md").read_text()
+    md = (unmasked / "table1.md").read_text(encoding="utf-8")
     rows = _read_csv(unmasked / "table1.csv")
     assert (unmasked / "table1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the evaluated rows: one CSV row per case and table row
@@ -125,7 +125,7 @@ def test_writes_files_and_skips_missing_rows(runs, unmasked):
 def test_prototype_row_matches_independent_metrics(runs, unmasked):
     rows = _select(_read_csv(unmasked / "table1.csv"), "STN registration", "P")
     weights = load_file(runs["s1"] / "model.safetensors")
-    meta = json.loads((runs["s1"] / "model.json").read_text())
+    meta = json.loads((runs["s1"] / "model.json").read_text(encoding="utf-8"))
     locnet = build_locnet(meta["locnet"])
     locnet.load_state_dict({k[7:]: v for k, v in weights.items() if k.startswith("locnet.")})
     data = CanonicalDataset(runs["val"])
@@ -138,7 +138,7 @@ def test_prototype_row_matches_independent_metrics(runs, unmasked):
         for key in TABLE1_KEYS:
             assert float(row[key]) == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
     # the table's cells are mean ± 95% CI of those values (D-SSIM shown x 1e-2)
-    md = (unmasked / "table1.md").read_text()
+    md = (unmasked / "table1.md").read_text(encoding="utf-8")
     cells = next(line for line in md.splitlines() if line.startswith("| **STN registration** | P |")).split(" | ")
     assert cells[3] == format_mean_ci(*mean_ci([float(r["dssim15"]) for r in rows]), 100.0)
     assert cells[9] == format_mean_ci(*mean_ci([float(r["rmsd"]) for r in rows]))
@@ -166,7 +166,7 @@ def test_masked_uses_fractured_inputs_or_fixed_block_masks(runs, tmp_path):
     hidden = ((bone & (visible < 0.5)).sum((1, 2, 3, 4)) / bone.sum((1, 2, 3, 4))).numpy()
     np.testing.assert_allclose([float(r["hidden_bone_fraction"]) for r in _select(rows, rows[0]["registration"], "P")],
                                hidden, atol=1e-4)
-    md = (tmp_path / "frac" / "table1.md").read_text()
+    md = (tmp_path / "frac" / "table1.md").read_text(encoding="utf-8")
     assert "| STN registration | P, PCA32, PCA16, VAE, VQ-VAE | not applicable to masked inputs" in md
     assert "## Table 1 (masked inputs" in md
 

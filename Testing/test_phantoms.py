@@ -232,7 +232,7 @@ def test_hounsfield_units_of_each_tissue():
 def test_write_and_read_case_roundtrip(tmp_path):
     c = case(13, spacing=(4.0, 4.0, 4.0))
     meta = write_case(c, tmp_path / "case", fmt="nii.gz")
-    on_disk = json.loads((tmp_path / "case" / "case.json").read_text())
+    on_disk = json.loads((tmp_path / "case" / "case.json").read_text(encoding="utf-8"))
     assert on_disk["side"] == c.side and on_disk["fracture_type"] == c.fracture_type and on_disk["seed"] == 13
     assert sorted(meta["files"]) == sorted(["ct", "labels", "tibia_mask", "fractured_ct", "fractured_labels",
                                             "fractured_tibia_mask", "fracture_mask", "fragments"])
@@ -260,7 +260,7 @@ def test_cli_writes_dataset_manifest_and_montage(tmp_path):
     out = tmp_path / "ds"
     assert run_cli(["phantoms", "--n", "2", "--out", str(out), "--seed", "20", "--spacing", "4", "4", "4",
                     "--workers", "2", "--side", "right", "--quiet"]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert [e["seed"] for e in manifest["cases"]] == [20, 21]
     for e in manifest["cases"]:
         assert e["side"] == "right" and e["fracture_type"] in FRACTURE_TYPES

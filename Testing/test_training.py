@@ -53,9 +53,9 @@ def test_canonical_dataset_refuses_overwrite_and_bad_input(tmp_path, rng):
 def test_canonical_dataset_rejects_wrong_format(tmp_path, rng):
     folder = write_canonical_dataset(tmp_path / "set", GRID, (-200, 1800), _cases(1),
                                      rng.random((1, 2, *GRID.shape)))
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     manifest["format"] = "something/2"
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     with pytest.raises(InputError, match="not a canonical data set of format"):
         CanonicalDataset(folder)
     with pytest.raises(InputError, match="needs manifest.json"):
@@ -186,7 +186,7 @@ def test_resume_after_interruption_gives_identical_weights(toy_set, tmp_path, mo
 
     full, part = (load_file(tmp_path / name / "model.safetensors") for name in ("full", "part"))
     assert full.keys() == part.keys() and all(torch.equal(full[k], part[k]) for k in full)
-    steps = [line.split(",")[0] for line in (tmp_path / "part" / "log.csv").read_text().splitlines()[1:]]
+    steps = [line.split(",")[0] for line in (tmp_path / "part" / "log.csv").read_text(encoding="utf-8").splitlines()[1:]]
     assert steps == [str(s) for s in range(1, 7)]
 
 
@@ -198,7 +198,7 @@ def test_cli_pipeline_steps_resume_and_export(toy_set, tmp_path, capsys):
                  "--max-steps", "3"]) == 0
     assert "stopped at --max-steps" in capsys.readouterr().out and not (s1 / "aligned").exists()
     cfg = tmp_path / "s1.json"
-    cfg.write_text(json.dumps({**json.loads((TINY / "step1.json").read_text()), "epochs": 3}))
+    cfg.write_text(json.dumps({**json.loads((TINY / "step1.json").read_text(encoding="utf-8")), "epochs": 3}))
     shutil.rmtree(s1)
     assert main(["train", "step1", "--config", str(cfg), "--data", str(folder), "--out", str(s1)]) == 0
     assert main(["train", "step2", "--config", str(TINY / "step2.json"), "--data", str(s1 / "aligned"),
@@ -208,12 +208,12 @@ def test_cli_pipeline_steps_resume_and_export(toy_set, tmp_path, capsys):
     images = CanonicalDataset(s1 / "aligned").tensor("images").float()
     zero_mse = images.pow(2).mean().item()  # the MSE of predicting an empty volume
     for name in ("pca4", "vae", "vqvae"):
-        assert json.loads((s2 / name / "model.json").read_text())["metrics"]["train_mse"] < zero_mse
+        assert json.loads((s2 / name / "model.json").read_text(encoding="utf-8"))["metrics"]["train_mse"] < zero_mse
     assert main(["train", "step3", "--config", str(TINY / "step3.json"), "--data", str(s1 / "aligned"),
                  "--step1", str(s1), "--out", str(s3)]) == 0
-    locnet_meta = json.loads((s3 / "locnet" / "model.json").read_text())
+    locnet_meta = json.loads((s3 / "locnet" / "model.json").read_text(encoding="utf-8"))
     assert "train_translation_error_mm" in locnet_meta["metrics"]
-    vae_meta = json.loads((s3 / "vae" / "model.json").read_text())
+    vae_meta = json.loads((s3 / "vae" / "model.json").read_text(encoding="utf-8"))
     assert {"train_mse", "train_mse_visible", "train_mse_hidden"} <= set(vae_meta["metrics"])
     assert main(["export-bundle", "--step1", str(s1), "--step3", str(s3), "--ae", "vae", "--out",
                  str(tmp_path / "bundle")]) == 0
@@ -227,14 +227,14 @@ def test_cli_pipeline_steps_resume_and_export(toy_set, tmp_path, capsys):
 
 def test_config_errors(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"step": "step1", "epochz": 3}))
+    bad.write_text(json.dumps({"step": "step1", "epochz": 3}), encoding="utf-8")
     with pytest.raises(InputError, match="Unknown setting 'epochz'"):
         load_config("step1", bad, {"data": "d", "out": "o"})
     with pytest.raises(InputError, match="another step"):
         load_config("step2", TINY / "step1.json", {"data": "d", "out": "o"})
     with pytest.raises(InputError, match="needs 'step1'"):
         load_config("step3", TINY / "step3.json", {"data": "d", "out": "o"})
-    bad.write_text(json.dumps({"step": "step2", "models": {"x": {"type": "vae", "archh": {}}}}))
+    bad.write_text(json.dumps({"step": "step2", "models": {"x": {"type": "vae", "archh": {}}}}), encoding="utf-8")
     with pytest.raises(InputError, match="models.x."):
         load_config("step2", bad, {"data": "d", "out": "o"})
     for step in ("step1", "step2", "step3"):  # the shipped default configurations are valid

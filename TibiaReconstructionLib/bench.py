@@ -62,7 +62,7 @@ def machine_description() -> dict:
 
 def _read_lines(path: str) -> list[str]:
     try:
-        return Path(path).read_text().splitlines()
+        return Path(path).read_text(encoding="utf-8").splitlines()
     except OSError:
         return []
 
@@ -101,7 +101,7 @@ def _output_paths(out: Path, names: dict, overwrite: bool) -> dict[str, Path]:
 
 def write_csv(rows: list[dict], path: Path, overwrite: bool) -> None:
     """Rows (dicts with the same keys) as a CSV file with a header row."""
-    with atomic_path(path, overwrite) as tmp, tmp.open("w", newline="") as f:
+    with atomic_path(path, overwrite) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -116,7 +116,7 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 def _write_text(text: str, path: Path, overwrite: bool) -> None:
     with atomic_path(path, overwrite) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _save_figure(fig, path: Path, overwrite: bool) -> None:

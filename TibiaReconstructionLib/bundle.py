@@ -95,7 +95,7 @@ def save_bundle(folder, *, grid: Grid, window_hu, locnet: LocNet, autoencoder: A
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        (tmp / CONFIG).write_text(json.dumps(config, indent=1))
+        (tmp / CONFIG).write_text(json.dumps(config, indent=1), encoding="utf-8")
         replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,7 +112,7 @@ def load_bundle(folder, device: str | torch.device = "cpu") -> Bundle:
         if not (folder / name).is_file():
             raise BundleError(f"The model bundle {folder} lacks {name}; re-export it with `tibia-recon export-bundle`.")
     try:
-        config = json.loads((folder / CONFIG).read_text())
+        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise BundleError(f"{folder / CONFIG} is not valid JSON ({exc}); re-export the bundle.") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:

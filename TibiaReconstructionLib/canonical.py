@@ -82,7 +82,7 @@ def write_canonical_dataset(folder, grid: Grid, window, cases: Sequence[dict], i
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
         replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -142,7 +142,7 @@ class CanonicalDataset(torch.utils.data.Dataset):
             raise InputError(f"{self.folder} is not a canonical data set: it needs {MANIFEST} and {TENSORS}. "
                              f"Make one with `tibia-recon prepare`.")
         try:
-            self.manifest = json.loads(manifest_path.read_text())
+            self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
             self._file = safe_open(str(tensor_path), framework="pt")
         except (json.JSONDecodeError, SafetensorError, OSError) as exc:
             raise InputError(f"Cannot read the canonical data set {self.folder}: {exc}") from exc

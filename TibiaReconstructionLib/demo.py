@@ -48,7 +48,7 @@ def run_demo(out: str | Path, bundle=None, device="auto", overwrite=False) -> di
                 "side": result.side, "timings_s": result.timings}
     case_info = SAMPLE_CASE / "case.json"
     if case_info.is_file():
-        accuracy["sample_case"] = json.loads(case_info.read_text())
+        accuracy["sample_case"] = json.loads(case_info.read_text(encoding="utf-8"))
     write_json(accuracy, out / "accuracy.json", overwrite=overwrite)
     overlay_png(ct, out / "overlay.png", {"predicted healthy tibia": (result.labelmap, "#ffcc00"),
                                           "ground truth": (truth, "#00e0ff"), "fracture mask": (fracture, "#ff3060")},

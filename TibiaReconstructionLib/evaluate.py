@@ -119,7 +119,7 @@ def _paper_label(config: dict) -> str:
 
 def _read_meta(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / "model.json").read_text())
+        return json.loads((folder / "model.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -340,8 +340,8 @@ def _note_overlap(step1, data, notes: list[str]) -> None:
     """A note when evaluation case ids were also step-1 training cases (from step1/aligned)."""
     manifest = Path(step1) / "aligned" / "manifest.json"
     try:
-        train_ids = {c["id"] for c in json.loads(manifest.read_text())["cases"]}
-        ids = {c["id"] for c in json.loads((Path(data) / "manifest.json").read_text())["cases"]}
+        train_ids = {c["id"] for c in json.loads(manifest.read_text(encoding="utf-8"))["cases"]}
+        ids = {c["id"] for c in json.loads((Path(data) / "manifest.json").read_text(encoding="utf-8"))["cases"]}
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return
     common = ids & train_ids
@@ -659,7 +659,7 @@ def _write_csv(rows: list[dict], path: Path, overwrite: bool) -> None:
 
     from .io import atomic_path
 
-    with atomic_path(path, overwrite) as tmp, tmp.open("w", newline="") as f:
+    with atomic_path(path, overwrite) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -738,7 +738,7 @@ def run_evaluate(args, progress: bool = True) -> dict[str, Path]:
     from .io import atomic_path
 
     with atomic_path(paths["md"], args.overwrite) as tmp:
-        tmp.write_text(report_markdown(setup, summary, skipped, notes, paths))
+        tmp.write_text(report_markdown(setup, summary, skipped, notes, paths), encoding="utf-8")
     return paths
 
 

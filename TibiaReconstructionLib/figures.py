@@ -14,8 +14,7 @@ from .surface import polydata_points, smooth_and_decimate
 def _triangles(polydata) -> np.ndarray:
     from vtk.util import numpy_support
 
-    cells = numpy_support.vtk_to_numpy(polydata.GetPolys().GetData())
-    return cells.reshape(-1, 4)[:, 1:]
+    return numpy_support.vtk_to_numpy(polydata.GetPolys().GetConnectivityArray()).reshape(-1, 3)  # triangles
 
 
 def overlay_png(ct: Volume, path: str | Path, contours: dict, surface=None, title: str = "",

@@ -322,7 +322,7 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, overwrite: boo
 def write_json(data: dict, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``data`` as indented JSON atomically."""
     with atomic_path(path, overwrite) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+        tmp.write_text(json.dumps(data, indent=2, default=_json_default), encoding="utf-8")
     return Path(path)
 
 

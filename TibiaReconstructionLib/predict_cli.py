@@ -15,23 +15,28 @@ OUTPUT_NAMES = ("predicted_tibia_label", "predicted_tibia_intensity", "predicted
                 "predicted_tibia_RAS.stl", "report.json")
 
 
-def output_paths(out: Path, suffix: str) -> dict:
-    """The files predict writes into ``out`` (volumes in the input's format)."""
+def output_paths(out: Path, suffix: str, auto_tibia: bool = False) -> dict:
+    """The files predict writes into ``out`` (volumes in the input's format); with ``auto_tibia`` also the
+    automatically segmented tibia mask it used."""
     suffix = suffix or ".nrrd"
-    return {"label": out / f"predicted_tibia_label{suffix}", "intensity": out / f"predicted_tibia_intensity{suffix}",
-            "stl_lps": out / "predicted_tibia_LPS.stl", "stl_ras": out / "predicted_tibia_RAS.stl",
-            "report": out / "report.json"}
+    paths = {"label": out / f"predicted_tibia_label{suffix}", "intensity": out / f"predicted_tibia_intensity{suffix}",
+             "stl_lps": out / "predicted_tibia_LPS.stl", "stl_ras": out / "predicted_tibia_RAS.stl",
+             "report": out / "report.json"}
+    if auto_tibia:
+        paths["tibia_mask"] = out / f"tibia_mask_auto{suffix}"
+    return paths
 
 
 def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="auto", side="auto",
                 overwrite=False, tibia_label=None, progress=None):
-    """Read inputs, predict, write all outputs; returns (Prediction, paths). All or nothing: nothing is written
-    if any output exists and ``overwrite`` is false, if an input is bad, or if writing fails (the outputs are
-    written into a hidden staging folder inside ``out`` and renamed into place only once all are complete)."""
+    """Read inputs, predict, write all outputs; returns (Prediction, paths). Without ``tibia_path`` the tibia is
+    segmented automatically first and the mask used is saved beside the outputs. All or nothing: nothing is
+    written if any output exists and ``overwrite`` is false, if an input is bad, or if writing fails (the
+    outputs are written into a hidden staging folder inside ``out`` and renamed into place once complete)."""
     from .predict import Predictor
 
     out = Path(out)
-    paths = output_paths(out, volume_suffix(ct_path) if not Path(ct_path).is_dir() else ".nrrd")
+    paths = output_paths(out, volume_suffix(ct_path) if not Path(ct_path).is_dir() else ".nrrd", tibia_path is None)
     clash = [str(p) for p in paths.values() if p.exists()]
     if clash and not overwrite:
         raise OutputExistsError(f"Output files already exist: {', '.join(clash)}. They were left untouched; choose "
@@ -40,13 +45,26 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
         raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
     _check_output_folder(out)
     ct = read_volume(ct_path)
-    tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
     fracture = read_mask(fracture_path, ct, "fracture mask")
+    segmentation = None
+    if tibia_path is None:
+        from .segment import segment_tibia
+
+        segmentation = segment_tibia(ct, side, fracture)
+        tibia = segmentation.tibia
+        if side == "auto" and not segmentation.warnings:
+            side = segmentation.side  # found from the fibula's position, more reliable than the model's fit
+    else:
+        tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
     result = Predictor(bundle, device).predict(ct, tibia, fracture, side=side, progress=progress)
     report = result.report()
-    report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path), "fracture_mask": str(fracture_path)}
+    report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path or "automatic segmentation"),
+                        "fracture_mask": str(fracture_path)}
+    if segmentation is not None:
+        report["segmentation"] = segmentation.report()
+        result.warnings.extend(segmentation.warnings)
     report["outputs"] = {k: str(v) for k, v in paths.items()}
-    _write_outputs(result, report, paths, overwrite)
+    _write_outputs(result, report, paths, overwrite, tibia if segmentation is not None else None)
     return result, paths
 
 
@@ -63,8 +81,9 @@ def _check_output_folder(out: Path) -> None:
                           "--out folder you can write to.")
 
 
-def _write_outputs(result, report: dict, paths: dict, overwrite: bool) -> None:
-    """Write every output into a staging folder, then rename them into place; on failure remove it all."""
+def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibia=None) -> None:
+    """Write every output (and ``auto_tibia``, the segmented mask, if given) into a staging folder, then rename
+    them into place; on failure remove it all."""
     out = paths["report"].parent
     made = [d for d in (out, *out.parents) if not d.exists()]  # folders this run creates, deepest first
     try:
@@ -78,6 +97,8 @@ def _write_outputs(result, report: dict, paths: dict, overwrite: bool) -> None:
         write_volume(result.intensity, staged["intensity"])
         write_stl(result.surface, staged["stl_lps"], "LPS")
         write_stl(result.surface, staged["stl_ras"], "RAS")
+        if auto_tibia is not None:
+            write_volume(auto_tibia, staged["tibia_mask"], label=True)
         write_json(report, staged["report"])
         clash = [str(p) for p in paths.values() if p.exists()]
         if clash and not overwrite:
@@ -121,7 +142,8 @@ def register_cli(sub) -> None:
                                    "intensity volume (same format as the CT), the surface as STL in LPS (ITK, DICOM) "
                                    "and RAS (3D Slicer) coordinates, and report.json (transforms, timings, volumes).")
     p.add_argument("--ct", required=True, help="fractured CT (NRRD, NIfTI, MHA or DICOM folder)")
-    p.add_argument("--tibia-mask", required=True, help="tibia mask or label map on the CT grid (all fragments)")
+    p.add_argument("--tibia-mask", default=None, help="tibia mask or label map on the CT grid, all fragments "
+                                                      "(default: segment the tibia automatically and save the mask)")
     p.add_argument("--tibia-label", type=int, default=None, help="label value of the tibia in a multi-label map "
                                                                  "(default: every nonzero voxel)")
     p.add_argument("--fracture-mask", required=True, help="coarse fracture-zone mask on the CT grid")

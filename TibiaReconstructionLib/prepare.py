@@ -159,10 +159,10 @@ def read_case_list(path: str | Path) -> list[CaseFiles]:
         raise InputError(f"Case list not found: {path}.")
     try:
         if path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             rows = data.get("cases", []) if isinstance(data, dict) else None
         elif path.suffix.lower() == ".csv":
-            with path.open(newline="") as f:
+            with path.open(newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
         else:
             raise InputError(f"{path}: a case list must be .json or .csv.")

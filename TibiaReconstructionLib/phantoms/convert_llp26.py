@@ -82,14 +82,14 @@ def convert(out: Path) -> None:
     sel = np.concatenate([np.arange(FIRST_NODE, N_ALL_NODES) + b * N_ALL_NODES for b in range(3)])
     mean = pc["mean"][sel].reshape(3, N_NODES).T
     modes = pc["modes"][sel].T.reshape(-1, 3, N_NODES).transpose(0, 2, 1)
-    geof = json.loads((base / "atlas_meshes" / "tibia_fibula_cubic_left_mean_rigid_LLP26.geof").read_text())
+    geof = json.loads((base / "atlas_meshes" / "tibia_fibula_cubic_left_mean_rigid_LLP26.geof").read_text(encoding="utf-8"))
     params = geof["field_parameters"]
     geof_mean = np.array([[float(params[f"node {n:08d}"][f"dim {d}"]) for d in range(3)] for n in range(N_NODES)])
     if np.max(np.abs(geof_mean - mean)) > 1e-3:
         raise RuntimeError("The shape model's tibia-fibula nodes do not match the atlas mesh.")
-    mesh = json.loads((base / "atlas_meshes" / "tibia_fibula_left_cubic_flat.mesh").read_text())
+    mesh = json.loads((base / "atlas_meshes" / "tibia_fibula_left_cubic_flat.mesh").read_text(encoding="utf-8"))
     nodes, is_quad = _element_nodes(mesh)
-    ens = json.loads((base / "atlas_meshes" / "tibia_fibula_left_cubic_flat.ens").read_text())
+    ens = json.loads((base / "atlas_meshes" / "tibia_fibula_left_cubic_flat.ens").read_text(encoding="utf-8"))
     if ens["basis"] != {"quad44": "quad_L3_L3", "tri10": "simplex_L3_L3"}:
         raise RuntimeError(f"Unexpected element bases {ens['basis']}; only cubic Lagrange is supported.")
     custom = np.array([ens["custom_map"][str(n)] for n in range(N_NODES)])

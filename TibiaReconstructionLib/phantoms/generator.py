@@ -166,7 +166,7 @@ def read_case(folder: str | os.PathLike) -> PhantomCase:
     path = folder / CASE_JSON
     if not path.is_file():
         raise InputError(f"{folder} is not a phantom case folder: {CASE_JSON} is missing.")
-    meta = json.loads(path.read_text())
+    meta = json.loads(path.read_text(encoding="utf-8"))
     files = meta["files"]
 
     def vol(name: str, label: bool) -> Volume | None:

@@ -30,7 +30,7 @@ def save_model(folder, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
     os.replace(tmp, folder / MODEL_WEIGHTS)
     tmp = folder / f".{MODEL_META}.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.write_text(json.dumps(meta, indent=1), encoding="utf-8")
     os.replace(tmp, folder / MODEL_META)
     return folder
 
@@ -43,7 +43,7 @@ def load_model(folder) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safe_open(str(folder / MODEL_WEIGHTS), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads((folder / MODEL_META).read_text())
+        meta = json.loads((folder / MODEL_META).read_text(encoding="utf-8"))
     except (SafetensorError, json.JSONDecodeError, OSError) as exc:
         raise InputError(f"Cannot read the model in {folder}: {exc}") from exc
     return tensors, meta

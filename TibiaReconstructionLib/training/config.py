@@ -75,7 +75,7 @@ def load_config(step: str, path=None, overrides: dict | None = None) -> dict:
     given = {}
     if path is not None:
         try:
-            given = json.loads(Path(path).read_text())
+            given = json.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError as exc:
             raise InputError(f"Configuration file not found: {path}") from exc
         except json.JSONDecodeError as exc:

@@ -164,13 +164,13 @@ class TrainRun:
         tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=self.folder))
         try:
             save_file(tensors, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(state, indent=1))
+            (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
             replace_folder(tmp, self.folder / "checkpoint")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _load_checkpoint(self, ckpt: Path) -> None:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
         if state["fingerprint"] != self.fingerprint:
             raise InputError(f"The checkpoint in {ckpt} was made with another configuration or data set; resume "
                              f"with the same configuration or start a new output folder.")
@@ -194,7 +194,7 @@ class CsvLog:
         self.path = path
         self.fields: list[str] | None = None
         if path.exists() and keep_up_to_step > 0:
-            with open(path, newline="") as f:
+            with open(path, newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)
                 self.fields = reader.fieldnames
                 rows = [r for r in reader if int(r["step"]) <= keep_up_to_step]
@@ -203,7 +203,7 @@ class CsvLog:
             path.unlink()
 
     def _rewrite(self, rows: list[dict]) -> None:
-        with open(self.path, "w", newline="") as f:
+        with open(self.path, "w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields)
             writer.writeheader()
             writer.writerows(rows)
@@ -214,11 +214,11 @@ class CsvLog:
             self._rewrite([])
         new = [k for k in row if k not in self.fields]
         if new:  # a validation row may bring its own columns
-            with open(self.path, newline="") as f:
+            with open(self.path, newline="", encoding="utf-8") as f:
                 rows = list(csv.DictReader(f))
             self.fields += new
             self._rewrite(rows)
-        with open(self.path, "a", newline="") as f:
+        with open(self.path, "a", newline="", encoding="utf-8") as f:
             csv.DictWriter(f, fieldnames=self.fields).writerow(row)
 
 
@@ -230,7 +230,7 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
 
     if not log_path.exists():
         return
-    with open(log_path, newline="") as f:
+    with open(log_path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     names = [k for k in (rows[0] if rows else {}) if k not in ("step", "epoch", "phase", "seconds")]
     if not names:
