@@ -23,7 +23,7 @@ test: setup
 	$(BIN)/python -m pytest -q Testing
 
 # Train the default bundle from scratch (phantoms -> canonical data -> step 1 -> step 3 -> bundles),
-# with the committed recipe in Resources/Models/recipe. About 90 minutes on 2 CPU cores; outputs in runs/.
+# with the committed recipe in Resources/Models/recipe: about 20 minutes of data and 25 of training on 2 CPU cores.
 RECIPE := Resources/Models/recipe
 model: setup
 	$(BIN)/tibia-recon prepare --phantoms 320 --seed 1000 --out data/train --workers 2 --overwrite
