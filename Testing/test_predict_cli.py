@@ -1,0 +1,32 @@
+"""`tibia-recon predict` end to end on files, with and without a given tibia mask."""
+
+import numpy as np
+
+from TibiaReconstructionLib.cli import main
+from TibiaReconstructionLib.io import read_volume, write_volume
+from TibiaReconstructionLib.phantoms import generate_case
+from TibiaReconstructionLib.segment import segment_tibia
+from TibiaReconstructionLib.surface import polydata_points, read_stl
+from TibiaReconstructionLib.geometry import ras_to_lps
+from tiny_bundle import make_tiny_bundle
+
+
+def test_predict_without_tibia_mask_segments_it_and_saves_it(tmp_path, capsys):
+    case = generate_case(11, fractured=True, spacing=(1.5, 1.5, 2.0), side="left", fracture_type="transverse")
+    ct = write_volume(case.fractured_ct, tmp_path / "ct.nrrd")
+    frac = write_volume(case.fracture_mask, tmp_path / "fracture.nrrd", label=True)
+    bundle = make_tiny_bundle(tmp_path / "bundle")
+    out = tmp_path / "out"
+    assert main(["predict", "--ct", str(ct), "--fracture-mask", str(frac), "--bundle", str(bundle),
+                 "--out", str(out)]) == 0
+    used = read_volume(out / "tibia_mask_auto.nrrd")
+    expected = segment_tibia(case.fractured_ct, "auto", case.fracture_mask).tibia
+    np.testing.assert_array_equal(used.array, expected.array)
+    assert used.grid.same_as(case.fractured_ct.grid)
+    label = read_volume(out / "predicted_tibia_label.nrrd")
+    assert label.grid.same_as(case.fractured_ct.grid) and label.array.any()
+    # the two STL files hold the same surface in the two frames
+    lps = polydata_points(read_stl(out / "predicted_tibia_LPS.stl"))
+    ras = polydata_points(read_stl(out / "predicted_tibia_RAS.stl"))
+    np.testing.assert_allclose(ras_to_lps(ras), lps, atol=1e-3)
+    assert "tibia_mask" in capsys.readouterr().out
