@@ -23,7 +23,7 @@ from .errors import InputError
 from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, invert_affine, \
     resample
 from .models.sampler import theta_to_matrix
-from .prepare import patient_to_canonical, to_canonical
+from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
 from .surface import isosurface, smooth_and_decimate, transform_polydata
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "default"
@@ -161,11 +161,18 @@ class Predictor:
         self.device = resolve_device(device)
         self.bundle_path = "(in memory)" if isinstance(bundle, Bundle) else str(bundle or DEFAULT_BUNDLE)
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE, self.device)
+        self._crop_cache = None
+
+    def _crops(self, ct: Volume, tibia: Volume, fracture: Volume) -> SmoothedCrops:
+        """Cropped, anti-aliased inputs; computed once per set of inputs and shared by both candidate sides."""
+        key = (id(ct), id(tibia), id(fracture))
+        if self._crop_cache is None or self._crop_cache[0] != key:
+            self._crop_cache = (key, smoothed_crops(ct, tibia, self.bundle.grid.spacing, fracture))
+        return self._crop_cache[1]
 
     def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str):
-        grid = self.bundle.grid
         p = patient_to_canonical(tibia, side)
-        case = to_canonical(ct, tibia, grid, p, self.bundle.window_hu, fracture)
+        case = resample_crops(self._crops(ct, tibia, fracture), self.bundle.grid, p, self.bundle.window_hu)
         x = torch.from_numpy(case.tensor[None])
         visible = torch.from_numpy(case.visible[None, None].astype(np.float32))
         theta, aligned, recon = self.bundle.align_and_reconstruct(x, visible)
@@ -193,8 +200,11 @@ class Predictor:
         t["check"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         report(0.1, "Aligning and reconstructing")
-        candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s)
-                      for s in (("left", "right") if side == "auto" else (side,))}
+        try:
+            candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s)
+                          for s in (("left", "right") if side == "auto" else (side,))}
+        finally:
+            self._crop_cache = None  # never reuse crops across calls (ids can be recycled)
         chosen = min(candidates, key=lambda s: candidates[s][3])
         p, theta, recon, _ = candidates[chosen]
         t["model"] = time.perf_counter() - t0

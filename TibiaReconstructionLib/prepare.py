@@ -74,12 +74,15 @@ def patient_to_canonical(tibia: Volume, side: str) -> np.ndarray:
 
 
 def _antialias(volume: Volume, target_spacing: np.ndarray) -> Volume:
-    """Gaussian pre-filter before downsampling to ``target_spacing`` (no-op where not coarser)."""
+    """Gaussian pre-filter (float32) before downsampling to ``target_spacing``: a recursive (IIR) Gaussian along
+    each axis that gets coarser, so the cost does not grow with the kernel width."""
     sigma = np.sqrt(np.maximum((target_spacing.max() ** 2 - volume.spacing ** 2), 0.0)) / 2.355
-    if np.all(sigma < 0.25 * volume.spacing):
-        return volume
     img = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
-    return Volume.from_sitk(sitk.DiscreteGaussian(img, (sigma ** 2).tolist(), 32, 0.01, True))
+    for axis in range(3):
+        if sigma[axis] >= 0.25 * volume.spacing[axis]:
+            img = sitk.RecursiveGaussian(img, float(sigma[axis]), False, sitk.RecursiveGaussianImageFilter.ZeroOrder,
+                                         axis)
+    return Volume.from_sitk(img)
 
 
 @dataclass
@@ -91,6 +94,48 @@ class CanonicalCase:
     patient_to_canonical: np.ndarray
 
 
+@dataclass
+class SmoothedCrops:
+    """CT, tibia and fracture masks (float32) cropped to the tibia box and pre-filtered for one canonical
+    spacing; independent of P, so several candidate transforms can reuse them."""
+
+    ct: Volume
+    tibia: Volume
+    fracture: Volume | None
+
+
+def smoothed_crops(ct: Volume, tibia: Volume, spacing: np.ndarray, fracture: Volume | None = None,
+                   margin_mm: float = 15.0) -> SmoothedCrops:
+    """Crop to the tibia's box (+ margin) and anti-alias for resampling to ``spacing`` (mm)."""
+    check_same_grid(ct, tibia, "CT", "tibia mask")
+    if fracture is not None:
+        check_same_grid(ct, fracture, "CT", "fracture mask")
+
+    def prepared(volume: Volume, binary: bool) -> Volume:
+        box = crop_to_mask(volume, tibia, margin_mm)
+        arr = (box.array != 0) if binary else box.array
+        return _antialias(box.with_array(arr.astype(np.float32)), spacing)
+
+    return SmoothedCrops(prepared(ct, False), prepared(tibia, True),
+                         None if fracture is None else prepared(fracture, True))
+
+
+def resample_crops(crops: SmoothedCrops, grid: Grid, transform: np.ndarray,
+                   window_hu: Sequence[float] = DEFAULT_WINDOW_HU) -> CanonicalCase:
+    """Canonical tensors from smoothed crops with patient->canonical ``transform`` (see :func:`to_canonical`)."""
+    lo, hi = float(window_hu[0]), float(window_hu[1])
+    back = invert_affine(transform)
+    ct_c = resample(crops.ct, grid, back, default_value=lo, dtype=np.float32).array
+    occ = np.clip(resample(crops.tibia, grid, back, dtype=np.float32).array, 0.0, 1.0)
+    intensity = np.clip((ct_c - lo) / (hi - lo), 0.0, 1.0) * occ
+    tensor = np.stack([intensity, occ]).astype(np.float32)
+    visible = None
+    if crops.fracture is not None:
+        visible = (resample(crops.fracture, grid, back, dtype=np.float32).array < 0.5).astype(np.uint8)
+        tensor = tensor * visible[None]
+    return CanonicalCase(tensor, visible, transform)
+
+
 def to_canonical(ct: Volume, tibia: Volume, grid: Grid, transform: np.ndarray,
                  window_hu: Sequence[float] = DEFAULT_WINDOW_HU, fracture: Volume | None = None,
                  margin_mm: float = 15.0) -> CanonicalCase:
@@ -99,26 +144,7 @@ def to_canonical(ct: Volume, tibia: Volume, grid: Grid, transform: np.ndarray,
     With a fracture mask, the fracture region is zeroed in both channels (the query input
     y * m_tibia * (1 - m_fracture)) and the visibility mask is returned.
     """
-    check_same_grid(ct, tibia, "CT", "tibia mask")
-    if fracture is not None:
-        check_same_grid(ct, fracture, "CT", "fracture mask")
-    lo, hi = float(window_hu[0]), float(window_hu[1])
-    ct_box = crop_to_mask(ct, tibia, margin_mm)
-    tib_box = crop_to_mask(tibia.with_array((tibia.array != 0).astype(np.float32)), tibia, margin_mm)
-    back = invert_affine(transform)
-    ct_c = resample(_antialias(ct_box.with_array(ct_box.array.astype(np.float32)), grid.spacing), grid, back,
-                    default_value=lo, dtype=np.float32).array
-    occ = resample(_antialias(tib_box, grid.spacing), grid, back, dtype=np.float32).array
-    occ = np.clip(occ, 0.0, 1.0)
-    intensity = np.clip((ct_c - lo) / (hi - lo), 0.0, 1.0) * occ
-    tensor = np.stack([intensity, occ]).astype(np.float32)
-    visible = None
-    if fracture is not None:
-        frac_box = crop_to_mask(fracture.with_array((fracture.array != 0).astype(np.float32)), tibia, margin_mm)
-        frac = resample(_antialias(frac_box, grid.spacing), grid, back, dtype=np.float32).array
-        visible = (frac < 0.5).astype(np.uint8)
-        tensor = tensor * visible[None]
-    return CanonicalCase(tensor, visible, transform)
+    return resample_crops(smoothed_crops(ct, tibia, grid.spacing, fracture, margin_mm), grid, transform, window_hu)
 
 
 def prepare_case(ct: Volume, tibia: Volume, side: str, grid: Grid, window_hu: Sequence[float] = DEFAULT_WINDOW_HU,
