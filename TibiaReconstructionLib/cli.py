@@ -18,6 +18,14 @@ _COMMAND_MODULES = ["info", "phantoms.cli", "prepare", "training.cli", "evaluate
                     "demo", "bench"]
 
 
+def print_outputs(paths: dict, warnings=()) -> None:
+    """Print a command's warnings and the files it wrote, one per line."""
+    for w in warnings:
+        print(f"warning: {w}")
+    for name, path in paths.items():
+        print(f"  {name}: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tibia-recon",

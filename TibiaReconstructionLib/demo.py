@@ -96,13 +96,14 @@ def register_cli(sub) -> None:
                                                                         "phantom SEED into Resources/SampleCase")
 
     def run(a):
+        from .cli import print_outputs
+
         if a.make_sample_case is not None:
             print(f"sample case written to {make_sample_case(a.make_sample_case, overwrite=a.overwrite)}")
             return
         acc = run_demo(a.out, a.bundle, a.device, a.overwrite)
         print(f"Dice {acc['dice']:.3f}  RMSD {acc['rmsd_mm']:.2f} mm  HD95 {acc['hd95_mm']:.2f} mm  "
               f"(side {acc['side']}, {sum(acc['timings_s'].values()):.2f} s)")
-        for k, v in acc["outputs"].items():
-            print(f"  {k}: {v}")
+        print_outputs(acc["outputs"])
 
     p.set_defaults(func=run)

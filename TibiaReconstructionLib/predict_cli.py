@@ -154,6 +154,8 @@ def register_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     def run(a):
+        from .cli import print_outputs
+
         progress = _tqdm_progress()
         try:
             result, paths = run_predict(a.ct, a.tibia_mask, a.fracture_mask, a.out, a.bundle, a.device, a.side,
@@ -164,9 +166,6 @@ def register_cli(sub) -> None:
             raise
         print(f"side {result.side}; predicted tibia {result.volumes_ml['predicted_tibia']:.1f} ml; "
               f"{sum(result.timings.values()):.2f} s")
-        for w in result.warnings:
-            print(f"warning: {w}")
-        for name, path in paths.items():
-            print(f"  {name}: {path}")
+        print_outputs(paths, result.warnings)
 
     p.set_defaults(func=run)

@@ -381,13 +381,12 @@ def register_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     def run(a):
+        from .cli import print_outputs
+
         result, paths = run_segment(a.ct, a.out, a.side, a.fracture_mask, a.labels, a.label_value, a.overwrite)
         r = result.report()
         print(f"side {result.side}; tibia {r['tibia_ml']:.1f} ml ({r['tibia_voxels']} voxels); "
               f"{sum(result.timings.values()):.2f} s")
-        for w in result.warnings:
-            print(f"warning: {w}")
-        for name, path in paths.items():
-            print(f"  {name}: {path}")
+        print_outputs(paths, result.warnings)
 
     p.set_defaults(func=run)
