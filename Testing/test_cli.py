@@ -12,9 +12,12 @@ def test_version():
     assert __version__ in out.stdout
 
 
-def test_help_lists_commands(capsys):
+def test_help_lists_every_command(capsys):
     assert main([]) == 2
-    assert "info" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for command in ("info", "phantoms", "montage", "prepare", "train", "export-bundle", "evaluate", "predict",
+                    "segment", "demo", "bench"):
+        assert f"    {command} " in out or f"    {command}\n" in out, command
 
 
 def test_info_prints_geometry_and_errors_cleanly(tmp_path, oblique_volume, capsys):

@@ -36,14 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"{__package__}.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith(f"{__package__}.{name.split('.')[0]}"):
-                continue  # that part of the product is not built yet
-            raise
-        if hasattr(module, "register_cli"):  # a module still being written may not offer its command yet
-            module.register_cli(sub)
+        importlib.import_module(f"{__package__}.{name}").register_cli(sub)
     return parser
 
 
