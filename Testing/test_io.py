@@ -94,3 +94,18 @@ def test_existing_output_is_not_overwritten(tmp_path, ct):
     write_volume(ct.with_array(ct.array * 0), path, overwrite=True)
     assert read_volume(path).array.max() == 0
     assert [p.name for p in tmp_path.iterdir()] == ["ct.nrrd"]  # no temporary leftovers
+
+
+def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
+    from TibiaReconstructionLib.io import atomic_folder
+
+    target = tmp_path / "bundle"
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("new", encoding="utf-8")
+    assert (target / "a.txt").read_text(encoding="utf-8") == "new"
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "a.txt").write_text("half", encoding="utf-8")
+            raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text(encoding="utf-8") == "new"  # the old folder is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no temporary leftovers

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,9 +17,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
-from .canonical import CHANNEL_NAMES, replace_folder
+from .canonical import CHANNEL_NAMES
 from .errors import BundleError, InputError, OutputExistsError
 from .geometry import Grid
+from .io import atomic_folder
 from .models import AffineGridSampler, Autoencoder, LocNet, build_autoencoder, build_locnet, invert_theta
 
 FORMAT = "tibia-recon-bundle/1"
@@ -91,14 +90,9 @@ def save_bundle(folder, *, grid: Grid, window_hu, locnet: LocNet, autoencoder: A
         weights["prototype"] = prototype.detach().reshape(1, c, *grid.shape)
     weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     _check_consistent(config, grid, {k: list(v.shape) for k, v in weights.items()}, folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / CONFIG).write_text(json.dumps(config, indent=1), encoding="utf-8")
-        replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -15,9 +15,6 @@ occupancy in [0, 1]. Arrays are (k, j, i) = (Z, Y, X) on the canonical grid (LPS
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +25,7 @@ from safetensors.torch import save_file
 
 from .errors import InputError, OutputExistsError
 from .geometry import Grid
+from .io import atomic_folder
 
 FORMAT = "tibia-recon-canonical/1"
 MANIFEST = "manifest.json"
@@ -78,30 +76,10 @@ def write_canonical_dataset(folder, grid: Grid, window, cases: Sequence[dict], i
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise OutputExistsError(f"{folder} already exists and is not empty; choose another folder or allow "
                                 f"overwriting.")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        replace_folder(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
-
-
-def replace_folder(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``, replacing ``dst`` if it exists (renames only; no partial ``dst``).
-    ``src`` (usually a 0700 temporary folder) gets the usual folder permissions first."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(src, 0o777 & ~umask)
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
-        os.replace(dst, old / dst.name)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def _validate(manifest: dict, tensors: dict[str, tuple[str, list[int]]], where) -> Grid:

@@ -241,6 +241,33 @@ def output_error(exc: OSError, target: Path) -> OutputError:
                        "disk is not full.")
 
 
+def replace_folder(src: Path, dst: Path) -> None:
+    """Move folder ``src`` to ``dst``, replacing ``dst`` if it exists (renames only; no partial ``dst``).
+    ``src`` (usually a 0700 temporary folder) gets the usual folder permissions first."""
+    os.chmod(src, 0o777 & ~_UMASK)
+    if dst.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old.", dir=dst.parent))
+        os.replace(dst, old / dst.name)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder to fill; on success it replaces ``folder`` whole, on error it is removed.
+    (Callers check for an existing ``folder`` themselves: this always replaces.)"""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+        replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_volume(volume: Volume, path: str | os.PathLike, label: bool = False, overwrite: bool = False,
                  compress: bool = True) -> Path:
     """Write a Volume to NRRD/NIfTI/MHA (by suffix) or, for a path without suffix, a DICOM series folder."""

@@ -14,8 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..canonical import replace_folder
+from ..io import atomic_folder
 from ..errors import InputError, OutputExistsError
 
 StepFn = Callable[[torch.Tensor, np.random.Generator, int], tuple[torch.Tensor | None, dict[str, float]]]
@@ -161,13 +159,9 @@ class TrainRun:
                     tensors[f"optimizer.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
             state["optimizer"] = {"param_groups": opt["param_groups"],
                                   "state_entries": {str(i): sorted(e) for i, e in opt["state"].items()}}
-        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=self.folder))
-        try:
+        with atomic_folder(self.folder / "checkpoint") as tmp:
             save_file(tensors, str(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-            replace_folder(tmp, self.folder / "checkpoint")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         state = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))
