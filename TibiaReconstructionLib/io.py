@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, OutputError, OutputExistsError, TibiaReconError
-from .geometry import Volume, check_same_grid
+from .geometry import Grid, Volume, check_same_grid
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -349,15 +349,18 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, overwrite: boo
 def write_json(data: dict, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``data`` as indented JSON atomically."""
     with atomic_path(path, overwrite) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_json_default), encoding="utf-8")
+        tmp.write_text(json.dumps(data, indent=2, default=json_default), encoding="utf-8")
     return Path(path)
 
 
-def _json_default(obj):
+def json_default(obj):
+    """``json.dumps(default=...)`` for the library's values: numpy arrays and scalars, paths, grids."""
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, (np.integer, np.floating, np.bool_)):
         return obj.item()
     if isinstance(obj, Path):
         return str(obj)
+    if isinstance(obj, Grid):
+        return obj.to_dict()
     raise TypeError(f"Cannot write {type(obj).__name__} to JSON")

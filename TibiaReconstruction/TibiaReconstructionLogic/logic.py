@@ -15,7 +15,6 @@ import json
 import os
 import re
 
-import numpy as np
 import vtk
 
 import slicer
@@ -27,7 +26,7 @@ from .libpath import ensureLibraryImportable
 ensureLibraryImportable()
 
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError, OutputExistsError  # noqa: E402
-from TibiaReconstructionLib.geometry import Grid  # noqa: E402
+from TibiaReconstructionLib.io import json_default  # noqa: E402
 
 DEFAULT_SEGMENTATION_NAME = "Predicted healthy tibia"
 DEFAULT_MODEL_NAME = "Predicted healthy tibia surface"
@@ -253,7 +252,7 @@ class TibiaReconstructionLogic:
             mrml.addVolumeNode(scene, result.intensity, intensityName, parentTransformNode=parent)
         report = result.report() if callable(getattr(result, "report", None)) else {}
         report = dict(report, ct=volumeNode.GetName(), segmentation=segmentationNode.GetName())
-        text = json.dumps(report, default=_jsonDefault)
+        text = json.dumps(report, default=json_default)
         segmentationNode.SetAttribute(REPORT_ATTRIBUTE, text)
         modelNode.SetAttribute(REPORT_ATTRIBUTE, text)
         self.lastResult, self.lastReport = result, report
@@ -402,13 +401,3 @@ class TibiaReconstructionLogic:
                 truth = read_mask(os.path.join(folder, name), ct, "ground truth")
                 break
         return volumeNode, segmentationNode, tibiaId, fractureId, truth
-
-
-def _jsonDefault(obj):
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return obj.item()
-    if isinstance(obj, Grid):
-        return obj.to_dict()
-    return str(obj)

@@ -27,6 +27,7 @@ def run(workDir):
     import vtk
 
     from TibiaReconstructionLib.geometry import Grid, Volume
+    from TibiaReconstructionLib.io import json_default
 
     with open(os.path.join(workDir, "inputs.json"), encoding="utf-8") as f:
         config = json.load(f)
@@ -54,18 +55,8 @@ def run(workDir):
                "report": result.report()}
     tmp = os.path.join(workDir, "outputs.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(outputs, f, default=_jsonDefault)
+        json.dump(outputs, f, default=json_default)
     os.replace(tmp, os.path.join(workDir, "outputs.json"))
-
-
-def _jsonDefault(obj):
-    import numpy as np
-
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return obj.item()
-    return str(obj)
 
 
 def main(argv):
