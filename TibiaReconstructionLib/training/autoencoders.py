@@ -2,7 +2,7 @@
 
 Shared by step 2 (healthy aligned cases, full MSE) and step 3 (masked inputs, loss on visible
 voxels); the caller supplies how a batch is made: ``make_batch(data, indices, rng) -> (input, target,
-visible or None)``.
+visible or None)``. Under torchrun the minibatch models train data-parallel; PCA is fitted by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 
 from ..errors import OutputExistsError
 from ..models import PCA, Autoencoder, build_autoencoder, masked_mse
+from . import distributed
 from .artifacts import MODEL_META, TrainingData, batches, load_model, save_model, with_prefix
 from .runner import RunSettings, TrainRun
 
@@ -53,7 +54,8 @@ def train_autoencoder(name: str, spec: dict, data: TrainingData, val: TrainingDa
     torch.manual_seed(common["seed"])
     model = build_from_spec(spec, data).to(data.device)
     if isinstance(model, PCA):
-        model.fit(len(data), lambda i: data.images[i].float())
+        if distributed.is_main():
+            model.fit(len(data), lambda i: data.images[i].float())
     else:
         if spec.get("init"):
             model.load_state_dict(with_prefix(load_model(spec["init"])[0], "autoencoder"))
@@ -74,12 +76,14 @@ def train_autoencoder(name: str, spec: dict, data: TrainingData, val: TrainingDa
 
         if not run.run(step_fn, val_fn if val is not None else None):
             return False
-    metrics = {f"train_{k}": v for k, v in evaluate(model, data, make_batch, common["seed"]).items()}
-    if val is not None:
-        metrics.update({f"val_{k}": v for k, v in evaluate(model, val, make_batch, common["seed"]).items()})
-    meta = {"kind": "autoencoder", "name": name, "autoencoder": dict(model.config), "spec": spec,
-            "data": description, "metrics": metrics}
-    save_model(out, {f"autoencoder.{k}": v for k, v in model.state_dict().items()}, meta)
+    if distributed.is_main():
+        metrics = {f"train_{k}": v for k, v in evaluate(model, data, make_batch, common["seed"]).items()}
+        if val is not None:
+            metrics.update({f"val_{k}": v for k, v in evaluate(model, val, make_batch, common["seed"]).items()})
+        meta = {"kind": "autoencoder", "name": name, "autoencoder": dict(model.config), "spec": spec,
+                "data": description, "metrics": metrics}
+        save_model(out, {f"autoencoder.{k}": v for k, v in model.state_dict().items()}, meta)
+    distributed.barrier()
     return True
 
 

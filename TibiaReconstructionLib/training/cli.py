@@ -8,6 +8,7 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 
 
 def _train(args) -> int:
+    from . import distributed
     from .config import load_config
     from .step1_registration import train_step1
     from .step2_autoencoders import train_step2
@@ -19,8 +20,9 @@ def _train(args) -> int:
     config = load_config(args.step, args.config, overrides)
     run = {"step1": train_step1, "step2": train_step2, "step3": train_step3}[args.step]
     finished = run(config, resume=args.resume, max_steps=args.max_steps)
-    print(f"{args.step}: {'finished' if finished else 'stopped at --max-steps; continue with --resume'}; "
-          f"outputs in {config['out']}")
+    if distributed.is_main():
+            print(f"{args.step}: {'finished' if finished else 'stopped at --max-steps; continue with --resume'}; "
+              f"outputs in {config['out']}")
     return 0
 
 
@@ -38,7 +40,9 @@ def register_cli(sub) -> None:
         description="Train one step of the method on a canonical data set (see `tibia-recon prepare`). Default "
                     f"configurations (JSON) are in {CONFIG_DIR}. Paths in a configuration are relative to the "
                     "current folder; the options below override them. A run writes log.csv, curves.png, "
-                    "checkpoints and its models into the output folder.")
+                    "checkpoints and its models into the output folder. Data-parallel on N GPUs (or CPU "
+                    "processes): `torchrun --nproc_per_node N -m TibiaReconstructionLib.cli train ...`; "
+                    "batch_size is then per process.")
     p.add_argument("step", choices=["step1", "step2", "step3"])
     p.add_argument("--config", help="JSON configuration (default: built-in defaults)")
     p.add_argument("--data", help="canonical data set folder (step 2/3: the aligned set written by step 1)")

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
+from . import distributed
 
 _COMMON = {"seed": 0, "device": "auto", "threads": 0, "amp": True, "checkpoint_every": 100,
            "data": None, "val_data": None, "out": None}
@@ -95,7 +96,8 @@ def load_config(step: str, path=None, overrides: dict | None = None) -> dict:
 
 
 def resolve_device(config: dict) -> torch.device:
-    """The torch device for config["device"] ("auto" takes CUDA when available); applies "threads"."""
+    """The torch device for config["device"] ("auto" takes CUDA when available); applies "threads"; joins
+    torchrun's process group if launched by torchrun (then a CUDA device is this process's GPU)."""
     if config.get("threads"):
         torch.set_num_threads(int(config["threads"]))
     name = config["device"]
@@ -103,4 +105,4 @@ def resolve_device(config: dict) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("The configuration asks for a CUDA device but none is available; set \"device\": \"cpu\".")
-    return torch.device(name)
+    return distributed.init(torch.device(name))

@@ -7,6 +7,11 @@ step, epoch, optimizer settings and the configuration fingerprint) and ``curves.
 Randomness is a function of (seed, step): the epoch's case order comes from (seed, epoch) and the
 torch/numpy generators are reseeded before every step, so a resumed run repeats exactly what an
 uninterrupted run would have done.
+
+Under torchrun (see :mod:`.distributed`) a step takes a global batch of ``batch_size x world size``
+cases from the epoch's order, each rank trains on its slice with generators seeded from (seed, step,
+rank), the gradients are averaged, the logged losses are the means over the ranks, and rank 0 writes
+the files. A checkpoint resumes only with the number of processes that made it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +31,7 @@ from tqdm import tqdm
 
 from ..io import atomic_folder
 from ..errors import InputError, OutputExistsError
+from . import distributed
 
 StepFn = Callable[[torch.Tensor, np.random.Generator, int], tuple[torch.Tensor | None, dict[str, float]]]
 
@@ -40,10 +46,15 @@ class RunSettings:
     device: torch.device = torch.device("cpu")
     amp: bool = True                  # bfloat16 autocast, used on CUDA only
     max_steps: int | None = None      # stop (with a checkpoint) after this many steps in total
+    world_size: int = field(default_factory=distributed.world)  # processes; batch_size is per process
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.n_cases / self.batch_size)
+        return math.ceil(self.n_cases / self.global_batch)
 
     @property
     def total_steps(self) -> int:
@@ -61,10 +72,10 @@ def fingerprint_of(settings):
     return settings
 
 
-def seed_everything(seed: int, step: int) -> np.random.Generator:
-    """Reseed torch from (seed, step) and return a numpy generator for the same pair."""
-    torch.manual_seed((seed * 1_000_003 + step) % (2 ** 63))
-    return np.random.default_rng([seed, step])
+def seed_everything(seed: int, step: int, rank: int = 0) -> np.random.Generator:
+    """Reseed torch from (seed, step, rank) and return a numpy generator for the same triple."""
+    torch.manual_seed((seed * 1_000_003 + step + rank * 2 ** 40) % (2 ** 63))
+    return np.random.default_rng([seed, step, rank] if rank else [seed, step])
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -87,14 +98,23 @@ class TrainRun:
         self.fingerprint = json.loads(json.dumps(fingerprint_of(fingerprint)))
         self.desc = desc or self.folder.name
         self.step = 0
+        self.main = distributed.is_main()
         ckpt = self.folder / "checkpoint"
         if ckpt.exists() and not resume:
             raise OutputExistsError(f"{self.folder} already holds a training checkpoint. Continue it with --resume "
                                     f"or choose another output folder.")
-        self.folder.mkdir(parents=True, exist_ok=True)
         if resume and ckpt.exists():
             self._load_checkpoint(ckpt)
-        self.log = CsvLog(self.folder / "log.csv", keep_up_to_step=self.step)
+        if not distributed.same_everywhere(self.step):
+            raise InputError(f"The training processes found different checkpoints in {ckpt}; put the output folder "
+                             f"where every process sees the same files.")
+        self.call = distributed.wrap(modules)
+        if self.main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.log = CsvLog(self.folder / "log.csv", keep_up_to_step=self.step)
+            if settings.world_size > 1:
+                print(f"{self.desc}: DistributedDataParallel on {distributed.describe()}, batch {settings.batch_size} "
+                      f"per process = global batch {settings.global_batch}")
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -103,20 +123,22 @@ class TrainRun:
         s = self.settings
         last = s.total_steps if s.max_steps is None else min(s.total_steps, s.max_steps)
         with tqdm(total=s.total_steps, initial=self.step, desc=self.desc, dynamic_ncols=True, leave=False,
-                  disable=None) as bar:
+                  disable=None if self.main else True) as bar:
             while self.step < last:
                 epoch, in_epoch = divmod(self.step, s.steps_per_epoch)
                 order = epoch_order(s.seed, epoch, s.n_cases)
-                indices = torch.as_tensor(order[in_epoch * s.batch_size:(in_epoch + 1) * s.batch_size])
+                indices = torch.as_tensor(order[in_epoch * s.global_batch:(in_epoch + 1) * s.global_batch])
                 for m in self.modules.values():
                     m.train()
                 start = time.perf_counter()
-                parts = self._one_step(step_fn, indices, epoch)
+                parts = self._one_step(step_fn, distributed.shard(indices), epoch)
                 self.step += 1
-                self.log.write({"step": self.step, "epoch": epoch, "phase": "train", **parts,
-                                "seconds": time.perf_counter() - start})
                 bar.update(1)
                 bar.set_postfix(loss=f"{parts.get('loss', float('nan')):.4g}", epoch=epoch)
+                if not self.main:
+                    continue
+                self.log.write({"step": self.step, "epoch": epoch, "phase": "train", **parts,
+                                "seconds": time.perf_counter() - start})
                 epoch_end = self.step % s.steps_per_epoch == 0
                 if epoch_end and val_fn is not None:
                     for m in self.modules.values():
@@ -125,19 +147,22 @@ class TrainRun:
                         self.log.write({"step": self.step, "epoch": epoch, "phase": "val", **val_fn(epoch)})
                 if epoch_end or self.step % s.checkpoint_every == 0 or self.step == last:
                     self.save_checkpoint()
-        plot_curves(self.folder / "log.csv", self.folder / "curves.png")
+        if self.main:
+            plot_curves(self.folder / "log.csv", self.folder / "curves.png")
+        distributed.barrier()  # the other ranks go on once rank 0's checkpoint is written (a resume reads it)
         return self.step >= s.total_steps
 
     def _one_step(self, step_fn: StepFn, indices: torch.Tensor, epoch: int) -> dict[str, float]:
-        rng = seed_everything(self.settings.seed, self.step)
+        rng = seed_everything(self.settings.seed, self.step, distributed.rank())
         use_amp = self.settings.amp and self.settings.device.type == "cuda"
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss, parts = step_fn(indices, rng, epoch)
+            loss, parts = self.call(step_fn, indices, rng, epoch)
         if loss is not None:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             parts = {"loss": float(loss.detach()), **parts}
+        parts = distributed.mean(parts)
         if not all(math.isfinite(v) for v in parts.values()):
             raise InputError(f"Training diverged at step {self.step} ({parts}); lower the learning rate in the "
                              f"configuration and start again.")
@@ -149,8 +174,10 @@ class TrainRun:
         """Write ``checkpoint/`` atomically (a temporary folder renamed into place)."""
         tensors = {f"model.{name}.{k}": v.detach().cpu().contiguous()
                    for name, m in self.modules.items() for k, v in m.state_dict().items()}
-        state = {"step": self.step, "epoch": self.step // self.settings.steps_per_epoch,
-                 "rng": "torch and numpy are reseeded from (seed, step) before every step",
+        s = self.settings
+        state = {"step": self.step, "epoch": self.step // s.steps_per_epoch,
+                 "rng": "torch and numpy are reseeded from (seed, step, rank) before every step",
+                 "world_size": s.world_size, "batch_per_process": s.batch_size, "global_batch": s.global_batch,
                  "fingerprint": self.fingerprint}
         if self.optimizer is not None:
             opt = self.optimizer.state_dict()
@@ -168,6 +195,9 @@ class TrainRun:
         if state["fingerprint"] != self.fingerprint:
             raise InputError(f"The checkpoint in {ckpt} was made with another configuration or data set; resume "
                              f"with the same configuration or start a new output folder.")
+        if state.get("world_size", 1) != self.settings.world_size:
+            raise InputError(f"The checkpoint in {ckpt} was made by {state['world_size']} training processes; resume "
+                             f"with as many (torchrun --nproc_per_node {state['world_size']}).")
         tensors = load_file(str(ckpt / "state.safetensors"))
         for name, m in self.modules.items():
             prefix = f"model.{name}."

@@ -10,6 +10,8 @@ and shrinks (a smaller bone in a mostly empty volume has a lower D-SSIM).
 Outputs in ``out``: ``model.safetensors``/``model.json`` (LocNet + prototype on the full canonical
 grid) and ``aligned/`` (and, with a validation set, ``aligned_val/``): canonical data sets of the
 aligned cases, each with its θ (canonical mm, output point -> input point) in the manifest.
+
+Under torchrun, "stn" trains data-parallel (:mod:`.distributed`); "direct" runs in one process only.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..canonical import write_canonical_dataset
 from ..errors import InputError
 from ..models import AffineGridSampler, LocNet, Prototype, coarser_grid
 from .artifacts import TrainingData, batches, pool, save_model
+from . import distributed
 from .config import resolve_device
 from .losses import dssim
 from .runner import RunSettings, TrainRun
@@ -48,6 +51,8 @@ def train_step1(config: dict, resume: bool = False, max_steps: int | None = None
     if config["mode"] not in ("stn", "direct"):
         raise InputError(f"Step 1 mode must be 'stn' or 'direct', got {config['mode']!r}.")
     device = resolve_device(config)
+    if config["mode"] == "direct" and distributed.world() > 1:
+        raise InputError("Step 1 in 'direct' mode (one θ per case) runs in one process; start it without torchrun.")
     data = TrainingData(config["data"], device)
     val = TrainingData(config["val_data"], device) if config.get("val_data") else None
     out, f, win = Path(config["out"]), int(config["loss_downsample"]), int(config["ssim_window"])
@@ -106,13 +111,15 @@ def train_step1(config: dict, resume: bool = False, max_steps: int | None = None
 
     if not run.run(step_fn, val_fn if (val is not None and not direct) else None):
         return False
-    locnet.eval()
-    with torch.no_grad():
-        thetas = torch.cat([table.theta(table.delta[idx]) if direct else locnet(data.batch("images", idx))
-                            for idx in batches(len(data), config["batch_size"])]).cpu()
-        val_thetas = None if val is None or direct else torch.cat(
-            [locnet(val.batch("images", idx)) for idx in batches(len(val), config["batch_size"])]).cpu()
-    write_step1_outputs(config, data, val, locnet, prototype, thetas, val_thetas, direct, out)
+    if distributed.is_main():
+        locnet.eval()
+        with torch.no_grad():
+            thetas = torch.cat([table.theta(table.delta[idx]) if direct else locnet(data.batch("images", idx))
+                                for idx in batches(len(data), config["batch_size"])]).cpu()
+            val_thetas = None if val is None or direct else torch.cat(
+                [locnet(val.batch("images", idx)) for idx in batches(len(val), config["batch_size"])]).cpu()
+        write_step1_outputs(config, data, val, locnet, prototype, thetas, val_thetas, direct, out)
+    distributed.barrier()
     return True
 
 

@@ -20,6 +20,7 @@ import torch
 from ..errors import InputError, OutputExistsError
 from ..models import AffineGridSampler, LocNet, coarser_grid, invert_theta
 from .artifacts import MODEL_META, TrainingData, batches, load_model, pool, save_model, with_prefix
+from . import distributed
 from .autoencoders import train_autoencoder
 from .config import resolve_device
 from .losses import dssim
@@ -123,11 +124,13 @@ def _train_locnet(config: dict, data: TrainingData, val: TrainingData | None, st
     run = TrainRun(out, {"locnet": locnet}, optimizer, settings, fingerprint, resume, "step3 locnet")
     if not run.run(lambda idx, rng, epoch: losses(data, idx, rng), (lambda e: evaluate(val)) if val else None):
         return False
-    locnet.eval()
-    with torch.no_grad():
-        metrics = {f"{name}_{k}": v for name, source in (("train", data), ("val", val)) if source is not None
-                   for k, v in evaluate(source).items()}
-    meta = {"kind": "locnet", "locnet": locnet.config.to_dict(), "mask_robust": True, "config": config,
-            "data": description, "metrics": metrics}
-    save_model(out, {f"locnet.{k}": v for k, v in locnet.state_dict().items()}, meta)
+    if distributed.is_main():
+        locnet.eval()
+        with torch.no_grad():
+            metrics = {f"{name}_{k}": v for name, source in (("train", data), ("val", val)) if source is not None
+                       for k, v in evaluate(source).items()}
+        meta = {"kind": "locnet", "locnet": locnet.config.to_dict(), "mask_robust": True, "config": config,
+                "data": description, "metrics": metrics}
+        save_model(out, {f"locnet.{k}": v for k, v in locnet.state_dict().items()}, meta)
+    distributed.barrier()
     return True
