@@ -268,6 +268,53 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be created or written."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"Cannot write the outputs to {out}: {existing} is a file, not a folder. Choose another "
+                          "--out folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"Cannot write the outputs to {out}: the folder {existing} is not writable. Choose an "
+                          "--out folder you can write to.")
+
+
+@contextmanager
+def staged_outputs(paths: dict, overwrite: bool = False) -> Iterator[dict]:
+    """All-or-nothing output files in one folder: yields {key: staging path} (a hidden folder beside the
+    outputs) to write; on success renames them all into ``paths``, on any error removes the staging folder
+    and the folders this created. Files that appeared meanwhile are not replaced unless ``overwrite``."""
+    out = Path(next(iter(paths.values()))).parent
+    made = [d for d in (out, *out.parents) if not d.exists()]  # folders this creates, deepest first
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tibia-recon-outputs-", dir=out))
+    except OSError as exc:
+        raise output_error(exc, out) from None
+    try:
+        yield {key: staging / Path(path).name for key, path in paths.items()}
+        clash = [str(p) for p in paths.values() if Path(p).exists()]
+        if clash and not overwrite:
+            raise OutputExistsError(f"Output files appeared while working: {', '.join(clash)}. They were left "
+                                    "untouched; choose another --out folder or pass --overwrite.")
+        for key, path in paths.items():
+            try:
+                os.replace(staging / Path(path).name, path)
+            except OSError as exc:
+                raise output_error(exc, Path(path)) from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_volume(volume: Volume, path: str | os.PathLike, label: bool = False, overwrite: bool = False,
                  compress: bool = True) -> Path:
     """Write a Volume to NRRD/NIfTI/MHA (by suffix) or, for a path without suffix, a DICOM series folder."""

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .errors import InputError, OutputError, OutputExistsError
-from .io import output_error, read_mask, read_volume, volume_suffix, write_json, write_volume
+from .errors import InputError, OutputExistsError
+from .io import check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json, write_volume
 from .surface import write_stl
 
 OUTPUT_NAMES = ("predicted_tibia_label", "predicted_tibia_intensity", "predicted_tibia_LPS.stl",
@@ -43,7 +40,7 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
                                 "another --out folder or pass --overwrite.")
     if side not in ("auto", "left", "right"):
         raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
-    _check_output_folder(out)
+    check_output_folder(out)
     ct = read_volume(ct_path)
     fracture = read_mask(fracture_path, ct, "fracture mask")
     segmentation = None
@@ -68,31 +65,9 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     return result, paths
 
 
-def _check_output_folder(out: Path) -> None:
-    """Refuse, before any work, an output folder that cannot be created or written."""
-    existing = out
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"Cannot write the outputs to {out}: {existing} is a file, not a folder. Choose another "
-                          "--out folder.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"Cannot write the outputs to {out}: the folder {existing} is not writable. Choose an "
-                          "--out folder you can write to.")
-
-
 def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibia=None) -> None:
-    """Write every output (and ``auto_tibia``, the segmented mask, if given) into a staging folder, then rename
-    them into place; on failure remove it all."""
-    out = paths["report"].parent
-    made = [d for d in (out, *out.parents) if not d.exists()]  # folders this run creates, deepest first
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".tibia-recon-predict-", dir=out))
-    except OSError as exc:
-        raise output_error(exc, out) from None
-    try:
-        staged = {key: staging / path.name for key, path in paths.items()}
+    """Write every output (and ``auto_tibia``, the segmented mask, if given) all together or not at all."""
+    with staged_outputs(paths, overwrite) as staged:
         write_volume(result.labelmap, staged["label"], label=True)
         write_volume(result.intensity, staged["intensity"])
         write_stl(result.surface, staged["stl_lps"], "LPS")
@@ -100,24 +75,6 @@ def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibi
         if auto_tibia is not None:
             write_volume(auto_tibia, staged["tibia_mask"], label=True)
         write_json(report, staged["report"])
-        clash = [str(p) for p in paths.values() if p.exists()]
-        if clash and not overwrite:
-            raise OutputExistsError(f"Output files appeared while predicting: {', '.join(clash)}. They were left "
-                                    "untouched; choose another --out folder or pass --overwrite.")
-        for key, path in paths.items():
-            try:
-                os.replace(staged[key], path)
-            except OSError as exc:
-                raise output_error(exc, path) from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _tqdm_progress():

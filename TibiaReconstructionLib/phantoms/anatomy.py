@@ -8,6 +8,16 @@ Shape = LLP26 mean + sum_k b_k sqrt(variance_k) mode_k with b_k ~ N(0, 1) clippe
 because 26 subjects span a narrower population than a clinic sees: global scale (tibia length about
 300-440 mm), a separate width scale, sagittal/coronal shaft bowing and a linear torsion about the
 long axis. The distal femur, patella and talus are unions of ellipsoids placed from tibia landmarks.
+
+The same person's other leg (:func:`sample_other_leg`) is the same draw with small bilateral
+asymmetry, built in the same left-leg frame (the scanner mirrors it). Magnitudes, per side-to-side
+difference: tibial length SD 0.9 % (about 3.3 mm; mean absolute 2.7 mm), torsion SD 5 deg (mean
+absolute 4 deg), bowing SD 1 mm, width SD 1 %, calf girth SD 3 %, and every LLP26 mode weight
+b_k + N(0, 0.15), which moves tibia vertices by about 0.8 mm RMS. Sources: CT studies of healthy adults
+report side-to-side tibial length differences of about 2-5 mm and torsion differences of about 4-6 deg
+(/work/shared/ANATOMY_DATA.md); limb-bone length asymmetry is under 1 % in most people (Auerbach & Ruff
+2006, J Hum Evol 50:203); mirrored contralateral tibiae differ by about 1 mm in surface distance after
+alignment (Radzi et al. 2014, Med Eng Phys 36:1618). The shape term is an assumption calibrated to that.
 """
 
 from __future__ import annotations
@@ -138,8 +148,33 @@ def _deform(points: np.ndarray, z_lo: float, z_hi: float, bow: np.ndarray, torsi
 
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     """Draw one left lower leg (see module docstring for the sampled variation)."""
+    b = np.clip(rng.standard_normal(len(load_model()["variances"])), -3.0, 3.0)
+    params = {"scale": float(np.clip(rng.normal(1.0, 0.07), 0.85, 1.2)),
+              "width_scale": float(np.clip(rng.normal(1.0, 0.05), 0.88, 1.12)),
+              "bow_mm": np.clip(rng.normal(0.0, 3.0, size=2), -8.0, 8.0).tolist(),
+              "torsion_deg": float(np.clip(rng.normal(0.0, 7.0), -18.0, 18.0)),
+              "girth": float(rng.uniform(0.85, 1.3))}
+    return _build_anatomy(rng, b, params)
+
+
+def sample_other_leg(rng: np.random.Generator, anatomy: Anatomy) -> Anatomy:
+    """The same person's other leg with bilateral asymmetry (module docstring), as a LEFT leg in its own
+    anatomical frame; its skin outline reaches 60 mm further up and down so a scan of the first leg's
+    height range never ends the other leg early. Draws only from ``rng``."""
+    p = anatomy.params
+    b = np.clip(anatomy.coefficients + rng.normal(0.0, 0.15, size=anatomy.coefficients.shape), -3.0, 3.0)
+    params = {"scale": p["scale"] * float(1.0 + np.clip(rng.normal(0.0, 0.009), -0.03, 0.03)),
+              "width_scale": p["width_scale"] * float(1.0 + np.clip(rng.normal(0.0, 0.01), -0.03, 0.03)),
+              "bow_mm": (np.asarray(p["bow_mm"]) + np.clip(rng.normal(0.0, 1.0, size=2), -3.0, 3.0)).tolist(),
+              "torsion_deg": p["torsion_deg"] + float(np.clip(rng.normal(0.0, 5.0), -12.0, 12.0)),
+              "girth": p["girth"] * float(1.0 + np.clip(rng.normal(0.0, 0.03), -0.08, 0.08))}
+    return _build_anatomy(rng, b, params, outline_margin=70.0)
+
+
+def _build_anatomy(rng: np.random.Generator, b: np.ndarray, params: dict, outline_margin: float = 10.0) -> Anatomy:
+    """The leg of LLP26 mode weights ``b`` and global ``params`` (scale, width_scale, bow_mm, torsion_deg,
+    girth); neighbouring bones and skin are drawn from ``rng``."""
     model = load_model()
-    b = np.clip(rng.standard_normal(len(model["variances"])), -3.0, 3.0)
     nodes = model["mean"] + np.einsum("k,knd->nd", b * np.sqrt(model["variances"]), model["modes"])
     tib_t, fib_t = surface_template("tibia", SUBDIVISIONS), surface_template("fibula", SUBDIVISIONS)
     tib, fib = tib_t.vertices(nodes), fib_t.vertices(nodes)
@@ -150,16 +185,13 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     tib, fib = tib - origin, fib - origin
     z_lo, z_hi = z_lo - origin[2], z_hi - origin[2]
 
-    scale = float(np.clip(rng.normal(1.0, 0.07), 0.85, 1.2))
-    width = float(np.clip(rng.normal(1.0, 0.05), 0.88, 1.12))
-    bow = np.clip(rng.normal(0.0, 3.0, size=2), -8.0, 8.0)
-    torsion = float(np.clip(rng.normal(0.0, 7.0), -18.0, 18.0))
-    girth = float(rng.uniform(0.85, 1.3))
+    scale, width, girth = params["scale"], params["width_scale"], params["girth"]
     s = np.array([scale * width, scale * width, scale])
     tib, fib = tib * s, fib * s
     z_lo, z_hi = z_lo * scale, z_hi * scale
-    tib = _deform(tib, z_lo, z_hi, bow, np.deg2rad(torsion))
-    fib = _deform(fib, z_lo, z_hi, bow, np.deg2rad(torsion))
+    bow, torsion = np.asarray(params["bow_mm"]), np.deg2rad(params["torsion_deg"])
+    tib = _deform(tib, z_lo, z_hi, bow, torsion)
+    fib = _deform(fib, z_lo, z_hi, bow, torsion)
     tibia, fibula = Surface(tib, tib_t.triangles), Surface(fib, fib_t.triangles)
 
     # landmarks
@@ -176,12 +208,10 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     scan_lo = min(e.bounds()[0][2] for e in stubs["talus"]) - rng.uniform(5.0, 25.0)
     scan_hi = z_hi + rng.uniform(45.0, 90.0) * scale
     stub_pts = np.concatenate([e.surface_points() for parts in stubs.values() for e in parts])
-    outline = _outline(rng, np.concatenate([tib, fib, stub_pts]), (scan_lo - 10.0, scan_hi + 10.0), (z_lo, z_hi),
-                       plafond[2], girth, scale)
+    outline = _outline(rng, np.concatenate([tib, fib, stub_pts]),
+                       (scan_lo - outline_margin, scan_hi + outline_margin), (z_lo, z_hi), plafond[2], girth, scale)
     return Anatomy(
-        tibia=tibia, fibula=fibula, stubs=stubs, outline=outline, coefficients=b,
-        params={"scale": scale, "width_scale": width, "bow_mm": bow.tolist(), "torsion_deg": torsion,
-                "girth": girth},
+        tibia=tibia, fibula=fibula, stubs=stubs, outline=outline, coefficients=b, params=dict(params),
         tibia_z=(float(z_lo), float(z_hi)), fibula_z=(float(fib[:, 2].min()), float(fib[:, 2].max())),
         plafond=plafond, plateau=plateau_c, plateau_width=plateau_w, scan_z=(float(scan_lo), float(scan_hi)))
 

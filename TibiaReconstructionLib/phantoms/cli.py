@@ -23,8 +23,8 @@ def _make_one(job: tuple) -> dict:
     """Generate and write one case (runs in a worker process); returns its manifest entry."""
     from .generator import generate_case, write_case
 
-    index, seed, out, fractured, side, spacing, fmt, overwrite = job
-    case = generate_case(seed, fractured=fractured, side=side, spacing=spacing)
+    index, seed, out, fractured, side, spacing, fmt, overwrite, both_legs = job
+    case = generate_case(seed, fractured=fractured, side=side, spacing=spacing, both_legs=both_legs)
     name = case_folder_name(index)
     meta = write_case(case, Path(out) / name, fmt=fmt, overwrite=overwrite)
     files = {k: f"{name}/{v}" for k, v in meta["files"].items()}
@@ -33,6 +33,8 @@ def _make_one(job: tuple) -> dict:
              "size": meta["grid"]["size"], "files": files, "case_json": f"{name}/case.json",
              # the keys `tibia-recon prepare` reads (paths relative to the manifest)
              "ct": files["ct"], "tibia": files["tibia_mask"]}
+    if case.both_legs:
+        entry["other_tibia"] = files["other_tibia_mask"]
     if case.fractured:
         entry.update(fractured_ct=files["fractured_ct"], fractured_tibia=files["fractured_tibia_mask"],
                      fracture_mask=files["fracture_mask"])
@@ -41,12 +43,15 @@ def _make_one(job: tuple) -> dict:
 
 def make_dataset(n: int, out: str | os.PathLike, seed: int = 0, fractured: bool = True, side: str = "random",
                  spacing: tuple | None = None, fmt: str = "nrrd", workers: int = 1, overwrite: bool = False,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, both_legs: bool = False) -> dict:
     """Write ``n`` cases (case seed = ``seed`` + index) into ``out`` plus manifest.json; returns the manifest.
 
     Each manifest case has id, seed, side, fracture_type, files (all volumes, relative paths) and the keys
-    `tibia-recon prepare` reads: ct, tibia, and for fractured cases fractured_ct, fractured_tibia, fracture_mask.
+    `tibia-recon prepare` reads: ct, tibia, and for fractured cases fractured_ct, fractured_tibia, fracture_mask;
+    with ``both_legs`` (the healthy other leg in every CT) also other_tibia.
     """
+    from .ct import LABEL_NAMES, OTHER_LABEL_NAMES
+
     if n < 1:
         raise InputError(f"--n must be at least 1, got {n}.")
     if side not in ("left", "right", "random"):
@@ -54,7 +59,7 @@ def make_dataset(n: int, out: str | os.PathLike, seed: int = 0, fractured: bool 
     out = Path(out)
     if (out / MANIFEST).exists() and not overwrite:
         raise InputError(f"{out / MANIFEST} already exists; choose another --out folder or pass --overwrite.")
-    jobs = [(i, seed + i, str(out), fractured, None if side == "random" else side, spacing, fmt, overwrite)
+    jobs = [(i, seed + i, str(out), fractured, None if side == "random" else side, spacing, fmt, overwrite, both_legs)
             for i in range(n)]
     workers = max(1, min(workers, n))
     bar = tqdm(total=n, desc="phantoms", unit="case", disable=not progress)
@@ -71,8 +76,8 @@ def make_dataset(n: int, out: str | os.PathLike, seed: int = 0, fractured: bool 
                 bar.update()
     bar.close()
     manifest = {"format_version": 1, "generator": "TibiaReconstructionLib.phantoms", "seed": seed, "n": n,
-                "fractured": fractured, "format": fmt, "coordinates": "LPS mm",
-                "labels": {"1": "tibia", "2": "fibula", "3": "femur", "4": "patella", "5": "talus"},
+                "fractured": fractured, "both_legs": both_legs, "format": fmt, "coordinates": "LPS mm",
+                "labels": {str(k): v for k, v in {**LABEL_NAMES, **(OTHER_LABEL_NAMES if both_legs else {})}.items()},
                 "cases": entries}
     write_json(manifest, out / MANIFEST, overwrite=overwrite)
     return manifest
@@ -81,7 +86,7 @@ def make_dataset(n: int, out: str | os.PathLike, seed: int = 0, fractured: bool 
 def _run_phantoms(args: argparse.Namespace) -> int:
     make_dataset(args.n, args.out, seed=args.seed, fractured=args.fractured, side=args.side,
                  spacing=tuple(args.spacing) if args.spacing else None, fmt=args.format, workers=args.workers,
-                 overwrite=args.overwrite, progress=not args.quiet)
+                 overwrite=args.overwrite, progress=not args.quiet, both_legs=args.both_legs)
     print(f"wrote {args.n} cases and {MANIFEST} to {args.out}")
     return 0
 
@@ -114,7 +119,11 @@ def register_cli(sub) -> None:
                         "0.6-1.0 mm, slices 0.625-3 mm; use about 2 mm for training sets)")
     p.add_argument("--format", choices=("nrrd", "nii.gz"), default="nrrd", help="volume file format")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
-    p.add_argument("--side", choices=("left", "right", "random"), default="random", help="leg side (default random)")
+    p.add_argument("--side", choices=("left", "right", "random"), default="random",
+                   help="leg side (with --both-legs: the fractured leg's; default random)")
+    p.add_argument("--both-legs", action="store_true",
+                   help="put the healthy other leg (same shape with bilateral asymmetry, knees 11-20 cm apart) in "
+                        "the same CT; its bones are labelled 6-10 and other_tibia_mask is written")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_phantoms)

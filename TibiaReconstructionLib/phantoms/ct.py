@@ -1,7 +1,8 @@
 """Label map and Hounsfield units of a leg on the CT grid, then the scanner's blur and noise.
 
 Labels (as TotalSegmentator): 0 background, 1 tibia, 2 fibula, 3 femur, 4 patella, 5 talus. The tibia
-wins every voxel it covers; neighbours keep a one-voxel joint space from tibia and fibula.
+wins every voxel it covers; neighbours keep a one-voxel joint space from tibia and fibula. With both
+legs in the CT, the other leg's bones are labelled 5 higher (6 other tibia ... 10 other talus).
 Tissue values (HU): cortical bone 1200-1800 (tibial shaft cortex 3-6 mm thinning to about 1 mm at
 the plateau and plafond), trabecular bone 150-400 in the metaphyses, fatty marrow -100..0 in the
 medullary canal, muscle 35-60, subcutaneous fat -120..-80, air -1000.
@@ -21,6 +22,9 @@ from .voxelize import Box, ellipsoids_mask, frame_coords, inner_depth, surface_m
 
 TIBIA, FIBULA, FEMUR, PATELLA, TALUS = 1, 2, 3, 4, 5
 LABEL_NAMES = {TIBIA: "tibia", FIBULA: "fibula", FEMUR: "femur", PATELLA: "patella", TALUS: "talus"}
+OTHER_LEG = 5  # label offset of the other leg's bones
+OTHER_TIBIA = TIBIA + OTHER_LEG
+OTHER_LABEL_NAMES = {k + OTHER_LEG: f"other {v}" for k, v in LABEL_NAMES.items()}
 AIR = -1000.0
 SKIN_MM = 1.5
 
@@ -58,31 +62,36 @@ def sample_tissue(rng: np.random.Generator) -> TissueModel:
 
 @dataclass
 class Scene:
-    """Label map (uint8, k j i), per-label boxes, and each bone voxel's depth below its surface (mm)."""
+    """Label map (uint8, k j i), per-label boxes, and each bone voxel's depth below its surface (mm);
+    ``other_pose``: the other leg's pose (labels + OTHER_LEG) or None."""
 
     grid: Grid
     pose: np.ndarray
     labels: np.ndarray
     boxes: dict[int, Box]
     depth: np.ndarray
+    other_pose: np.ndarray | None = None
 
 
-def build_scene(anatomy: Anatomy, scan: ScanGeometry) -> Scene:
-    grid, pose = scan.grid, scan.pose
+def build_scene(anatomy: Anatomy, scan: ScanGeometry, other: Anatomy | None = None) -> Scene:
+    """Voxelise the leg's bones (and ``other``'s at ``scan.other_pose``, labels + OTHER_LEG) onto the grid."""
+    grid = scan.grid
     labels = np.zeros(grid.shape, np.uint8)
     boxes: dict[int, Box] = {}
-    for label, surface in ((TIBIA, anatomy.tibia), (FIBULA, anatomy.fibula)):
-        s = surface.transformed(pose)
-        box, inside = surface_mask(grid, s.vertices, s.triangles)
-        region = labels[box.slices]
-        region[inside & (region == 0)] = label
-        boxes[label] = box
-    for label in (FEMUR, PATELLA, TALUS):
-        box, inside = ellipsoids_mask(grid, anatomy.stubs[LABEL_NAMES[label]], pose)
-        region = labels[box.slices]
-        if not box.empty:
-            region[inside & ~binary_dilation(region > 0, iterations=1)] = label
-        boxes[label] = box
+    legs = [(anatomy, scan.pose, 0)] + ([(other, scan.other_pose, OTHER_LEG)] if other is not None else [])
+    for leg, pose, offset in legs:
+        for label, surface in ((TIBIA, leg.tibia), (FIBULA, leg.fibula)):
+            s = surface.transformed(pose)
+            box, inside = surface_mask(grid, s.vertices, s.triangles)
+            region = labels[box.slices]
+            region[inside & (region == 0)] = label + offset
+            boxes[label + offset] = box
+        for label in (FEMUR, PATELLA, TALUS):
+            box, inside = ellipsoids_mask(grid, leg.stubs[LABEL_NAMES[label]], pose)
+            region = labels[box.slices]
+            if not box.empty:
+                region[inside & ~binary_dilation(region > 0, iterations=1)] = label + offset
+            boxes[label + offset] = box
     depth = np.zeros(grid.shape, np.float32)
     spacing_kji = grid.spacing[::-1]
     for label, box in boxes.items():
@@ -90,7 +99,7 @@ def build_scene(anatomy: Anatomy, scan: ScanGeometry) -> Scene:
             continue
         mask = labels[box.slices] == label
         depth[box.slices][mask] = inner_depth(mask, spacing_kji)[mask]
-    return Scene(grid, pose, labels, boxes, depth)
+    return Scene(grid, scan.pose, labels, boxes, depth, scan.other_pose)
 
 
 def _smoothstep(e0: float, e1: float, x: np.ndarray) -> np.ndarray:
@@ -131,12 +140,14 @@ class _CoarseNoise:
 
 
 def soft_tissue(anatomy: Anatomy, grid: Grid, pose: np.ndarray, tissue: TissueModel,
-                rng: np.random.Generator) -> np.ndarray:
-    """Air, skin (1.5 mm), subcutaneous fat and muscle (float32 HU) from the leg outline, with smooth texture.
+                rng: np.random.Generator, out: np.ndarray | None = None) -> np.ndarray:
+    """Skin (1.5 mm), subcutaneous fat and muscle (float32 HU) inside the leg outline, with smooth texture,
+    written into ``out`` (default: a new volume of air); voxels outside the outline keep their values.
 
     Works slab by slab (16 slices), each on the in-plane box that holds the skin outline there.
     """
-    out = np.full(grid.shape, AIR, np.float32)
+    if out is None:
+        out = np.full(grid.shape, AIR, np.float32)
     texture = _CoarseNoise(rng, grid.shape, grid.spacing[::-1])
     to_anat = np.linalg.inv(pose)
     skin_kji = grid.physical_to_index(apply_affine(pose, anatomy.outline.boundary_points(48)))[:, ::-1]
@@ -161,7 +172,7 @@ def soft_tissue(anatomy: Anatomy, grid: Grid, pose: np.ndarray, tissue: TissueMo
         tex = texture.slab(box)
         hu = np.where(muscle <= 1.0, tissue.muscle + 5.0 * tex, tissue.fat + 8.0 * tex)
         hu = np.where(dermis <= 1.0, hu, tissue.muscle + 10.0)
-        out[box.slices] = np.where(outer <= 1.0, hu, AIR)
+        out[box.slices] = np.where(outer <= 1.0, hu, out[box.slices])
     return out
 
 
@@ -184,17 +195,20 @@ def _bone_profile(label: int, s: np.ndarray, tissue: TissueModel) -> tuple[np.nd
 
 
 def bone_intensity(scene: Scene, anatomy: Anatomy, tissue: TissueModel, rng: np.random.Generator,
-                   out: np.ndarray) -> None:
-    """Write cortical shell, trabecular bone and marrow (HU) into ``out`` at every bone voxel."""
+                   out: np.ndarray, other: bool = False) -> None:
+    """Write cortical shell, trabecular bone and marrow (HU) into ``out`` at every bone voxel of the leg
+    (``other``: of the other leg, whose anatomy ``anatomy`` then is)."""
     grid = scene.grid
     h = float(np.mean(grid.spacing))
-    to_anat = np.linalg.inv(scene.pose)
+    to_anat = np.linalg.inv(scene.other_pose if other else scene.pose)
     ranges = {TIBIA: anatomy.tibia_z, FIBULA: anatomy.fibula_z,
               FEMUR: (anatomy.plateau[2] + 40.0, anatomy.plateau[2] + 100.0)}
-    for label, box in scene.boxes.items():
+    offset = OTHER_LEG if other else 0
+    for label in LABEL_NAMES:
+        box = scene.boxes[label + offset]
         if box.empty:
             continue
-        inside = scene.labels[box.slices] == label
+        inside = scene.labels[box.slices] == label + offset
         z = np.broadcast_to(frame_coords(grid, to_anat, box)[2], box.shape)[inside]
         lo, hi = ranges.get(label, (0.0, 1.0))
         s = np.clip((z - lo) / (hi - lo), 0.0, 1.0)
@@ -207,10 +221,15 @@ def bone_intensity(scene: Scene, anatomy: Anatomy, tissue: TissueModel, rng: np.
         region[inside] = cortex * (tissue.cortical + 40.0 * tex) + (1.0 - cortex) * interior
 
 
-def clean_ct(scene: Scene, anatomy: Anatomy, tissue: TissueModel, rng: np.random.Generator) -> np.ndarray:
-    """The noise-free, unblurred HU volume (float32, k j i)."""
+def clean_ct(scene: Scene, anatomy: Anatomy, tissue: TissueModel, rng: np.random.Generator,
+             other: Anatomy | None = None) -> np.ndarray:
+    """The noise-free, unblurred HU volume (float32, k j i); ``other``: the other leg's anatomy (same tissue
+    model), drawn after the first leg."""
     hu = soft_tissue(anatomy, scene.grid, scene.pose, tissue, rng)
     bone_intensity(scene, anatomy, tissue, rng, hu)
+    if other is not None:
+        soft_tissue(other, scene.grid, scene.other_pose, tissue, rng, hu)
+        bone_intensity(scene, other, tissue, rng, hu, other=True)
     return hu
 
 

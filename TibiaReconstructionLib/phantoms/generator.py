@@ -4,12 +4,17 @@ A case is fully determined by its seed: independent random streams (numpy SeedSe
 drive side, anatomy, scanner, tissue, fracture and the two noise draws, so the healthy part of a
 case does not depend on whether it is fractured. All volumes of a case share one LPS grid. Right
 legs are the left-leg case mirrored about the plane x = 0 (LPS; x -> -x), arrays and transforms alike.
+With ``both_legs`` the other leg (healthy; same shape with bilateral asymmetry, see anatomy.py; placed
+beside it, see scanner.place_other_leg) is in the same CT from its own random stream, so the first
+leg's anatomy, pose and fracture are those of the one-leg case of the same seed (the grid is wider).
 
 Files written by :func:`write_case` (FMT = nrrd or nii.gz):
   ct.FMT (int16 HU, healthy), labels.FMT (uint8: 1 tibia, 2 fibula, 3 femur, 4 patella, 5 talus),
   tibia_mask.FMT (labels == 1), and for a fractured case fractured_ct.FMT, fractured_labels.FMT,
   fractured_tibia_mask.FMT, fracture_mask.FMT (uint8 0/1), fragments.FMT (tibia fragment ids 1..n),
   plus case.json (seed, side, spacing, fracture type, per-fragment 4x4 LPS healthy->fractured transforms).
+With both legs also other_tibia_mask.FMT (labels == 6; the other leg's bones are labelled 6-10) and
+case.json "other_leg" (side, tibia label, pose, shape coefficients).
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ import numpy as np
 from ..errors import InputError
 from ..geometry import Volume, mirror
 from ..io import read_volume, write_json, write_volume
-from .anatomy import Surface, sample_anatomy
-from .ct import LABEL_NAMES, TIBIA, acquire, build_scene, clean_ct, sample_tissue
+from .anatomy import Surface, sample_anatomy, sample_other_leg
+from .ct import LABEL_NAMES, OTHER_LABEL_NAMES, OTHER_TIBIA, TIBIA, acquire, build_scene, clean_ct, sample_tissue
 from .fractures import FRACTURE_TYPES, apply_fracture, plan_fracture
 from .scanner import sample_scan
 
@@ -37,7 +42,10 @@ CASE_JSON = "case.json"
 class PhantomCase:
     """One synthetic case. Volumes are LPS on one grid; ``fragments``: dicts with 'id', 'transform'
     (4x4 LPS, healthy -> fractured position), 'volume_ml'. ``tibia_surface``: the healthy tibia's closed
-    surface in LPS mm. ``info``: the sampled parameters (anatomy, pose, tissue, scanner)."""
+    surface in LPS mm. ``info``: the sampled parameters (anatomy, pose, tissue, scanner). With both legs:
+    ``other_pose`` (4x4, the other leg's left-leg anatomical frame -> LPS; a reflection for a right leg),
+    ``other_tibia_surface`` (LPS mm) and ``other_shape_coefficients``; its tibia is ``labels == OTHER_TIBIA``
+    (healthy in the fractured labels too)."""
 
     ct: Volume
     labels: Volume
@@ -52,35 +60,52 @@ class PhantomCase:
     fracture_type: str | None = None
     fragments: list[dict] = field(default_factory=list)
     fragment_ids: Volume | None = None
+    other_pose: np.ndarray | None = None
+    other_tibia_surface: Surface | None = None
+    other_shape_coefficients: np.ndarray | None = None
 
     @property
     def fractured(self) -> bool:
         return self.fractured_ct is not None
 
+    @property
+    def both_legs(self) -> bool:
+        return self.other_pose is not None
+
+    @property
+    def other_tibia(self) -> Volume | None:
+        """The other leg's tibia mask (uint8 0/1), or None with one leg."""
+        if not self.both_legs:
+            return None
+        return self.labels.with_array((self.labels.array == OTHER_TIBIA).astype(np.uint8))
+
 
 def generate_case(seed: int, fractured: bool = True, side: str | None = None, spacing: tuple | None = None,
-                  fracture_type: str | None = None, oblique: bool = False, size_limit_mm=None) -> PhantomCase:
+                  fracture_type: str | None = None, oblique: bool = False, size_limit_mm=None,
+                  both_legs: bool = False) -> PhantomCase:
     """Make one case from ``seed``.
 
     side: 'left', 'right' or None (random). spacing: (sx, sy, sz) mm along the grid axes, one number
     for isotropic, or None for a random scanner-like spacing (in-plane 0.6-1.0 mm, slices 0.625-3 mm).
     fracture_type: one of FRACTURE_TYPES or None (random). oblique: tilted grid axes (direction
     matrix up to 20 deg per Euler angle). size_limit_mm: cap on the grid extent (see scanner.sample_scan).
+    both_legs: the healthy other leg in the same CT (module docstring); only ``side``'s leg is fractured.
     """
     if side not in (None, "left", "right"):
         raise InputError(f"side must be 'left', 'right' or None (random), got {side!r}.")
     if fracture_type is not None and fracture_type not in FRACTURE_TYPES:
         raise InputError(f"Unknown fracture type {fracture_type!r}; use one of {', '.join(FRACTURE_TYPES)}.")
     seed = int(seed)
-    r_side, r_anat, r_scan, r_tissue, r_frac, r_noise, r_noise_f = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(7))
+    r_side, r_anat, r_scan, r_tissue, r_frac, r_noise, r_noise_f, r_other = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8))
     drawn_side = "left" if r_side.random() < 0.5 else "right"
     side = side or drawn_side
     anatomy = sample_anatomy(r_anat)
-    scan = sample_scan(r_scan, anatomy, spacing, oblique, size_limit_mm)
+    other = sample_other_leg(r_other, anatomy) if both_legs else None
+    scan = sample_scan(r_scan, anatomy, spacing, oblique, size_limit_mm, other, r_other)
     tissue = sample_tissue(r_tissue)
-    scene = build_scene(anatomy, scan)
-    clean = clean_ct(scene, anatomy, tissue, r_tissue)
+    scene = build_scene(anatomy, scan, other)
+    clean = clean_ct(scene, anatomy, tissue, r_tissue, other)
     grid = scan.grid
     info = {"anatomy": anatomy.params, "pose_anatomical_to_lps": scan.pose, "tissue": tissue.to_dict(),
             "tibia_length_mm": anatomy.tibia_z[1] - anatomy.tibia_z[0]}
@@ -88,6 +113,11 @@ def generate_case(seed: int, fractured: bool = True, side: str | None = None, sp
         ct=Volume.on_grid(acquire(clean, grid, tissue, r_noise), grid), labels=Volume.on_grid(scene.labels, grid),
         side="left", seed=seed, shape_coefficients=anatomy.coefficients,
         tibia_surface=anatomy.tibia.transformed(scan.pose), info=info)
+    if other is not None:
+        info["other_leg"] = {"anatomy": other.params, "tibia_length_mm": other.tibia_z[1] - other.tibia_z[0]}
+        case.other_pose = scan.other_pose
+        case.other_tibia_surface = other.tibia.transformed(scan.other_pose)
+        case.other_shape_coefficients = other.coefficients
     if fractured:
         plan = plan_fracture(r_frac, anatomy, tissue, fracture_type)
         result = apply_fracture(scene, clean, anatomy, plan, tissue, r_frac)
@@ -121,12 +151,15 @@ def mirror_case(case: PhantomCase) -> PhantomCase:
         info={**case.info, "mirrored_about_x0": True}, fractured_ct=flip(case.fractured_ct),
         fractured_labels=flip(case.fractured_labels), fracture_mask=flip(case.fracture_mask),
         fracture_type=case.fracture_type, fragment_ids=flip(case.fragment_ids),
-        fragments=[{**f, "transform": h @ f["transform"] @ h} for f in case.fragments])
+        fragments=[{**f, "transform": h @ f["transform"] @ h} for f in case.fragments],
+        other_pose=None if case.other_pose is None else h @ case.other_pose,
+        other_tibia_surface=case.other_tibia_surface.transformed(h) if case.other_tibia_surface is not None else None,
+        other_shape_coefficients=case.other_shape_coefficients)
     return out
 
 
-def _file_names(fmt: str, fractured: bool) -> dict[str, str]:
-    names = ["ct", "labels", "tibia_mask"]
+def _file_names(fmt: str, fractured: bool, both_legs: bool = False) -> dict[str, str]:
+    names = ["ct", "labels", "tibia_mask"] + (["other_tibia_mask"] if both_legs else [])
     if fractured:
         names += ["fractured_ct", "fractured_labels", "fractured_tibia_mask", "fracture_mask", "fragments"]
     return {n: f"{n}.{fmt}" for n in names}
@@ -137,9 +170,11 @@ def write_case(case: PhantomCase, folder: str | os.PathLike, fmt: str = "nrrd", 
     if fmt not in FORMATS:
         raise InputError(f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
     folder = Path(folder)
-    files = _file_names(fmt, case.fractured)
+    files = _file_names(fmt, case.fractured, case.both_legs)
     volumes = {"ct": case.ct, "labels": case.labels, "tibia_mask": case.labels.with_array(
         (case.labels.array == TIBIA).astype(np.uint8))}
+    if case.both_legs:
+        volumes["other_tibia_mask"] = case.other_tibia
     if case.fractured:
         volumes.update(fractured_ct=case.fractured_ct, fractured_labels=case.fractured_labels,
                        fractured_tibia_mask=case.fractured_labels.with_array(
@@ -156,6 +191,11 @@ def write_case(case: PhantomCase, folder: str | os.PathLike, fmt: str = "nrrd", 
                       for f in case.fragments],
         "shape_coefficients": np.asarray(case.shape_coefficients).tolist(), "info": case.info,
     }
+    if case.both_legs:
+        meta["labels"].update({str(k): v for k, v in OTHER_LABEL_NAMES.items()})
+        meta["other_leg"] = {"side": "right" if case.side == "left" else "left", "tibia_label": OTHER_TIBIA,
+                             "pose_anatomical_to_lps": np.asarray(case.other_pose).tolist(),
+                             "shape_coefficients": np.asarray(case.other_shape_coefficients).tolist()}
     write_json(meta, folder / CASE_JSON, overwrite=overwrite)
     return meta
 
@@ -172,10 +212,13 @@ def read_case(folder: str | os.PathLike) -> PhantomCase:
     def vol(name: str, label: bool) -> Volume | None:
         return read_volume(folder / files[name], label=label) if name in files else None
 
+    other = meta.get("other_leg")
     return PhantomCase(
         ct=vol("ct", False), labels=vol("labels", True), side=meta["side"], seed=meta["seed"],
         shape_coefficients=np.asarray(meta["shape_coefficients"]), info=meta.get("info", {}),
         fractured_ct=vol("fractured_ct", False), fractured_labels=vol("fractured_labels", True),
         fracture_mask=vol("fracture_mask", True), fracture_type=meta["fracture_type"],
         fragment_ids=vol("fragments", True),
-        fragments=[{**f, "transform": np.asarray(f["transform"])} for f in meta["fragments"]])
+        fragments=[{**f, "transform": np.asarray(f["transform"])} for f in meta["fragments"]],
+        other_pose=None if other is None else np.asarray(other["pose_anatomical_to_lps"]),
+        other_shape_coefficients=None if other is None else np.asarray(other["shape_coefficients"]))

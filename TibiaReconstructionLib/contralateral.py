@@ -1,0 +1,473 @@
+"""Contralateral target: the patient's other, healthy tibia mirrored across the body's sagittal plane and
+fitted rigidly to the fractured tibia's intact proximal fragment (the classical template for reduction
+planning when both legs are in the CT), and its difference to the model's prediction. LPS mm throughout.
+
+1. Mirror the other tibia about the plane x = const half-way between the two tibiae's centroids (LPS x
+   is the patient's left-right axis, so this is the body's sagittal plane).
+2. Initial fit: the mirrored tibia's long (principal) axis onto the fractured tibia's, then its part
+   within the proximal fragment's height below the knee end centred on that fragment.
+3. Trimmed ICP (point to point, rigid) of the proximal main fragment's bone surface onto the mirrored
+   tibia's surface. The proximal main fragment is the largest piece of the tibia mask outside the fracture
+   mask that reaches the knee end (the top 15 % of the tibia's length); its surface is the tibia mask's
+   boundary at least ``FRACTURE_CLEARANCE_MM`` from the fracture mask and off the CT's border, so cut faces
+   and displaced distal fragments do not pull the fit.
+4. The other tibia resampled through mirror and fit onto the CT grid (labelmap) and its surface.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import vtk
+from scipy import ndimage
+from scipy.spatial import cKDTree
+from vtk.util import numpy_support
+
+from . import metrics
+from .errors import InputError, OutputExistsError
+from .geometry import (Grid, Volume, apply_affine, bounding_box, check_same_grid, crop, invert_affine, reflection,
+                       resample)
+from .io import (atomic_path, check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json,
+                 write_volume)
+from .surface import labelmap_surface, polydata_points, transform_polydata, write_stl
+
+FRACTURE_CLEARANCE_MM = 3.0  # fragment surface points at least this far from the fracture mask
+KNEE_ZONE = 0.15             # the knee end: this top fraction of the tibia's length
+MIN_SEPARATION_MM = 40.0     # the two tibiae's centroids lie at least this far apart along x
+MAX_OVERLAP = 0.1            # share of the other tibia allowed inside the fractured tibia mask
+MIN_FRAGMENT_SHARE = 0.2     # a proximal fragment smaller than this share of the tibia gives a warning
+ICP_ITERATIONS, ICP_TRIM, ICP_TOL_MM = 80, 0.9, 1e-3
+MAX_POINTS = 20000
+DISTANCE_ARRAY = "distance_to_prediction_mm"
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class ContralateralResult:
+    """The mirrored, fitted other tibia: ``labelmap`` (uint8 0/1 on the CT grid), ``surface`` (LPS mm; with the
+    point-data array DISTANCE_ARRAY after a comparison), ``transform`` (4x4 LPS, other tibia -> target; a
+    reflection), ``other_tibia`` (the other leg's tibia mask used), the mirror plane, the fit's figures, the
+    comparison with a prediction, timings and warnings."""
+
+    labelmap: Volume
+    surface: vtk.vtkPolyData
+    transform: np.ndarray
+    other_tibia: Volume
+    mirror_plane: dict
+    fit: dict
+    comparison: dict | None = None
+    timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+    def report(self) -> dict:
+        """JSON-ready summary."""
+        voxel_ml = float(np.prod(self.labelmap.spacing)) / 1000.0
+        return {"method": "mirrored contralateral tibia, rigid fit to the proximal main fragment",
+                "coordinates": "LPS mm; transform maps the other tibia to the target",
+                "transform": self.transform.tolist(), "mirror_plane": self.mirror_plane, "fit": self.fit,
+                "volume_ml": float(np.count_nonzero(self.labelmap.array)) * voxel_ml,
+                "comparison_with_prediction": self.comparison, "timings_s": self.timings, "warnings": self.warnings}
+
+
+def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibia: Volume | None = None,
+                         prediction=None, progress: Progress | None = None) -> ContralateralResult:
+    """The contralateral target of a fractured tibia (module docstring).
+
+    ``tibia``: the fractured tibia mask (all fragments), ``fracture``: the coarse fracture mask, ``other_tibia``:
+    the other leg's tibia mask, all on the CT grid; without ``other_tibia`` it is segmented from the CT.
+    ``prediction`` (a predict.Prediction or a predicted labelmap Volume): also compare with it
+    (:func:`compare`). Inputs are not modified. Raises InputError for empty masks, masks off the CT grid,
+    or a CT without the other leg.
+    """
+    report = progress or (lambda f, m: None)
+    clock, timings, warnings = time.perf_counter(), {}, []
+
+    def lap(name):
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 4)
+        clock = now
+
+    for name, mask in (("tibia mask", tibia), ("fracture mask", fracture)):
+        check_same_grid(ct, mask, "CT", name)
+        if not np.any(mask.array):
+            raise InputError(f"The {name} is empty; " + ("segment the fractured tibia (all fragments)." if name ==
+                             "tibia mask" else "paint a coarse mask over the fracture zone."))
+    tib, frac = tibia.array != 0, fracture.array != 0
+    if other_tibia is None:
+        report(0.0, "Segmenting the other leg's tibia")
+        other = _segment_other(ct, tib, fracture)
+        lap("segment")
+    else:
+        check_same_grid(ct, other_tibia, "CT", "other tibia mask")
+        other = other_tibia.array != 0
+        if not other.any():
+            raise InputError("The other tibia mask is empty. Segment the healthy leg's tibia, or leave the mask out "
+                             "to segment it automatically.")
+    _check_pair(ct.grid, tib, other)
+    warnings += [f"The {what} touches the CT's first or last slice: it may be cut off by the field of view, "
+                 "which weakens the fit." for what, m in (("other tibia", other), ("fractured tibia", tib))
+                 if _touches_end(m)]
+
+    report(0.2, "Finding the proximal main fragment")
+    sl, grid = _box(ct.grid, tib, int(np.ceil(FRACTURE_CLEARANCE_MM / ct.grid.spacing.min())) + 2)
+    tib_c, frac_c = tib[sl], frac[sl]
+    fragment, frag_share = _proximal_fragment(grid, tib_c, frac_c, warnings)
+    if frag_share < MIN_FRAGMENT_SHARE:
+        warnings.append(f"The intact proximal fragment is only {frag_share:.0%} of the tibia: the fit of the "
+                        "contralateral tibia rests on little bone; check it against the CT.")
+    clear = ndimage.distance_transform_edt(~frac_c, sampling=grid.spacing[::-1]) >= FRACTURE_CLEARANCE_MM
+    source, _ = _surface_points(grid, tib_c, fragment & clear)
+    if len(source) < 50:
+        raise InputError("Too little intact bone surface outside the fracture mask to fit the contralateral tibia "
+                         "to; use the model's prediction instead.")
+    sl_o, grid_o = _box(ct.grid, other, 2)
+    other_c = other[sl_o]
+    other_pts, other_normals = _surface_points(grid_o, other_c, other_c)
+    lap("fragment")
+
+    report(0.4, "Mirroring and fitting the other tibia")
+    xm = 0.5 * (_centroid(grid, tib_c)[0] + _centroid(grid_o, other_c)[0])
+    mirror = reflection((1.0, 0.0, 0.0), (xm, 0.0, 0.0))
+    start = _initial_fit(_voxel_points(grid, tib_c), _voxel_points(grid, fragment),
+                         apply_affine(mirror, _voxel_points(grid_o, other_c)))
+    placed = start @ mirror
+    fit_pts, rms, n_iter = _icp(source, apply_affine(placed, other_pts), other_normals @ placed[:3, :3].T)
+    transform = invert_affine(fit_pts) @ placed
+    lap("fit")
+
+    report(0.7, "Resampling the target onto the CT grid")
+    labelmap, surface = _place(ct, other, transform)
+    lap("resample")
+    fit = {"rms_mm": rms, "iterations": n_iter, "fragment_points": int(len(source)),
+           "proximal_fragment_share": frag_share, "fragment_voxels": int(fragment.sum())}
+    plane = {"normal": [1.0, 0.0, 0.0], "point": [xm, 0.0, 0.0]}
+    result = ContralateralResult(labelmap, surface, transform, ct.with_array(other.astype(np.uint8)), plane, fit,
+                                 timings=timings, warnings=warnings)
+    if prediction is not None:
+        report(0.9, "Comparing with the prediction")
+        compare(result, prediction)
+        lap("compare")
+    report(1.0, "Done")
+    return result
+
+
+def compare(result: ContralateralResult, prediction) -> dict:
+    """Dice, RMSD, HD95 and mean surface distance (mm) between the target and ``prediction`` (a
+    predict.Prediction or a labelmap Volume on the CT grid); sets ``result.comparison`` and adds the
+    point-data array DISTANCE_ARRAY to ``result.surface``: each vertex's signed distance (mm) to the
+    prediction's surface, positive outside the predicted bone."""
+    if isinstance(prediction, Volume):
+        labelmap, surface = prediction, None
+    else:
+        labelmap, surface = prediction.labelmap, prediction.surface
+    check_same_grid(result.labelmap, labelmap, "CT", "prediction")
+    pred, target = labelmap.array != 0, result.labelmap.array != 0
+    if not pred.any():
+        raise InputError("The prediction is empty, so there is nothing to compare the contralateral target with.")
+    if surface is None:
+        surface = labelmap_surface(_bone_crop(labelmap.with_array(pred.astype(np.uint8))))
+    lo, hi = bounding_box(pred | target)
+    sl = tuple(slice(max(a - 1, 0), b + 2) for a, b in zip(lo, hi))
+    spacing = result.labelmap.spacing
+    d_ab, d_ba = metrics.surface_distances(target[sl], pred[sl], spacing)
+    d = np.concatenate([d_ab, d_ba])
+    distance = vtk.vtkImplicitPolyDataDistance()
+    distance.SetInput(surface)
+    signed = np.array([distance.EvaluateFunction(p) for p in polydata_points(result.surface)])
+    array = numpy_support.numpy_to_vtk(signed.astype(np.float32), deep=True)
+    array.SetName(DISTANCE_ARRAY)
+    result.surface.GetPointData().AddArray(array)
+    result.surface.GetPointData().SetActiveScalars(DISTANCE_ARRAY)
+    result.comparison = {
+        "dice": metrics.dice(target[sl], pred[sl]), "rmsd_mm": float(np.sqrt(np.mean(d ** 2))),
+        "hd95_mm": float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))), "msd_mm": float(d.mean()),
+        "vertex_distance_mm": {"mean_abs": float(np.abs(signed).mean()), "max_abs": float(np.abs(signed).max()),
+                               "p95_abs": float(np.percentile(np.abs(signed), 95))},
+        "distance_sign": "positive where the contralateral surface lies outside the predicted bone"}
+    return result.comparison
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+
+
+def _segment_other(ct: Volume, tib: np.ndarray, fracture: Volume) -> np.ndarray:
+    """The other leg's tibia from the automatic segmentation: of the two tibiae it finds, the one apart from
+    the given tibia mask."""
+    from .segment import segment_tibia
+
+    seg = segment_tibia(ct, "auto", fracture)
+    if seg.other_tibia is None:
+        raise InputError("No other leg was found in the CT, so there is no contralateral tibia to mirror. Use the "
+                         "model's prediction (tibia-recon predict), or give the other tibia's mask "
+                         "(--other-tibia-mask) if the segmentation missed it.")
+    a, b = seg.tibia.array != 0, seg.other_tibia.array != 0
+    return b if np.count_nonzero(a & tib) >= np.count_nonzero(b & tib) else a
+
+
+def _check_pair(grid: Grid, tib: np.ndarray, other: np.ndarray) -> None:
+    overlap = np.count_nonzero(tib & other)
+    if overlap > MAX_OVERLAP * min(np.count_nonzero(tib), np.count_nonzero(other)):
+        raise InputError("The other tibia mask overlaps the fractured tibia mask: it must be the healthy leg's tibia, "
+                         "not the fractured one.")
+    dx = abs(_centroid(grid, tib)[0] - _centroid(grid, other)[0])
+    if dx < MIN_SEPARATION_MM:
+        raise InputError(f"The two tibiae lie only {dx:.0f} mm apart left to right (LPS x), so they are not the two "
+                         f"legs of one patient (expected at least {MIN_SEPARATION_MM:.0f} mm). Check the masks.")
+
+
+def _box(grid: Grid, mask: np.ndarray, margin: int) -> tuple[tuple[slice, ...], Grid]:
+    """Array slices of ``mask``'s bounding box grown by ``margin`` voxels (within the grid), and that box's grid."""
+    lo, hi = bounding_box(mask)
+    lo, hi = np.maximum(lo - margin, 0), np.minimum(hi + margin, np.asarray(grid.shape) - 1)
+    sub = Grid(tuple((hi - lo + 1)[::-1]), grid.spacing, grid.index_to_physical(lo[::-1].astype(float)), grid.direction)
+    return tuple(slice(a, b + 1) for a, b in zip(lo, hi)), sub
+
+
+def _touches_end(mask: np.ndarray) -> bool:
+    return bool(mask[0].any() or mask[-1].any())
+
+
+def _voxel_points(grid: Grid, mask: np.ndarray, limit: int = 4 * MAX_POINTS) -> np.ndarray:
+    """LPS centres of (at most about ``limit``, evenly strided) voxels of ``mask``."""
+    kji = np.argwhere(mask)
+    kji = kji[::max(1, len(kji) // limit)]
+    return grid.index_to_physical(kji[:, ::-1].astype(float))
+
+
+def _centroid(grid: Grid, mask: np.ndarray) -> np.ndarray:
+    return _voxel_points(grid, mask).mean(axis=0)
+
+
+def _surface_points(grid: Grid, mask: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """LPS centres of ``mask``'s boundary voxels (6-neighbour outside) within ``keep``, off the array border,
+    and the outward unit normals there (LPS; from the gradient of the mask smoothed by 1.5 voxels)."""
+    edge = mask & ~ndimage.binary_erosion(mask) & keep
+    for axis in range(3):
+        idx = [slice(None)] * 3
+        for end in (0, -1):
+            idx[axis] = end
+            edge[tuple(idx)] = False
+    kji = np.argwhere(edge)
+    kji = kji[::max(1, len(kji) // MAX_POINTS)]
+    smooth = ndimage.gaussian_filter(mask.astype(np.float32), 1.5)
+    grad_kji = np.stack([g[tuple(kji.T)] for g in np.gradient(smooth)], axis=1)
+    normals = -(grad_kji[:, ::-1] / grid.spacing) @ grid.direction.T  # d/d(index) -> d/d(LPS), outward
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-9)
+    return grid.index_to_physical(kji[:, ::-1].astype(float)), normals
+
+
+def _long_axis(points: np.ndarray) -> np.ndarray:
+    """Unit principal axis of ``points``, pointing superior (+z, towards the knee)."""
+    axis = np.linalg.svd(points - points.mean(axis=0), full_matrices=False)[2][0]
+    return axis if axis[2] >= 0 else -axis
+
+
+def _proximal_fragment(grid: Grid, tib: np.ndarray, frac: np.ndarray, warnings: list) -> tuple[np.ndarray, float]:
+    """The largest piece of the tibia outside the fracture mask that reaches the knee end, and its share of
+    the tibia's voxels."""
+    pieces, n = ndimage.label(tib & ~frac)
+    if n == 0:
+        raise InputError("The fracture mask covers the whole tibia, so no intact fragment is left to fit the "
+                         "contralateral tibia to.")
+    kji = np.argwhere(pieces)
+    pts = grid.index_to_physical(kji[:, ::-1].astype(float))
+    axis = _long_axis(_voxel_points(grid, tib))
+    t = pts @ axis
+    t_tib = _voxel_points(grid, tib) @ axis
+    top, length = t_tib.max(), np.ptp(t_tib)
+    sizes = np.bincount(pieces[tuple(kji.T)], minlength=n + 1)
+    at_knee = np.unique(pieces[tuple(kji[t >= top - KNEE_ZONE * length].T)])
+    if len(at_knee):
+        best = int(at_knee[np.argmax(sizes[at_knee])])
+    else:
+        best = int(np.argmax(sizes[1:]) + 1)
+        warnings.append("No intact piece of the tibia reaches the knee end; the contralateral tibia was fitted to "
+                        "the largest intact piece.")
+    return pieces == best, float(sizes[best] / np.count_nonzero(tib))
+
+
+def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The smallest rotation (3x3) taking unit vector ``a`` to unit vector ``b``."""
+    v, c = np.cross(a, b), float(a @ b)
+    k = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + k + k @ k / (1.0 + c) if c > -0.999 else -np.eye(3)
+
+
+def _initial_fit(tibia_pts: np.ndarray, fragment_pts: np.ndarray, mirrored_pts: np.ndarray) -> np.ndarray:
+    """4x4 rigid move of the mirrored tibia: long axis onto the fractured tibia's, and its part within the
+    fragment's height below the knee end centred on the fragment."""
+    a_t, a_m = _long_axis(tibia_pts), _long_axis(mirrored_pts)
+    rot = np.eye(4)
+    rot[:3, :3] = _rotation_between(a_m, a_t)
+    c = mirrored_pts.mean(axis=0)
+    rot[:3, 3] = c - rot[:3, :3] @ c
+    moved = apply_affine(rot, mirrored_pts)
+    reach = (tibia_pts @ a_t).max() - (fragment_pts @ a_t).min()
+    t = moved @ a_t
+    part = moved[t >= t.max() - reach]
+    rot[:3, 3] += fragment_pts.mean(axis=0) - part.mean(axis=0)
+    return rot
+
+
+def _small_rotation(w: np.ndarray) -> np.ndarray:
+    """Rotation matrix of the rotation vector ``w`` (rad)."""
+    angle = float(np.linalg.norm(w))
+    if angle < 1e-12:
+        return np.eye(3)
+    k = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]]) / angle
+    return np.eye(3) + np.sin(angle) * k + (1.0 - np.cos(angle)) * k @ k
+
+
+def _icp(source: np.ndarray, target: np.ndarray, normals: np.ndarray) -> tuple[np.ndarray, float, int]:
+    """Rigid 4x4 taking ``source`` points onto the surface sampled by ``target`` points with unit ``normals``
+    (trimmed point-to-plane ICP: the ICP_TRIM closest matches count); the RMS point-to-point distance over
+    those matches (mm) and the iterations used."""
+    tree = cKDTree(target)
+    m = np.eye(4)
+    previous = np.inf
+    for iteration in range(1, ICP_ITERATIONS + 1):
+        p = apply_affine(m, source)
+        d, idx = tree.query(p)
+        keep = d <= np.quantile(d, ICP_TRIM)
+        p, q, n = p[keep], target[idx[keep]], normals[idx[keep]]
+        a = np.concatenate([np.cross(p, n), n], axis=1)
+        x = np.linalg.lstsq(a, np.einsum("ij,ij->i", q - p, n), rcond=None)[0]
+        step = np.eye(4)
+        step[:3, :3], step[:3, 3] = _small_rotation(x[:3]), x[3:]
+        m = step @ m
+        rms = float(np.sqrt(np.mean(d[keep] ** 2)))
+        if previous - rms < ICP_TOL_MM and np.linalg.norm(x) < 1e-4:
+            break
+        previous = rms
+    return m, rms, iteration
+
+
+def _bone_crop(mask: Volume, margin: int = 2) -> Volume:
+    lo, hi = bounding_box(mask.array != 0)
+    return crop(mask, lo - margin, hi + margin)
+
+
+def _place(ct: Volume, other: np.ndarray, transform: np.ndarray) -> tuple[Volume, vtk.vtkPolyData]:
+    """The other tibia moved by ``transform``: a labelmap on the CT grid (linear interpolation of the mask,
+    threshold 0.5, on the box it lands in) and its surface (LPS)."""
+    source = _bone_crop(ct.with_array(other.astype(np.float32)))
+    corners = apply_affine(transform, source.grid.corners())
+    ijk = ct.grid.physical_to_index(corners)
+    lo = np.maximum(np.floor(ijk.min(axis=0)).astype(int) - 1, 0)[::-1]
+    hi = np.minimum(np.ceil(ijk.max(axis=0)).astype(int) + 1, np.asarray(ct.grid.size) - 1)[::-1]
+    out = np.zeros(ct.grid.shape, np.uint8)
+    if np.all(hi >= lo):
+        box = crop(ct.with_array(out), lo, hi).grid
+        moved = resample(source, box, output_to_input=invert_affine(transform), default_value=0.0)
+        out[tuple(slice(a, b + 1) for a, b in zip(lo, hi))] = moved.array >= 0.5
+    labelmap = ct.with_array(out)
+    if not out.any():
+        raise InputError("The fitted contralateral tibia lies outside the CT; check the masks.")
+    surface = transform_polydata(labelmap_surface(source.with_array((source.array >= 0.5).astype(np.uint8))),
+                                 transform)
+    return labelmap, surface
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: tibia-recon contralateral
+
+
+def output_paths(out: Path, suffix: str, auto_other: bool = False, compared: bool = False) -> dict[str, Path]:
+    """The files `contralateral` writes into ``out`` (volumes in the CT's format)."""
+    suffix = suffix or ".nrrd"
+    paths = {"label": out / f"contralateral_tibia_label{suffix}", "stl_lps": out / "contralateral_tibia_LPS.stl",
+             "stl_ras": out / "contralateral_tibia_RAS.stl", "report": out / "contralateral.json"}
+    if compared:
+        paths["distances"] = out / "contralateral_vs_prediction_LPS.vtp"
+    if auto_other:
+        paths["other_tibia_mask"] = out / f"other_tibia_mask_auto{suffix}"
+    return paths
+
+
+def write_vtp(polydata: vtk.vtkPolyData, path: Path, overwrite: bool = False) -> Path:
+    """Write a polydata (points as they are, with its point data) as VTK XML PolyData."""
+    with atomic_path(path, overwrite) as tmp:
+        writer = vtk.vtkXMLPolyDataWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetInputData(polydata)
+        if not writer.Write():
+            raise OSError(f"Could not write {path}")
+    return path
+
+
+def run_contralateral(ct_path, tibia_path, fracture_path, out, other_path=None, prediction_path=None,
+                      tibia_label=None, overwrite: bool = False) -> tuple[ContralateralResult, dict[str, Path]]:
+    """Read inputs, build the contralateral target (and compare it with a predicted labelmap), write all
+    outputs together or none (nothing is written if an output exists and ``overwrite`` is false)."""
+    out = Path(out)
+    suffix = ".nrrd" if Path(ct_path).is_dir() else volume_suffix(ct_path)
+    paths = output_paths(out, suffix, other_path is None, prediction_path is not None)
+    clash = [str(p) for p in paths.values() if p.exists()]
+    if clash and not overwrite:
+        raise OutputExistsError(f"Output files already exist: {', '.join(clash)}. They were left untouched; choose "
+                                "another --out folder or pass --overwrite.")
+    check_output_folder(out)
+    ct = read_volume(ct_path)
+    tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
+    fracture = read_mask(fracture_path, ct, "fracture mask")
+    other = read_mask(other_path, ct, "other tibia mask") if other_path is not None else None
+    prediction = read_mask(prediction_path, ct, "prediction") if prediction_path is not None else None
+    result = contralateral_target(ct, tibia, fracture, other, prediction)
+    report = result.report()
+    report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path), "fracture_mask": str(fracture_path),
+                        "other_tibia_mask": str(other_path or "automatic segmentation"),
+                        "prediction": None if prediction_path is None else str(prediction_path)}
+    report["outputs"] = {k: str(v) for k, v in paths.items()}
+    with staged_outputs(paths, overwrite) as staged:
+        write_volume(result.labelmap, staged["label"], label=True)
+        write_stl(result.surface, staged["stl_lps"], "LPS")
+        write_stl(result.surface, staged["stl_ras"], "RAS")
+        if "distances" in staged:
+            write_vtp(result.surface, staged["distances"])
+        if "other_tibia_mask" in staged:
+            write_volume(result.other_tibia, staged["other_tibia_mask"], label=True)
+        write_json(report, staged["report"])
+    return result, paths
+
+
+def register_cli(sub) -> None:
+    p = sub.add_parser("contralateral", help="the mirrored healthy other leg as target; its difference to a prediction",
+                       description="When both legs are in the CT: mirror the healthy other tibia across the body's "
+                                   "sagittal plane and fit it rigidly to the fractured tibia's intact proximal "
+                                   "fragment. Writes contralateral_tibia_label (same format as the CT), the surface as "
+                                   "STL in LPS and RAS, and contralateral.json (transform, fit, warnings); with "
+                                   "--prediction also Dice/RMSD/HD95 against it in the report and "
+                                   "contralateral_vs_prediction_LPS.vtp (the surface with each vertex's signed "
+                                   "distance to the prediction, mm). Coordinates LPS mm.")
+    p.add_argument("--ct", required=True, help="CT with both legs (NRRD, NIfTI, MHA or DICOM folder)")
+    p.add_argument("--tibia-mask", required=True, help="fractured tibia mask on the CT grid, all fragments")
+    p.add_argument("--tibia-label", type=int, default=None, help="label value of the tibia in a multi-label map "
+                                                                 "(default: every nonzero voxel)")
+    p.add_argument("--fracture-mask", required=True, help="coarse fracture-zone mask on the CT grid")
+    p.add_argument("--other-tibia-mask", default=None,
+                   help="the healthy leg's tibia mask on the CT grid (default: segment it automatically and save it)")
+    p.add_argument("--prediction", default=None,
+                   help="predicted tibia labelmap on the CT grid (predicted_tibia_label of `predict`) to compare")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+
+    def run(a: argparse.Namespace) -> None:
+        from .cli import print_outputs
+
+        result, paths = run_contralateral(a.ct, a.tibia_mask, a.fracture_mask, a.out, a.other_tibia_mask,
+                                          a.prediction, a.tibia_label, a.overwrite)
+        line = f"contralateral tibia {result.report()['volume_ml']:.1f} ml; fit RMS {result.fit['rms_mm']:.2f} mm"
+        if result.comparison is not None:
+            c = result.comparison
+            line += f"; vs prediction Dice {c['dice']:.3f}, RMSD {c['rmsd_mm']:.2f} mm, HD95 {c['hd95_mm']:.2f} mm"
+        print(line)
+        print_outputs(paths, result.warnings)
+
+    p.set_defaults(func=run)
