@@ -1,9 +1,10 @@
 """`tibia-recon bench`: reproducible accuracy and speed reports (Markdown + CSV + PNG).
 
-* ``accuracy``: held-out fractured phantoms; each bundle's Predictor and two baselines built from the same
-  bundle (its prototype decoded instead of the autoencoder output; the prototype fitted rigidly to the
-  visible tibia) are scored against the healthy tibia on the CT grid (Dice, RMSD, HD95, mean surface
-  distance), with mean ± 95% CI per method, fracture type and fraction of the tibia masked.
+* ``accuracy``: held-out fractured phantoms with both legs in the CT; each bundle's Predictor, two baselines
+  built from the same bundle (its prototype decoded instead of the autoencoder output; the prototype fitted
+  rigidly to the visible tibia) and the mirrored contralateral leg (no model) are scored against the healthy
+  tibia on the CT grid (Dice, RMSD, HD95, mean surface distance), with mean ± 95% CI per method, fracture
+  type and fraction of the tibia masked.
 * ``speed``: predict end to end, stage by stage, on synthetic CTs of given sizes and thread counts, each
   run in a fresh process (peak RSS); optionally the throughput of one training step of step 1 and step 3.
 """
@@ -32,11 +33,12 @@ from .geometry import Grid, Volume, bounding_box, resample
 from .io import atomic_path
 from .predict import Predictor
 
-SIZE_LIMIT_MM = (170.0, 170.0, 480.0)  # a lower-leg CT field of view: 170 mm in-plane, up to 480 mm long
+SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 mm in-plane, up to 480 mm long
 DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ...)
 MASKED_BINS = (0.0, 0.1, 0.2, 0.3, 1.0)  # bins of the fraction of the tibia hidden by the fracture mask
 METRICS = (("dice", "Dice"), ("rmsd_mm", "RMSD (mm)"), ("hd95_mm", "HD95 (mm)"), ("msd_mm", "MSD (mm)"))
-METHODS = {"model": "model", "prototype": "prototype only", "rigid": "mean shape, rigid fit"}
+METHODS = {"model": "model", "prototype": "prototype only", "rigid": "mean shape, rigid fit",
+           "contralateral": "mirrored contralateral leg"}
 ACCURACY_FILES = {"md": "accuracy.md", "csv": "accuracy.csv", "boxplots": "accuracy_boxplots.png",
                   "worst": "accuracy_worst_case.png"}
 SPEED_FILES = {"md": "speed.md", "csv": "speed.csv", "training_csv": "speed_training.csv", "plot": "speed.png"}
@@ -200,9 +202,30 @@ def _rigid_theta(params: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.linalg.matrix_exp(skew), 10.0 * params[3:, None]], dim=1)[None]
 
 
+class ContralateralBaseline:
+    """Baseline without a model: the other leg's tibia mirrored and fitted rigidly to the proximal main fragment
+    (:func:`contralateral.contralateral_target`). It is given the case's other tibia mask (ground truth, as every
+    method is given the fractured tibia's); see :func:`predict_case`."""
+
+    def predict(self, ct, tibia, fracture, other_tibia):
+        from .contralateral import contralateral_target
+
+        if other_tibia is None:
+            raise InputError("This case has only one leg in the CT, so there is no contralateral tibia.")
+        return contralateral_target(ct, tibia, fracture, other_tibia)
+
+
+def predict_case(predictor, case, side: str):
+    """``predictor``'s prediction for a held-out case from its fractured CT, tibia mask and fracture mask (and
+    the other tibia's mask for the contralateral baseline)."""
+    if isinstance(predictor, ContralateralBaseline):
+        return predictor.predict(*_inputs(case), case.other_tibia)
+    return predictor.predict(*_inputs(case), side=side)
+
+
 def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[dict[str, Predictor], list[dict]]:
-    """One predictor per (bundle, method), named '<bundle folder>: <method>', each bundle loaded once; and a
-    description of each bundle."""
+    """One predictor per (bundle, method), named '<bundle folder>: <method>', each bundle loaded once, and the
+    contralateral baseline (no bundle) named by its method; and a description of each bundle."""
     from .bundle import load_bundle
     from .predict import resolve_device
 
@@ -212,7 +235,7 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
     predictors, info = {}, []
     for label, path in zip(labels, bundles):
         bundle = load_bundle(path, resolve_device(device))
-        for method in (m for m in METHODS if m in methods):  # the model first: the report's worst cases are its
+        for method in (m for m in METHODS if m in methods and m != "contralateral"):  # the model first: worst cases
             if method != "model" and bundle.prototype is None:
                 raise InputError(f"The bundle {path} has no prototype, so the '{method}' baseline cannot be built; "
                                  "pass --methods model.")
@@ -222,6 +245,8 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
                                                 f"{'/'.join(f'{s:g}' for s in grid.spacing)} mm",
                      "autoencoder": bundle.config["autoencoder"].get("type", "?"),
                      "data": bundle.config["training"].get("data", "not stated")})
+    if "contralateral" in methods:
+        predictors[METHODS["contralateral"]] = ContralateralBaseline()
     return predictors, info
 
 
@@ -230,10 +255,11 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
 
 
 def heldout_case(seed: int, spacing):
-    """A fractured phantom on a lower-leg field of view (see SIZE_LIMIT_MM)."""
+    """A fractured phantom with the healthy other leg beside it, on a field of view of both lower legs (see
+    SIZE_LIMIT_MM). The fractured leg's anatomy, pose and fracture plan are the one-leg case's of the seed."""
     from .phantoms import generate_case
 
-    return generate_case(seed, fractured=True, spacing=tuple(spacing), size_limit_mm=SIZE_LIMIT_MM)
+    return generate_case(seed, fractured=True, spacing=tuple(spacing), size_limit_mm=SIZE_LIMIT_MM, both_legs=True)
 
 
 def masked_fraction(case) -> float:
@@ -279,12 +305,11 @@ def evaluate_case(case, predictors: dict[str, Predictor], side_mode: str = "auto
     base = {"seed": case.seed, "fracture_type": case.fracture_type, "side": case.side,
             "masked_fraction": round(fraction, 4), "masked_bin": masked_bin(fraction)}
     side = case.side if side_mode == "known" else "auto"
-    inputs = _inputs(case)
     rows = []
     for name, predictor in predictors.items():
         row = {**base, "method": name, "status": "ok", "predicted_side": "", "seconds": float("nan")}
         try:
-            result = predictor.predict(*inputs, side=side)
+            result = predict_case(predictor, case, side)
         except TibiaReconError as exc:
             rows.append({**row, "status": f"refused: {exc}".replace("\n", " "),
                          **{k: float("nan") for k, _ in METRICS}})
@@ -350,12 +375,14 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         f"Generated by `tibia-recon bench accuracy` on {setup['date']}. Reproduce with:", "",
         f"    {setup['command']}", "",
         "## Setup", "",
-        f"- Cases: {setup['n']} held-out fractured phantoms (`TibiaReconstructionLib.phantoms.generate_case`), "
+        f"- Cases: {setup['n']} held-out fractured phantoms with the healthy other leg in the CT "
+        "(`TibiaReconstructionLib.phantoms.generate_case(..., both_legs=True)`), "
         f"seeds {setup['seed']}..{setup['seed'] + setup['n'] - 1} (training data uses small seeds), voxel spacing "
         f"{' x '.join(f'{s:g}' for s in setup['spacing'])} mm, field of view at most "
         f"{' x '.join(f'{s:g}' for s in SIZE_LIMIT_MM)} mm; random side, pose and fracture type.",
-        "- Input to every method: the fractured CT, the fractured tibia mask (label 1, all fragments) and the "
-        f"coarse fracture mask; leg side {'given' if setup['side'] == 'known' else 'chosen automatically'}.",
+        "- Input to every method: the fractured CT (both legs), the fractured tibia mask (label 1, all fragments) "
+        f"and the coarse fracture mask; leg side {'given' if setup['side'] == 'known' else 'chosen automatically'}; "
+        "the contralateral baseline also gets the other leg's tibia mask (label 6).",
         "- Ground truth: the same phantom's healthy tibia (label 1 before fracturing), on the CT grid.",
         "- Metrics on the CT grid in patient space (mm), between the predicted labelmap and the ground truth: "
         "Dice; RMSD (root mean square), HD95 (95th-percentile Hausdorff) and MSD (mean) of the symmetric "
@@ -365,7 +392,9 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         "predictions that took the leg for the other side; time: prediction without file input/output.",
         "- Methods: *model* = the bundle's Predictor (mask-robust LocNet + autoencoder); *prototype only* = the "
         "same pipeline with the bundle's prototype (mean aligned tibia) in place of the reconstruction; "
-        "*mean shape, rigid fit* = the prototype fitted rigidly to the visible tibia (no LocNet, no autoencoder).",
+        "*mean shape, rigid fit* = the prototype fitted rigidly to the visible tibia (no LocNet, no autoencoder); "
+        "*mirrored contralateral leg* = the healthy other tibia mirrored across the sagittal plane and fitted "
+        "rigidly to the intact proximal fragment (no model; `tibia-recon contralateral`).",
     ]
     lines += [f"- Bundle `{b['path']}`: canonical grid {b['grid']}, autoencoder {b['autoencoder']}, "
               f"training data: {b['data']}" for b in setup["bundles"]]
@@ -406,9 +435,8 @@ def worst_case_figure(row: dict, predictor: Predictor, spacing, side_mode: str, 
     from .figures import overlay_png
 
     case = heldout_case(int(row["seed"]), spacing)
-    inputs = _inputs(case)
-    ct, fracture = inputs[0], inputs[2]
-    result = predictor.predict(*inputs, side=case.side if side_mode == "known" else "auto")
+    ct, _, fracture = _inputs(case)
+    result = predict_case(predictor, case, case.side if side_mode == "known" else "auto")
     truth = case.labels.with_array((case.labels.array == 1).astype(np.uint8))
     overlay_png(ct, path, {"predicted healthy tibia": (result.labelmap, "#ffcc00"), "ground truth": (truth, "#00e0ff"),
                            "fracture mask": (fracture, "#ff3060")}, result.surface,
@@ -418,7 +446,7 @@ def worst_case_figure(row: dict, predictor: Predictor, spacing, side_mode: str, 
 
 
 def run_accuracy(bundles: list[str], out, n: int = 40, seed: int = DEFAULT_SEED, spacing=(1.0, 1.0, 2.0),
-                 methods=("model", "prototype", "rigid"), side: str = "auto", device: str = "auto",
+                 methods=tuple(METHODS), side: str = "auto", device: str = "auto",
                  overwrite: bool = False, progress: bool = True) -> dict[str, Path]:
     """Run the accuracy benchmark and write its report files into ``out``; returns their paths."""
     from tqdm import tqdm
@@ -761,9 +789,10 @@ def register_cli(sub) -> None:
     kinds = p.add_subparsers(dest="bench", metavar="KIND", required=True)
 
     a = kinds.add_parser("accuracy", help="predict held-out fractured phantoms and score against the healthy tibia",
-                         description="Generate N held-out fractured phantoms (seeds S..S+N-1), predict each with "
-                                     "every bundle and with two baselines from the same bundle (prototype only; "
-                                     "mean shape, rigid fit), and score against the healthy tibia on the CT grid "
+                         description="Generate N held-out fractured phantoms with both legs (seeds S..S+N-1), "
+                                     "predict each with every bundle, with two baselines from the same bundle "
+                                     "(prototype only; mean shape, rigid fit) and with the mirrored contralateral "
+                                     "leg, and score against the healthy tibia on the CT grid "
                                      "(Dice, RMSD, HD95, mean surface distance). Writes accuracy.md, accuracy.csv "
                                      "(one row per case and method), accuracy_boxplots.png and "
                                      "accuracy_worst_case.png.")

@@ -51,13 +51,15 @@ Progress = Callable[[float, str], None]
 class ContralateralResult:
     """The mirrored, fitted other tibia: ``labelmap`` (uint8 0/1 on the CT grid), ``surface`` (LPS mm; with the
     point-data array DISTANCE_ARRAY after a comparison), ``transform`` (4x4 LPS, other tibia -> target; a
-    reflection), ``other_tibia`` (the other leg's tibia mask used), the mirror plane, the fit's figures, the
-    comparison with a prediction, timings and warnings."""
+    reflection), ``other_tibia`` (the other leg's tibia mask used), ``side`` (the fractured leg's: 'left' when it
+    lies at larger LPS x than the other), the mirror plane, the fit's figures, the comparison with a prediction,
+    timings and warnings."""
 
     labelmap: Volume
     surface: vtk.vtkPolyData
     transform: np.ndarray
     other_tibia: Volume
+    side: str
     mirror_plane: dict
     fit: dict
     comparison: dict | None = None
@@ -67,7 +69,7 @@ class ContralateralResult:
     def report(self) -> dict:
         """JSON-ready summary."""
         voxel_ml = float(np.prod(self.labelmap.spacing)) / 1000.0
-        return {"method": "mirrored contralateral tibia, rigid fit to the proximal main fragment",
+        return {"method": "mirrored contralateral tibia, rigid fit to the proximal main fragment", "side": self.side,
                 "coordinates": "LPS mm; transform maps the other tibia to the target",
                 "transform": self.transform.tolist(), "mirror_plane": self.mirror_plane, "fit": self.fit,
                 "volume_ml": float(np.count_nonzero(self.labelmap.array)) * voxel_ml,
@@ -132,7 +134,8 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
     lap("fragment")
 
     report(0.4, "Mirroring and fitting the other tibia")
-    xm = 0.5 * (_centroid(grid, tib_c)[0] + _centroid(grid_o, other_c)[0])
+    x_tib, x_other = _centroid(grid, tib_c)[0], _centroid(grid_o, other_c)[0]
+    xm = 0.5 * (x_tib + x_other)
     mirror = reflection((1.0, 0.0, 0.0), (xm, 0.0, 0.0))
     start = _initial_fit(_voxel_points(grid, tib_c), _voxel_points(grid, fragment),
                          apply_affine(mirror, _voxel_points(grid_o, other_c)))
@@ -147,8 +150,8 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
     fit = {"rms_mm": rms, "iterations": n_iter, "fragment_points": int(len(source)),
            "proximal_fragment_share": frag_share, "fragment_voxels": int(fragment.sum())}
     plane = {"normal": [1.0, 0.0, 0.0], "point": [xm, 0.0, 0.0]}
-    result = ContralateralResult(labelmap, surface, transform, ct.with_array(other.astype(np.uint8)), plane, fit,
-                                 timings=timings, warnings=warnings)
+    result = ContralateralResult(labelmap, surface, transform, ct.with_array(other.astype(np.uint8)),
+                                 "left" if x_tib > x_other else "right", plane, fit, timings=timings, warnings=warnings)
     if prediction is not None:
         report(0.9, "Comparing with the prediction")
         compare(result, prediction)
