@@ -15,8 +15,8 @@ def test_version():
 def test_help_lists_every_command(capsys):
     assert main([]) == 2
     out = capsys.readouterr().out
-    for command in ("info", "phantoms", "montage", "prepare", "train", "export-bundle", "evaluate", "predict", "reduce",
-                    "segment", "contralateral", "demo", "bench"):
+    for command in ("info", "phantoms", "montage", "prepare", "train", "export-bundle", "evaluate", "predict",
+                    "reduce", "segment", "contralateral", "demo", "bench"):
         assert f"    {command} " in out or f"    {command}\n" in out, command
 
 

@@ -14,8 +14,8 @@ from . import __version__  # noqa: E402
 from .errors import TibiaReconError  # noqa: E402
 
 # Modules that add subcommands through a `register_cli(subparsers)` function, in help order.
-_COMMAND_MODULES = ["info", "phantoms.cli", "prepare", "training.cli", "evaluate", "predict_cli", "reduction_cli", "segment",
-                    "contralateral", "demo", "bench"]
+_COMMAND_MODULES = ["info", "phantoms.cli", "prepare", "training.cli", "evaluate", "predict_cli", "reduction_cli",
+                    "segment", "contralateral", "demo", "bench"]
 
 
 def print_outputs(paths: dict, warnings=()) -> None:
