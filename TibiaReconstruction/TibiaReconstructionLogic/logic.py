@@ -227,6 +227,24 @@ class TibiaReconstructionLogic:
             if cleanup:
                 job.cleanup()
 
+    def planReduction(self, volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId, predictionNode,
+                      minFragmentMl=None, progress=None, modelName=None):
+        """Fragment reduction plan onto the predicted healthy tibia: returns (library ReductionPlan, one NEW model
+        node per reduced fragment coloured by its signed deviation from the prediction, mm).
+
+        ``predictionNode``: the predicted tibia's segmentation node (e.g. from ``predict``; its first segment) or
+        a labelmap volume node on the CT's grid. Matrices in the plan are LPS (``plan.report()``).
+        """
+        from TibiaReconstructionLib.reduction import DEFAULT_MIN_FRAGMENT_ML, plan_reduction
+
+        from . import reduction
+
+        inputs = self.prepareInputs(volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId)
+        prediction = inputs.ct.with_array(reduction.predictionMask(self.scene, predictionNode, volumeNode))
+        plan = plan_reduction(inputs.tibia, inputs.fracture, prediction,
+                              DEFAULT_MIN_FRAGMENT_ML if minFragmentMl is None else minFragmentMl, progress=progress)
+        return plan, reduction.createFragmentModels(self.scene, plan, volumeNode, modelName, REPORT_ATTRIBUTE)
+
     # -- library -> MRML ----------------------------------------------------------------------
 
     def createOutputNodes(self, result, volumeNode, segmentationName=DEFAULT_SEGMENTATION_NAME,
