@@ -6,6 +6,9 @@ Console use (Slicer's Python console)::
     logic = TibiaReconstructionLogic()            # scene defaults to slicer.mrmlScene
     seg, model = logic.predict(volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId)
     logic.exportStl(model, "/tmp/tibia.stl", coordinateSystem="LPS")
+    # both legs in the CT: the mirrored healthy tibia as target, coloured by its distance to the prediction
+    cseg, cmodel = logic.contralateral(volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId,
+                                       predictionSegmentationNode=seg)
 
 Inputs are never modified: masks are read through temporary labelmap nodes that are removed again,
 and the result goes into a NEW segmentation node (geometry = the CT's) and a NEW model node.
@@ -19,6 +22,7 @@ import vtk
 
 import slicer
 
+from . import contralateral as contralateralNodes
 from . import dependencies, mrml
 from .job import PredictionJob
 from .libpath import ensureLibraryImportable
@@ -66,6 +70,7 @@ class TibiaReconstructionLogic:
         self._predictors = {}
         self.lastResult = None
         self.lastReport = None
+        self.lastContralateral = None
 
     @property
     def scene(self):
@@ -275,6 +280,41 @@ class TibiaReconstructionLogic:
         modelNode.SetAttribute(REPORT_ATTRIBUTE, text)
         self.lastResult, self.lastReport = result, report
         return segmentationNode, modelNode
+
+    # -- contralateral target -----------------------------------------------------------------
+
+    def contralateral(self, volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId, otherTibiaSegmentId=None,
+                      predictionSegmentationNode=None, segmentationName=contralateralNodes.DEFAULT_SEGMENTATION_NAME,
+                      modelName=contralateralNodes.DEFAULT_MODEL_NAME):
+        """The healthy other leg's tibia mirrored and fitted to the fractured tibia's intact proximal fragment,
+        as (new segmentation node, new model node); needs both legs in the CT.
+
+        ``otherTibiaSegmentId``: a segment of ``segmentationNode`` with the other tibia (default: segmented from
+        the CT). ``predictionSegmentationNode`` (e.g. from ``predict``): its first segment is compared with the
+        target (Dice, RMSD, HD95 in the report attribute) and the model is coloured by each vertex's signed
+        distance to it (mm, positive outside the prediction). Raises InputError when the CT has no other leg.
+        """
+        from TibiaReconstructionLib.contralateral import contralateral_target
+
+        inputs = self.prepareInputs(volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId)
+        other = None
+        if otherTibiaSegmentId:
+            if otherTibiaSegmentId not in mrml.segmentNames(segmentationNode):
+                raise InputError(f"Segmentation '{segmentationNode.GetName()}' has no segment with id "
+                                 f"'{otherTibiaSegmentId}' (chosen as the other tibia).")
+            other = inputs.ct.with_array(mrml.segmentMask(self.scene, segmentationNode, otherTibiaSegmentId,
+                                                          volumeNode))
+        prediction = None
+        if predictionSegmentationNode is not None:
+            segmentation = predictionSegmentationNode.GetSegmentation()
+            if segmentation.GetNumberOfSegments() == 0:
+                raise InputError(f"The prediction '{predictionSegmentationNode.GetName()}' has no segment to compare.")
+            prediction = inputs.ct.with_array(mrml.segmentMask(
+                self.scene, predictionSegmentationNode, segmentation.GetNthSegmentID(0), volumeNode))
+        result = contralateral_target(inputs.ct, inputs.tibia, inputs.fracture, other, prediction)
+        self.lastContralateral = result
+        return contralateralNodes.createNodes(self.scene, result, volumeNode, segmentationName, modelName,
+                                              REPORT_ATTRIBUTE)
 
     # -- mask editing -------------------------------------------------------------------------
 
