@@ -41,7 +41,8 @@ KNEE_ZONE = 0.15             # the knee end: this top fraction of the tibia's le
 MIN_SEPARATION_MM = 40.0     # the two tibiae's centroids lie at least this far apart along x
 MAX_OVERLAP = 0.1            # share of the other tibia allowed inside the fractured tibia mask
 MIN_FRAGMENT_SHARE = 0.2     # a proximal fragment smaller than this share of the tibia gives a warning
-ICP_ITERATIONS, ICP_TRIM, ICP_TOL_MM = 80, 0.9, 1e-3
+ICP_ITERATIONS, ICP_TRIM = 80, 0.9
+ICP_STOP = (1e-4, 0.01)      # ICP stops when a step rotates less than this (rad) and moves less than this (mm)
 MAX_POINTS = 20000
 DISTANCE_ARRAY = "distance_to_prediction_mm"
 Progress = Callable[[float, str], None]
@@ -334,7 +335,6 @@ def _icp(source: np.ndarray, target: np.ndarray, normals: np.ndarray) -> tuple[n
     those matches (mm) and the iterations used."""
     tree = cKDTree(target)
     m = np.eye(4)
-    previous = np.inf
     for iteration in range(1, ICP_ITERATIONS + 1):
         p = apply_affine(m, source)
         d, idx = tree.query(p)
@@ -346,9 +346,8 @@ def _icp(source: np.ndarray, target: np.ndarray, normals: np.ndarray) -> tuple[n
         step[:3, :3], step[:3, 3] = _small_rotation(x[:3]), x[3:]
         m = step @ m
         rms = float(np.sqrt(np.mean(d[keep] ** 2)))
-        if previous - rms < ICP_TOL_MM and np.linalg.norm(x) < 1e-4:
+        if np.linalg.norm(x[:3]) < ICP_STOP[0] and np.linalg.norm(x[3:]) < ICP_STOP[1]:
             break
-        previous = rms
     return m, rms, iteration
 
 
