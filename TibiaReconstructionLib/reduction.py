@@ -34,7 +34,7 @@ from .surface import labelmap_surface, polydata_points, transform_polydata
 DEFAULT_MIN_FRAGMENT_ML = 0.5
 CONNECTIVITIES = (6, 26)
 DEVIATION_ARRAY = "DeviationMm"  # signed distance to the predicted surface, mm, positive outside
-FRACTURE_FACE_ARRAY = "FractureFace"  # 1 where a vertex lies at the fracture mask or another fragment
+FRACTURE_FACE_ARRAY = "FractureFace"  # 1 within 1.5 voxels of the fracture mask or of tibia outside the fragment
 MIN_INLIER_FRACTION = 0.3  # each ICP round uses at least this share of the closest points
 MAX_REGISTRATION_POINTS = 2000
 ICP_ITERATIONS = 50
@@ -143,7 +143,7 @@ def find_fragments(tibia: Volume, fracture: Volume, min_fragment_ml: float = DEF
     voxel_ml = float(np.prod(tibia.spacing)) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=n + 1)[1:]
     order = np.argsort(-counts, kind="stable")
-    kept = [int(c) for c in order if counts[c] * voxel_ml >= min_fragment_ml and counts[c] > 0]
+    kept = [int(c) for c in order if counts[c] > 0 and counts[c] * voxel_ml >= min_fragment_ml]
     if not kept:
         largest = f"the largest piece has {counts.max() * voxel_ml:.2f} ml" if n else "nothing of the tibia is " \
                                                                                     "outside the fracture mask"
@@ -152,7 +152,7 @@ def find_fragments(tibia: Volume, fracture: Volume, min_fragment_ml: float = DEF
                          "size.")
     lut = np.zeros(n + 1, np.uint16)
     lut[np.asarray(kept) + 1] = np.arange(1, len(kept) + 1)
-    discarded = [float(counts[c] * voxel_ml) for c in order if c not in kept and counts[c] > 0]
+    discarded = [float(counts[c] * voxel_ml) for c in order[len(kept):]]  # sorted by size: the rest
     return tib.with_array(lut[labels]), discarded
 
 

@@ -75,7 +75,8 @@ def deviation_png(plan: ReductionPlan, path, overwrite: bool = False) -> Path:
 
     target = polydata_points(plan.prediction_surface)
     target = target[:: max(1, len(target) // 20000)]
-    states = (("fractured", [f.surface for f in plan.fragments]), ("reduced", [f.reduced_surface for f in plan.fragments]))
+    states = (("fractured", [f.surface for f in plan.fragments]),
+              ("reduced", [f.reduced_surface for f in plan.fragments]))
     values = np.concatenate([numpy_support.vtk_to_numpy(s.GetPointData().GetArray(DEVIATION_ARRAY))
                              for _, surfaces in states for s in surfaces])
     limit = max(2.0, float(np.percentile(np.abs(values), 98)))
