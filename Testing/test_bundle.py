@@ -55,6 +55,19 @@ def test_save_load_gives_identical_outputs(bundle_dir):
     assert bundle.config["side_convention"].startswith("left")
 
 
+def test_float16_bundle_is_half_the_size_and_predicts_alike(bundle_dir, tmp_path):
+    folder, locnet, ae = bundle_dir
+    half = save_bundle(tmp_path / "half", grid=GRID, window_hu=(-200, 1800), locnet=locnet, autoencoder=ae,
+                       prototype=load_bundle(folder).prototype, float16=True)
+    weights = lambda f: (f / "weights.safetensors").stat().st_size  # noqa: E731
+    assert weights(half) < 0.6 * weights(folder)
+    assert json.loads((half / "config.json").read_text(encoding="utf-8"))["weights_dtype"] == "float16"
+    full, small = load_bundle(folder), load_bundle(half)
+    x = torch.rand(2, 2, *SHAPE)
+    for a, b in zip(full.align_and_reconstruct(x), small.align_and_reconstruct(x)):
+        assert b.dtype == torch.float32 and torch.allclose(a, b, atol=2e-2)
+
+
 def test_to_input_frame_undoes_alignment():
     locnet, ae = tiny_models("vae")
     from TibiaReconstructionLib.bundle import Bundle

@@ -137,6 +137,29 @@ def test_pca_masked_encoding_uses_visible_voxels_only(rng):
     assert parts["mse"] < 1e-6
 
 
+def test_pooled_pca_reconstructs_smooth_cases_on_the_full_grid(rng):
+    """A factor-2 PCA stores 8x fewer values but returns full-grid tensors; cases that vary linearly in
+    space (smooth anatomy in the limit) come back exactly away from the grid's border layer, where trilinear
+    upsampling cannot extrapolate, and its masked encoding still ignores hidden voxels."""
+    k, j, i = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (8, 4, 4)), indexing="ij")
+    coef = torch.from_numpy(rng.normal(size=(12, 2, 4)).astype(np.float32))
+    data = (coef[..., 0, None, None, None] * k + coef[..., 1, None, None, None] * j
+            + coef[..., 2, None, None, None] * i + coef[..., 3, None, None, None])
+    pca = PCA({"shape": [8, 4, 4], "components": 8, "factor": 2}).fit(12, lambda n: data[n])
+    assert pca.components.shape == (8, 2 * 4 * 2 * 2)
+    rec = pca.reconstruct(data)
+    assert rec.shape == data.shape
+    inner = (slice(None), slice(None), slice(1, -1), slice(1, -1), slice(1, -1))
+    assert torch.allclose(rec[inner], data[inner], atol=1e-3)
+    visible = torch.ones(1, 1, 8, 4, 4)
+    visible[..., :4, :, :] = 0
+    corrupted = data[:1].clone()
+    corrupted[:, :, :4] = 5.0
+    assert torch.allclose(pca.reconstruct(corrupted, visible)[inner], data[:1][inner], atol=1e-2)
+    with pytest.raises(InputError, match="divide"):
+        PCA({"shape": [8, 4, 6], "components": 3, "factor": 4})
+
+
 def test_pca_needs_enough_cases():
     with pytest.raises(InputError, match="at least 5"):
         PCA({"shape": [2, 2, 2], "components": 4}).fit(3, lambda i: torch.zeros(2, 2, 2, 2))

@@ -2,7 +2,8 @@
 
 config.json: {"format": "tibia-recon-bundle/1", "library_version", "grid" (canonical Grid, LPS mm),
 "window_hu", "channels", "side_convention", "locnet": {...architecture}, "autoencoder": {"type", ...},
-"prototype": bool, "training": {...}, "metrics": {...}}. Weight keys: "locnet.*", "autoencoder.*"
+"prototype": bool, "training": {...}, "metrics": {...}, "weights_dtype"}. Weights are stored as float32 or
+float16 (half the size; loaded as float32) and their keys are "locnet.*", "autoencoder.*"
 and, if present, "prototype" (1, C, Z, Y, X). Tensors are (N, C, Z, Y, X) on the canonical grid.
 """
 
@@ -72,8 +73,9 @@ class Bundle:
 
 def save_bundle(folder, *, grid: Grid, window_hu, locnet: LocNet, autoencoder: Autoencoder,
                 prototype: torch.Tensor | None = None, training: dict | None = None, metrics: dict | None = None,
-                channels: list[str] | None = None, overwrite: bool = False) -> Path:
-    """Write a bundle folder atomically (temporary sibling folder renamed into place)."""
+                channels: list[str] | None = None, float16: bool = False, overwrite: bool = False) -> Path:
+    """Write a bundle folder atomically (temporary sibling folder renamed into place); ``float16`` stores the
+    weights at half precision."""
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise OutputExistsError(f"{folder} already exists and is not empty; choose another folder or allow "
@@ -83,12 +85,14 @@ def save_bundle(folder, *, grid: Grid, window_hu, locnet: LocNet, autoencoder: A
               "window_hu": [float(w) for w in window_hu], "channels": list(channels or CHANNEL_NAMES[:c]),
               "side_convention": SIDE_CONVENTION, "locnet": locnet.config.to_dict(),
               "autoencoder": dict(autoencoder.config), "prototype": prototype is not None,
-              "training": training or {}, "metrics": metrics or {}}
+              "training": training or {}, "metrics": metrics or {},
+              "weights_dtype": "float16" if float16 else "float32"}
     weights = {f"locnet.{k}": v for k, v in locnet.state_dict().items()}
     weights.update({f"autoencoder.{k}": v for k, v in autoencoder.state_dict().items()})
     if prototype is not None:
         weights["prototype"] = prototype.detach().reshape(1, c, *grid.shape)
-    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    dtype = torch.float16 if float16 else torch.float32
+    weights = {k: v.detach().cpu().to(dtype).contiguous() for k, v in weights.items()}
     _check_consistent(config, grid, {k: list(v.shape) for k, v in weights.items()}, folder)
     with atomic_folder(folder) as tmp:
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": FORMAT})

@@ -1,8 +1,11 @@
 """PCA autoencoder on aligned canonical tensors, with a mask-robust (visible-voxel) encoder.
 
-Vectors are the flattened (C, Z, Y, X) tensors. ``encode`` projects onto the k principal axes;
-with ``visible`` it instead solves the probabilistic-PCA least squares on the visible voxels only
-(ridge = noise variance / component variance), so masked-out voxels do not bias the code.
+Vectors are the flattened (C, Z, Y, X) tensors, average-pooled by ``factor`` (1: none). ``encode``
+projects onto the k principal axes; with ``visible`` it instead solves the probabilistic-PCA least
+squares on the visible voxels only (ridge = noise variance / component variance; pooled visibility
+fractions weight the voxels), so masked-out voxels do not bias the code. ``decode`` returns tensors on
+the full grid (trilinear upsampling of the pooled reconstruction when ``factor`` > 1): a pooled model
+is ``factor``³ times smaller at almost the same accuracy for smooth anatomy.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import InputError
 from .autoencoder import Autoencoder, masked_mse
@@ -22,6 +26,7 @@ class PCAConfig(ArchConfig):
     in_channels: int = 2
     shape: list[int] = field(default_factory=lambda: [224, 64, 64])  # (Z, Y, X)
     components: int = 32
+    factor: int = 1  # components live on the grid average-pooled by this factor
 
 
 class PCA(Autoencoder):
@@ -34,7 +39,10 @@ class PCA(Autoencoder):
         cfg = config if isinstance(config, PCAConfig) else PCAConfig.from_dict(config or {})
         self.arch = cfg
         self.config = {"type": self.kind, **cfg.to_dict()}
-        d = cfg.in_channels * cfg.shape[0] * cfg.shape[1] * cfg.shape[2]
+        if cfg.factor < 1 or any(s % cfg.factor for s in cfg.shape):
+            raise InputError(f"PCA pooling factor {cfg.factor} must be >= 1 and divide the grid shape {cfg.shape}.")
+        self.coarse_shape = [s // cfg.factor for s in cfg.shape]
+        d = cfg.in_channels * self.coarse_shape[0] * self.coarse_shape[1] * self.coarse_shape[2]
         self.register_buffer("mean", torch.zeros(d))
         self.register_buffer("components", torch.zeros(cfg.components, d))
         self.register_buffer("variances", torch.ones(cfg.components))
@@ -49,10 +57,10 @@ class PCA(Autoencoder):
         k = self.arch.components
         if n_cases < 2 or k > n_cases - 1:
             raise InputError(f"PCA with {k} components needs at least {k + 1} training cases, got {n_cases}.")
-        rows = torch.stack([get_case(i).reshape(-1).float() for i in range(n_cases)])
+        rows = torch.stack([self._pool(get_case(i).float()[None]).reshape(-1) for i in range(n_cases)])
         if rows.shape[1] != self.mean.numel():
-            raise InputError(f"PCA expects cases of {self.mean.numel()} values ({self.arch.in_channels} channels x "
-                             f"{self.arch.shape}), got {rows.shape[1]}.")
+            raise InputError(f"PCA expects cases of {self.arch.in_channels} channels x {self.arch.shape} voxels, got "
+                             f"{rows.shape[1] * self.arch.factor ** 3} values.")
         mean = rows.double().mean(0)
         gram = torch.zeros(n_cases, n_cases, dtype=torch.float64)
         for a in range(0, rows.shape[1], chunk):
@@ -71,12 +79,17 @@ class PCA(Autoencoder):
         self.noise_variance.copy_(residual.float())
         return self
 
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.arch.factor
+        return F.avg_pool3d(x, f) if f > 1 else x
+
     def encode(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         """Codes (N, k) of x (N, C, Z, Y, X); least squares on the voxels where ``visible`` (N, 1, ...) is 1."""
+        x = self._pool(x)
         flat = x.reshape(x.shape[0], -1) - self.mean
         if visible is None:
             return flat @ self.components.T
-        weights = visible.to(x.dtype).expand_as(x).reshape(x.shape[0], -1)
+        weights = self._pool(visible.to(x.dtype)).expand_as(x).reshape(x.shape[0], -1)
         ridge = torch.diag(self.noise_variance / self.variances)
         codes = []
         for w, r in zip(weights, flat):
@@ -87,8 +100,11 @@ class PCA(Autoencoder):
         return torch.stack(codes)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Tensors (N, C, Z, Y, X) from codes (N, k)."""
-        return (self.mean + z @ self.components).reshape(z.shape[0], self.arch.in_channels, *self.arch.shape)
+        """Tensors (N, C, Z, Y, X) on the full grid from codes (N, k)."""
+        coarse = (self.mean + z @ self.components).reshape(z.shape[0], self.arch.in_channels, *self.coarse_shape)
+        if self.arch.factor == 1:
+            return coarse
+        return F.interpolate(coarse, size=tuple(self.arch.shape), mode="trilinear", align_corners=False)
 
     def reconstruct(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.encode(x, visible))

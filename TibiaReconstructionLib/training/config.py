@@ -37,7 +37,7 @@ DEFAULTS = {
 
 # Per-model defaults inside step2 "models" and step3 "autoencoders".
 MODEL_DEFAULTS = {
-    "pca": {"type": "pca", "components": 32},
+    "pca": {"type": "pca", "components": 32, "factor": 1},
     "vae": {"type": "vae", "arch": {}, "epochs": 30, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-5,
             "init": None},
     "vqvae": {"type": "vqvae", "arch": {}, "epochs": 30, "batch_size": 4, "lr": 1e-3, "weight_decay": 1e-5,

@@ -15,9 +15,10 @@ from .artifacts import load_model, with_prefix
 
 
 def export_bundle(step1: str | Path, step3: str | Path, autoencoder: str, out: str | Path,
-                  overwrite: bool = False) -> Path:
+                  float16: bool = False, overwrite: bool = False) -> Path:
     """Write a bundle to ``out`` from ``step1/`` (prototype, grid), ``step3/locnet/`` and the autoencoder
-    ``step3/<autoencoder>/`` (``autoencoder`` may also be a path to a model folder)."""
+    ``step3/<autoencoder>/`` (``autoencoder`` may also be a path to a model folder); ``float16``: weights
+    stored at half precision."""
     s1_tensors, s1_meta = load_model(step1)
     loc_tensors, loc_meta = load_model(Path(step3) / "locnet")
     ae_dir = Path(autoencoder) if Path(autoencoder).is_dir() else Path(step3) / autoencoder
@@ -38,4 +39,4 @@ def export_bundle(step1: str | Path, step3: str | Path, autoencoder: str, out: s
     prototype: torch.Tensor = s1_tensors["prototype"]
     return save_bundle(out, grid=grid, window_hu=s1_meta["window_hu"], locnet=locnet, autoencoder=ae,
                        prototype=prototype, training=training, metrics=metrics, channels=s1_meta["channels"],
-                       overwrite=overwrite)
+                       float16=float16, overwrite=overwrite)
