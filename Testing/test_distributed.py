@@ -4,6 +4,7 @@ The module is also the worker script torchrun starts: it runs `tibia-recon train
 every training run, saves each rank's weights so the test can compare the ranks.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -47,8 +48,6 @@ def _worker(dumps: Path, commands: list[list[str]]) -> None:
 
 
 def _log(folder: Path) -> list[dict]:
-    import csv
-
     with open(folder / "log.csv", newline="", encoding="utf-8") as f:
         return [r for r in csv.DictReader(f) if r["phase"] == "train"]
 
