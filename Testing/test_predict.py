@@ -130,3 +130,18 @@ def test_bad_inputs_are_refused_clearly(predictor, case, problem, match):
         side = "middle"
     with pytest.raises(InputError, match=match):
         predictor.predict(ct, tibia, fracture, side=side)
+
+
+def test_fibula_side_reads_the_side_from_the_fibula():
+    """The fibula lies lateral: the patient's left (+x LPS) of a left tibia, the right of a right one; a CT
+    without a fibula beside the tibia gives no answer (the Predictor then compares both sides)."""
+    from TibiaReconstructionLib.phantoms import generate_case
+    from TibiaReconstructionLib.phantoms.ct import FIBULA, TIBIA
+    from TibiaReconstructionLib.predict import fibula_side
+
+    for side in ("left", "right"):
+        case = generate_case(7, side=side, spacing=(1.5, 1.5, 3.0))
+        tibia = case.fractured_labels.with_array((case.fractured_labels.array == TIBIA).astype(np.uint8))
+        assert fibula_side(case.fractured_ct, tibia) == side
+    no_fibula = np.where(case.fractured_labels.array == FIBULA, 40, case.fractured_ct.array)
+    assert fibula_side(case.fractured_ct.with_array(no_fibula), tibia) is None

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 import vtk
+from scipy import ndimage
 
 from .bundle import Bundle, load_bundle
 from .errors import InputError
@@ -34,6 +35,12 @@ MAX_SPACING_MM = 6.0
 WARN_SPACING_MM = 3.0
 MIN_SLICES = 8  # a CT needs at least this many voxels along every axis
 MIN_TIBIA_EXTENT_MM = 60.0  # at least this much of the tibia must be in the CT (an adult tibia is 300-450 mm)
+# Side from the fibula: bone above FIBULA_HU within FIBULA_RADIUS_MM of the tibia's axis, at least FIBULA_MIN_MM3
+# of it, whose median lies at least FIBULA_MIN_OFFSET_MM to one side.
+FIBULA_HU = 250.0
+FIBULA_RADIUS_MM = 45.0
+FIBULA_MIN_MM3 = 1000.0
+FIBULA_MIN_OFFSET_MM = 8.0
 Progress = Callable[[float, str], None]
 
 
@@ -154,6 +161,33 @@ def input_warnings(ct: Volume, tibia: Volume) -> list[str]:
     return warnings
 
 
+def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
+    """The leg side from where the fibula lies: bone (> FIBULA_HU) outside the tibia, beside its middle
+    half (within FIBULA_RADIUS_MM of the long axis), is lateral, and lateral is the patient's left (+x in
+    LPS) for a left leg. None when too little such bone is found or it is not clearly to one side; the
+    CT is read at about ``step_mm`` spacing."""
+    stride = np.maximum(1, np.floor(step_mm / ct.spacing)).astype(int)[::-1]  # (k, j, i)
+    sub = tuple(slice(None, None, s) for s in stride)
+    tib = tibia.array[sub] != 0
+    grid = Grid(tib.shape[::-1], ct.spacing * stride[::-1], ct.origin, ct.direction)
+    tib_vol = Volume.on_grid(tib.astype(np.uint8), grid)
+    p = patient_to_canonical(tib_vol, "left")  # long axis -> z, no mirroring: x stays the patient's x
+    bone = (ct.array[sub] > FIBULA_HU) & ~ndimage.binary_dilation(tib, iterations=2)
+    idx = np.argwhere(bone)
+    if len(idx) == 0:
+        return None
+    pts = apply_affine(p, grid.index_to_physical(idx[:, ::-1].astype(float)))
+    tib_z = apply_affine(p, grid.index_to_physical(np.argwhere(tib)[::7, ::-1].astype(float)))[:, 2]
+    lo, hi = np.percentile(tib_z, [25, 75])
+    near = pts[(pts[:, 2] > lo) & (pts[:, 2] < hi) & (np.hypot(pts[:, 0], pts[:, 1]) < FIBULA_RADIUS_MM)]
+    if len(near) * np.prod(grid.spacing) < FIBULA_MIN_MM3:
+        return None
+    lateral = float(np.median(near[:, 0]))  # canonical x = patient x (LPS) after aligning the long axis
+    if abs(lateral) < FIBULA_MIN_OFFSET_MM:
+        return None
+    return "left" if lateral > 0 else "right"
+
+
 class Predictor:
     """Loads a model bundle once and predicts healthy tibiae from fractured CTs."""
 
@@ -187,8 +221,9 @@ class Predictor:
 
     def predict(self, ct: Volume, tibia_mask: Volume, fracture_mask: Volume, side: str = "auto",
                 progress: Progress | None = None) -> Prediction:
-        """Predict the healthy tibia. ``side``: 'left', 'right' or 'auto' (the side whose mirror image
-        the model aligns better). Inputs are not modified."""
+        """Predict the healthy tibia. ``side``: 'left', 'right' or 'auto' (from the fibula's position, see
+        :func:`fibula_side`; without a clear fibula, the side whose mirror image the model aligns better).
+        Inputs are not modified."""
         report = progress or (lambda f, m: None)
         t = {}
         t0 = time.perf_counter()
@@ -200,9 +235,10 @@ class Predictor:
         t["check"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         report(0.1, "Aligning and reconstructing")
+        found = fibula_side(ct, tibia_mask) if side == "auto" else side
+        sides = (found,) if found else ("left", "right")
         try:
-            candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s)
-                          for s in (("left", "right") if side == "auto" else (side,))}
+            candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s) for s in sides}
         finally:
             self._crop_cache = None  # never reuse crops across calls (ids can be recycled)
         chosen = min(candidates, key=lambda s: candidates[s][3])
@@ -257,10 +293,11 @@ class Predictor:
         occ_sub = resample(Volume.on_grid(occ.astype(np.float32), grid), sub, patient_to_standard).array
         int_sub = resample(Volume.on_grid(recon[0].astype(np.float32), grid), sub, patient_to_standard).array
         label_sub = occ_sub >= 0.5
-        hu = lo_hu + np.clip(int_sub / np.maximum(occ_sub, 1e-3), 0, 1) * (hi_hu - lo_hu)
+        hu_sub = np.full(label_sub.shape, round(lo_hu), np.int16)
+        hu_sub[label_sub] = np.rint(lo_hu + np.clip(int_sub[label_sub] / occ_sub[label_sub], 0, 1) * (hi_hu - lo_hu))
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
         labelmap[sl] = label_sub
-        intensity[sl] = np.rint(np.where(label_sub, hu, lo_hu)).astype(np.int16)
+        intensity[sl] = hu_sub
         return ct.with_array(labelmap), ct.with_array(intensity)
 
     def _surface(self, occ: np.ndarray, standard_to_patient: np.ndarray) -> vtk.vtkPolyData:

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import Grid, Volume, check_same_grid, crop_to_mask, invert_affine, make_affine, \
+from .geometry import Grid, Volume, bounding_box, check_same_grid, crop_to_mask, invert_affine, make_affine, \
     reflection, resample
 
 DEFAULT_WINDOW_HU = (-200.0, 1800.0)
@@ -55,7 +55,9 @@ def mirror_for_side(side: str, center: np.ndarray) -> np.ndarray:
 
 def patient_to_canonical(tibia: Volume, side: str) -> np.ndarray:
     """4x4 LPS affine P from patient points to the canonical frame, from the tibia mask (see module doc)."""
-    idx = np.argwhere(tibia.array != 0)
+    box = bounding_box(tibia.array != 0)
+    idx = np.zeros((0, 3), int) if box is None else np.argwhere(
+        tibia.array[box[0][0]:box[1][0] + 1, box[0][1]:box[1][1] + 1, box[0][2]:box[1][2] + 1] != 0) + box[0]
     if len(idx) < 10:
         raise InputError(f"The tibia mask has {len(idx)} voxels; it must cover the tibia. Check that the right "
                          "segment/label was chosen.")
@@ -74,12 +76,17 @@ def patient_to_canonical(tibia: Volume, side: str) -> np.ndarray:
 
 
 def _antialias(volume: Volume, target_spacing: np.ndarray) -> Volume:
-    """Gaussian pre-filter (float32) before downsampling to ``target_spacing``: a recursive (IIR) Gaussian along
-    each axis that gets coarser, so the cost does not grow with the kernel width."""
-    sigma = np.sqrt(np.maximum((target_spacing.max() ** 2 - volume.spacing ** 2), 0.0)) / 2.355
+    """Low-pass filter (float32) before downsampling to ``target_spacing``: block averages over the integer
+    number of voxels that fit in the target spacing (one cheap pass that shrinks the image), then a recursive
+    (IIR) Gaussian for the rest of the blur, along each axis that gets coarser."""
     img = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+    factors = [max(1, int(np.floor(t / s + 1e-6))) for s, t in zip(volume.spacing, target_spacing)]
+    if max(factors) > 1:
+        img = sitk.BinShrink(img, factors)
+    spacing = np.asarray(img.GetSpacing())
+    sigma = np.sqrt(np.maximum(target_spacing.max() ** 2 - spacing ** 2, 0.0)) / 2.355
     for axis in range(3):
-        if sigma[axis] >= 0.25 * volume.spacing[axis]:
+        if sigma[axis] >= 0.25 * spacing[axis]:
             img = sitk.RecursiveGaussian(img, float(sigma[axis]), False, sitk.RecursiveGaussianImageFilter.ZeroOrder,
                                          axis)
     return Volume.from_sitk(img)
