@@ -160,6 +160,33 @@ def test_pooled_pca_reconstructs_smooth_cases_on_the_full_grid(rng):
         PCA({"shape": [8, 4, 6], "components": 3, "factor": 4})
 
 
+def test_pca_posterior_std_matches_the_gaussian_posterior_and_grows_when_voxels_are_hidden(rng):
+    data = torch.from_numpy(0.2 + rng.random(size=(20, 2, 8, 4, 4)).astype(np.float32))  # all above BONE_LEVEL
+    pca = PCA({"shape": [8, 4, 4], "components": 4}).fit(20, lambda i: data[i])
+    visible = torch.ones(1, 1, 8, 4, 4)
+    visible[..., :3, :, :] = 0
+    x = data[:1]
+    std = pca.reconstruction_std(x, visible)
+    # the same posterior written out with numpy: s2 = residual variance on the visible voxels (all are "bone" here)
+    w = pca.components.double().numpy()
+    seen = visible.expand(1, 2, 8, 4, 4).reshape(-1).double().numpy()
+    recon = pca.reconstruct(x, visible).double().numpy().reshape(-1)
+    s2 = np.mean(((x.double().numpy().reshape(-1) - recon) ** 2)[seen > 0])
+    cov = s2 * np.linalg.inv((w * seen) @ w.T + np.diag(s2 / pca.variances.double().numpy()))
+    expected = np.sqrt(np.einsum("kd,kl,ld->d", w, cov, w))
+    np.testing.assert_allclose(std.reshape(-1).numpy(), expected, rtol=1e-3, atol=1e-6)
+    assert std.shape == x.shape
+    # a shape mode that lives only in the hidden slab cannot be pinned down by the visible voxels
+    basis = torch.zeros(2, 2, 8, 4, 4)
+    basis[0, :, :3] = 1.0
+    basis[1, :, 3:] = 1.0
+    codes = torch.from_numpy(rng.normal(size=(20, 2)).astype(np.float32))
+    shaped = 0.5 + torch.einsum("nk,kczyx->nczyx", codes, basis) + 0.01 * data
+    model = PCA({"shape": [8, 4, 4], "components": 2}).fit(20, lambda i: shaped[i])
+    spread = model.reconstruction_std(shaped[:1], visible)
+    assert spread[:, :, :3].min() > 10 * spread[:, :, 3:].max()
+
+
 def test_pca_needs_enough_cases():
     with pytest.raises(InputError, match="at least 5"):
         PCA({"shape": [2, 2, 2], "components": 4}).fit(3, lambda i: torch.zeros(2, 2, 2, 2))

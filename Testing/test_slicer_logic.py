@@ -521,6 +521,16 @@ def test_predict_end_to_end_matches_the_library_and_keeps_inputs(sc, logic, tiny
     assert _same_point_set(ras_points, lps_to_ras(mrml.polyDataPoints(direct.surface)), atol=1e-3)
     report = json.loads(out_seg.GetAttribute(REPORT_ATTRIBUTE))
     assert report["ct"] == "CT" and "timings_s" in report
+    # the per-point uncertainty travels with the model (PCA bundle) and colours it on request
+    from TibiaReconstructionLib.surface import UNCERTAINTY_ARRAY, point_array
+
+    shown = model.GetPolyData().GetPointData().GetArray(UNCERTAINTY_ARRAY)
+    np.testing.assert_allclose([shown.GetValue(i) for i in range(shown.GetNumberOfTuples())],
+                               point_array(direct.surface, UNCERTAINTY_ARRAY), rtol=1e-6)
+    assert not model.GetDisplayNode().GetScalarVisibility()
+    logic.showUncertainty(model)
+    assert model.GetDisplayNode().GetScalarVisibility()
+    assert model.GetDisplayNode().GetActiveScalarName() == UNCERTAINTY_ARRAY
 
 
 def test_background_jobs_match_the_library_report_its_errors_and_cancel_at_once(sc, logic, tiny_bundle, tmp_path):

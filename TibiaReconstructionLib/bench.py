@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ from . import __version__
 from .errors import InputError, OutputExistsError, TibiaReconError
 from .geometry import Grid, Volume, bounding_box, resample
 from .io import atomic_path
-from .predict import Predictor
+from .predict import ModelRun, Predictor
 
 SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 mm in-plane, up to 480 mm long
 DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ...)
@@ -150,16 +151,22 @@ def _today() -> str:
 # Accuracy: baselines
 
 
-class PrototypePredictor(Predictor):
+class _BaselinePredictor(Predictor):
+    """A baseline's output is the prototype, which has no posterior: no uncertainty map."""
+
+    def _uncertainty(self, run):
+        return None
+
+
+class PrototypePredictor(_BaselinePredictor):
     """Baseline: the Predictor's pipeline with the bundle's prototype (the mean aligned tibia) in place of the
     autoencoder's reconstruction; it is placed by the mask-robust LocNet's θ as the model's output is."""
 
     def _run_model(self, ct, tibia, fracture, side):
-        p, theta, _, misfit = super()._run_model(ct, tibia, fracture, side)
-        return p, theta, self.bundle.prototype[0].float().cpu().numpy(), misfit
+        return replace(super()._run_model(ct, tibia, fracture, side), recon=self.bundle.prototype[0].float().cpu().numpy())
 
 
-class RigidFitPredictor(Predictor):
+class RigidFitPredictor(_BaselinePredictor):
     """Baseline: the bundle's prototype (mean shape) fitted to the visible tibia by a rigid transform
     (rotation + translation; Adam on the squared difference over the visible voxels at a quarter of the
     canonical resolution, from the principal-axis alignment), with no LocNet and no autoencoder."""
@@ -190,7 +197,8 @@ class RigidFitPredictor(Predictor):
                 loss.backward()
                 optimizer.step()
         theta = _rigid_theta(params.detach())
-        return p, theta_to_matrix(theta[0]), self.bundle.prototype[0].float().cpu().numpy(), loss.item()
+        return ModelRun(p, theta_to_matrix(theta[0]), self.bundle.prototype[0].float().cpu().numpy(), loss.item(),
+                        x, visible)
 
 
 def _rigid_theta(params: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,17 @@ class Bundle:
         return theta, aligned, self.autoencoder.reconstruct(aligned, vis_aligned)
 
     @torch.no_grad()
+    def reconstruction_std(self, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor) -> torch.Tensor | None:
+        """Posterior standard deviation (N, C, Z, Y, X) of the reconstruction in standard coordinates for the input
+        ``x`` aligned by ``theta`` (as :meth:`align_and_reconstruct` aligns it), or None when the autoencoder has no
+        posterior (only PCA has one)."""
+        if not hasattr(self.autoencoder, "reconstruction_std"):
+            return None
+        x, theta = x.to(self.device, torch.float32), theta.to(self.device, torch.float32)
+        vis_aligned = (self.sampler(visible.to(self.device, torch.float32), theta) > 0.5).float()
+        return self.autoencoder.reconstruction_std(self.sampler(x, theta), vis_aligned)
+
+    @torch.no_grad()
     def to_input_frame(self, standard: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """Map tensors from standard coordinates back onto the input's canonical grid (applies θ⁻¹)."""
         return self.sampler(standard.to(self.device), invert_theta(theta.to(self.device).double()).float())

@@ -34,7 +34,7 @@ from .geometry import (Grid, Volume, apply_affine, bounding_box, check_same_grid
                        resample)
 from .io import (atomic_path, check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json,
                  write_volume)
-from .surface import labelmap_surface, polydata_points, transform_polydata, write_stl
+from .surface import labelmap_surface, polydata_points, transform_polydata, write_stl, write_vtp
 
 FRACTURE_CLEARANCE_MM = 3.0  # fragment surface points at least this far from the fracture mask
 KNEE_ZONE = 0.15             # the knee end: this top fraction of the tibia's length
@@ -391,17 +391,6 @@ def output_paths(out: Path, suffix: str, auto_other: bool = False, compared: boo
     if auto_other:
         paths["other_tibia_mask"] = out / f"other_tibia_mask_auto{suffix}"
     return paths
-
-
-def write_vtp(polydata: vtk.vtkPolyData, path: Path, overwrite: bool = False) -> Path:
-    """Write a polydata (points as they are, with its point data) as VTK XML PolyData."""
-    with atomic_path(path, overwrite) as tmp:
-        writer = vtk.vtkXMLPolyDataWriter()
-        writer.SetFileName(str(tmp))
-        writer.SetInputData(polydata)
-        if not writer.Write():
-            raise OSError(f"Could not write {path}")
-    return path
 
 
 def run_contralateral(ct_path, tibia_path, fracture_path, out, other_path=None, prediction_path=None,

@@ -23,9 +23,10 @@ from .bundle import Bundle, load_bundle
 from .errors import InputError
 from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, invert_affine, \
     resample
-from .models.sampler import theta_to_matrix
+from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
-from .surface import isosurface, smooth_and_decimate, transform_polydata
+from .surface import UNCERTAINTY_ARRAY, add_point_array, isosurface, polydata_points, smooth_and_decimate, \
+    transform_polydata
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "default"
 MAX_FRACTURE_FRACTION = 0.6  # refuse when more of the tibia than this is hidden by the fracture mask
@@ -41,6 +42,7 @@ FIBULA_HU = 250.0
 FIBULA_RADIUS_MM = 45.0
 FIBULA_MIN_MM3 = 1000.0
 FIBULA_MIN_OFFSET_MM = 8.0
+MAX_UNCERTAINTY_MM = 30.0
 Progress = Callable[[float, str], None]
 
 
@@ -70,6 +72,7 @@ class Prediction:
     warnings: list = field(default_factory=list)
     bundle_name: str = ""
     device: str = "cpu"
+    occupancy_std: Volume | None = None  # posterior std of the predicted occupancy on the CT grid (PCA bundles)
 
     def report(self) -> dict:
         """JSON-ready summary: side, transforms, volumes, timings, warnings."""
@@ -188,6 +191,19 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
     return "left" if lateral > 0 else "right"
 
 
+@dataclass
+class ModelRun:
+    """One pass of the model for one leg side: P (patient -> canonical), θ (4x4, standard -> canonical), the
+    reconstruction (C, Z, Y, X) in standard coordinates, its misfit, and the model's inputs (x, visible)."""
+
+    p: np.ndarray
+    theta: np.ndarray
+    recon: np.ndarray
+    misfit: float
+    x: torch.Tensor
+    visible: torch.Tensor
+
+
 class Predictor:
     """Loads a model bundle once and predicts healthy tibiae from fractured CTs."""
 
@@ -204,13 +220,20 @@ class Predictor:
             self._crop_cache = (key, smoothed_crops(ct, tibia, self.bundle.grid.spacing, fracture))
         return self._crop_cache[1]
 
-    def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str):
+    def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str) -> ModelRun:
         p = patient_to_canonical(tibia, side)
         case = resample_crops(self._crops(ct, tibia, fracture), self.bundle.grid, p, self.bundle.window_hu)
         x = torch.from_numpy(case.tensor[None])
         visible = torch.from_numpy(case.visible[None, None].astype(np.float32))
         theta, aligned, recon = self.bundle.align_and_reconstruct(x, visible)
-        return p, theta_to_matrix(theta[0]), recon[0].float().cpu().numpy(), self._misfit(aligned, recon)
+        return ModelRun(p, theta_to_matrix(theta[0]), recon[0].float().cpu().numpy(), self._misfit(aligned, recon),
+                        x, visible)
+
+    def _uncertainty(self, run: ModelRun) -> np.ndarray | None:
+        """Posterior standard deviation of the reconstruction's occupancy (Z, Y, X) in standard coordinates,
+        or None when the bundle's autoencoder has no posterior (only PCA has one)."""
+        std = self.bundle.reconstruction_std(run.x, run.visible, matrix_to_theta(run.theta)[None])
+        return None if std is None else std[0, -1].float().cpu().numpy()
 
     def _misfit(self, aligned: torch.Tensor, recon: torch.Tensor) -> float:
         """How badly the aligned input matches the model (prototype, else its own reconstruction) where
@@ -241,20 +264,25 @@ class Predictor:
             candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s) for s in sides}
         finally:
             self._crop_cache = None  # never reuse crops across calls (ids can be recycled)
-        chosen = min(candidates, key=lambda s: candidates[s][3])
-        p, theta, recon, _ = candidates[chosen]
+        chosen = min(candidates, key=lambda s: candidates[s].misfit)
+        run = candidates[chosen]
+        p, theta, recon = run.p, run.theta, run.recon
+        std = self._uncertainty(run)
         t["model"] = time.perf_counter() - t0
 
         report(0.6, "Mapping the prediction into the CT grid")
         t0 = time.perf_counter()
         chain = TransformChain().then("mirror, align long axis, centre", p, "canonical") \
             .then("inverse theta (LocNet)", invert_affine(theta), "standard")
-        labelmap, intensity = self._to_ct_grid(recon, chain.matrix(), ct)
+        labelmap, intensity, occupancy_std = self._to_ct_grid(recon, chain.matrix(), ct, std)
         t["resample"] = time.perf_counter() - t0
 
         report(0.8, "Building the surface")
         t0 = time.perf_counter()
         surface = self._surface(recon[-1], invert_affine(chain.matrix()))
+        if std is not None:
+            add_point_array(surface, UNCERTAINTY_ARRAY, self._surface_uncertainty_mm(
+                recon[-1], std, apply_affine(chain.matrix(), polydata_points(surface))))
         t["surface"] = time.perf_counter() - t0
         report(1.0, "Done")
         voxel_ml = float(np.prod(ct.spacing)) / 1000.0
@@ -263,24 +291,27 @@ class Predictor:
                    "input_tibia": float(tib.sum()) * voxel_ml,
                    "fracture_mask_in_tibia": float((tib & (fracture_mask.array != 0)).sum()) * voxel_ml}
         if side == "auto" and len(candidates) == 2:
-            fits = sorted(c[3] for c in candidates.values())
+            fits = sorted(c.misfit for c in candidates.values())
             if fits[1] < 1.2 * fits[0]:
                 warnings.append("The leg side was chosen automatically with low margin; pass side='left' or "
                                 "'right' if known.")
         return Prediction(labelmap, intensity, surface, chosen, chain, theta, t, volumes, warnings,
-                          self.bundle_path, str(self.device))
+                          self.bundle_path, str(self.device), occupancy_std)
 
-    def _to_ct_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[Volume, Volume]:
-        """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the CT grid, computing only
-        the CT sub-box that the predicted tibia can reach."""
+    def _to_ct_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
+                    std: np.ndarray | None = None) -> tuple[Volume, Volume, Volume | None]:
+        """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the CT grid: labelmap (uint8),
+        intensity (int16 HU) and, with ``std`` (Z, Y, X), the occupancy's standard deviation (float32). Only
+        the CT sub-box that the predicted tibia can reach is computed."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
         lo_hu, hi_hu = self.bundle.window_hu
         inside = np.argwhere(occ > 0.25)
         labelmap = np.zeros(ct.array.shape, np.uint8)
         intensity = np.full(ct.array.shape, round(lo_hu), np.int16)  # HU, window floor outside the tibia
+        spread = None if std is None else np.zeros(ct.array.shape, np.float32)
         if len(inside) == 0:
-            return ct.with_array(labelmap), ct.with_array(intensity)
+            return ct.with_array(labelmap), ct.with_array(intensity), None if std is None else ct.with_array(spread)
         box_std = np.array([inside.min(0), inside.max(0)])[:, ::-1].astype(float)  # (i, j, k) corners
         corners = np.array([[box_std[a, 0], box_std[b, 1], box_std[c, 2]] for a in (0, 1) for b in (0, 1)
                             for c in (0, 1)])
@@ -290,15 +321,31 @@ class Predictor:
         lo = np.clip(np.floor(ijk.min(0) - margin), 0, np.array(ct.grid.size) - 1).astype(int)
         hi = np.clip(np.ceil(ijk.max(0) + margin), 0, np.array(ct.grid.size) - 1).astype(int)
         sub = Grid(tuple(hi - lo + 1), ct.spacing, ct.index_to_physical(lo.astype(float)), ct.direction)
-        occ_sub = resample(Volume.on_grid(occ.astype(np.float32), grid), sub, patient_to_standard).array
-        int_sub = resample(Volume.on_grid(recon[0].astype(np.float32), grid), sub, patient_to_standard).array
+
+        def onto_sub(values: np.ndarray) -> np.ndarray:
+            return resample(Volume.on_grid(values.astype(np.float32), grid), sub, patient_to_standard).array
+
+        occ_sub, int_sub = onto_sub(occ), onto_sub(recon[0])
         label_sub = occ_sub >= 0.5
         hu_sub = np.full(label_sub.shape, round(lo_hu), np.int16)
         hu_sub[label_sub] = np.rint(lo_hu + np.clip(int_sub[label_sub] / occ_sub[label_sub], 0, 1) * (hi_hu - lo_hu))
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
         labelmap[sl] = label_sub
         intensity[sl] = hu_sub
-        return ct.with_array(labelmap), ct.with_array(intensity)
+        if std is None:
+            return ct.with_array(labelmap), ct.with_array(intensity), None
+        spread[sl] = onto_sub(std)
+        return ct.with_array(labelmap), ct.with_array(intensity), ct.with_array(spread)
+
+    def _surface_uncertainty_mm(self, occ: np.ndarray, std: np.ndarray, points_std: np.ndarray) -> np.ndarray:
+        """Standard deviation (mm) of the surface position at ``points_std`` (standard coordinates, mm): the
+        occupancy's std divided by the occupancy's gradient magnitude (first order: how far the 0.5 level moves
+        when the occupancy changes by one std), capped at MAX_UNCERTAINTY_MM."""
+        grid: Grid = self.bundle.grid
+        slope = np.sqrt(sum(g ** 2 for g in np.gradient(occ, *grid.spacing[::-1])))
+        field = np.minimum(std / np.maximum(slope, std / MAX_UNCERTAINTY_MM + 1e-6), MAX_UNCERTAINTY_MM)
+        ijk = grid.physical_to_index(points_std)
+        return ndimage.map_coordinates(field, ijk[:, ::-1].T, order=1, mode="nearest")
 
     def _surface(self, occ: np.ndarray, standard_to_patient: np.ndarray) -> vtk.vtkPolyData:
         """Iso-surface of the occupancy at 0.5 in standard coordinates, moved into patient LPS, smoothed and

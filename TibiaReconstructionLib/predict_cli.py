@@ -6,19 +6,18 @@ from pathlib import Path
 
 from .errors import InputError, OutputExistsError
 from .io import check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json, write_volume
-from .surface import write_stl
-
-OUTPUT_NAMES = ("predicted_tibia_label", "predicted_tibia_intensity", "predicted_tibia_LPS.stl",
-                "predicted_tibia_RAS.stl", "report.json")
+from .surface import write_stl, write_vtp
 
 
 def output_paths(out: Path, suffix: str, auto_tibia: bool = False) -> dict:
-    """The files predict writes into ``out`` (volumes in the input's format); with ``auto_tibia`` also the
-    automatically segmented tibia mask it used."""
+    """The files predict writes into ``out`` (volumes in the input's format): labelmap, intensity, the occupancy's
+    posterior standard deviation, STL in LPS and RAS, the LPS surface as VTK XML with its per-vertex uncertainty
+    (mm), the report; with ``auto_tibia`` also the automatically segmented tibia mask it used."""
     suffix = suffix or ".nrrd"
     paths = {"label": out / f"predicted_tibia_label{suffix}", "intensity": out / f"predicted_tibia_intensity{suffix}",
+             "uncertainty": out / f"predicted_tibia_uncertainty{suffix}",
              "stl_lps": out / "predicted_tibia_LPS.stl", "stl_ras": out / "predicted_tibia_RAS.stl",
-             "report": out / "report.json"}
+             "vtp_lps": out / "predicted_tibia_LPS.vtp", "report": out / "report.json"}
     if auto_tibia:
         paths["tibia_mask"] = out / f"tibia_mask_auto{suffix}"
     return paths
@@ -54,6 +53,8 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     else:
         tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
     result = Predictor(bundle, device).predict(ct, tibia, fracture, side=side, progress=progress)
+    if result.occupancy_std is None:  # the bundle's autoencoder has no posterior
+        paths.pop("uncertainty")
     report = result.report()
     report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path or "automatic segmentation"),
                         "fracture_mask": str(fracture_path)}
@@ -70,7 +71,10 @@ def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibi
     with staged_outputs(paths, overwrite) as staged:
         write_volume(result.labelmap, staged["label"], label=True)
         write_volume(result.intensity, staged["intensity"])
+        if "uncertainty" in staged:
+            write_volume(result.occupancy_std, staged["uncertainty"])
         write_stl(result.surface, staged["stl_lps"], "LPS")
+        write_vtp(result.surface, staged["vtp_lps"])
         write_stl(result.surface, staged["stl_ras"], "RAS")
         if auto_tibia is not None:
             write_volume(auto_tibia, staged["tibia_mask"], label=True)

@@ -19,6 +19,7 @@ from .geometry import Grid, Volume, apply_affine, lps_to_ras
 from .io import atomic_path
 
 STL_FRAMES = ("LPS", "RAS")
+UNCERTAINTY_ARRAY = "UncertaintyMm"  # point data of a predicted surface: std of the surface position (mm)
 
 
 def polydata_points(polydata: vtk.vtkPolyData) -> np.ndarray:
@@ -26,6 +27,28 @@ def polydata_points(polydata: vtk.vtkPolyData) -> np.ndarray:
     if polydata.GetPoints() is None:
         return np.zeros((0, 3))
     return numpy_support.vtk_to_numpy(polydata.GetPoints().GetData()).astype(float)
+
+
+def add_point_array(polydata: vtk.vtkPolyData, name: str, values: np.ndarray, active: bool = True) -> None:
+    """Attach one value per point (float32) as the point-data array ``name``; ``active`` makes it the scalars
+    that viewers colour by."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.shape != (polydata.GetNumberOfPoints(),):
+        raise InputError(f"'{name}' needs one value per surface point ({polydata.GetNumberOfPoints()}), got "
+                         f"shape {values.shape}.")
+    array = numpy_support.numpy_to_vtk(values, deep=True)
+    array.SetName(name)
+    polydata.GetPointData().AddArray(array)
+    if active:
+        polydata.GetPointData().SetActiveScalars(name)
+
+
+def point_array(polydata: vtk.vtkPolyData, name: str) -> np.ndarray:
+    """The point-data array ``name`` as numpy (a copy)."""
+    array = polydata.GetPointData().GetArray(name)
+    if array is None:
+        raise InputError(f"The surface has no point array {name!r}.")
+    return numpy_support.vtk_to_numpy(array).copy()
 
 
 def _set_points(polydata: vtk.vtkPolyData, points: np.ndarray) -> vtk.vtkPolyData:
@@ -130,6 +153,19 @@ def write_stl(polydata: vtk.vtkPolyData, path: str | os.PathLike, frame: str = "
             raise OutputError(f"Could not write STL {path}; check that the folder is writable and the disk is not "
                               "full.")
     return Path(path)
+
+
+def write_vtp(polydata: vtk.vtkPolyData, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a polydata as VTK XML PolyData (points as they are, LPS mm here, with their point data, e.g.
+    per-vertex uncertainty or distances, which STL cannot hold); atomic, never overwrites unless asked."""
+    path = Path(path)
+    with atomic_path(path, overwrite) as tmp:
+        writer = vtk.vtkXMLPolyDataWriter()
+        writer.SetFileName(str(tmp))
+        writer.SetInputData(polydata)
+        if not writer.Write():
+            raise OutputError(f"Could not write {path}; check that the folder is writable and the disk not full.")
+    return path
 
 
 def read_stl(path: str | os.PathLike) -> vtk.vtkPolyData:

@@ -31,12 +31,14 @@ ensureLibraryImportable()
 
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError, OutputExistsError  # noqa: E402
 from TibiaReconstructionLib.io import json_default  # noqa: E402
+from TibiaReconstructionLib.surface import UNCERTAINTY_ARRAY  # noqa: E402
 
 DEFAULT_SEGMENTATION_NAME = "Predicted healthy tibia"
 DEFAULT_MODEL_NAME = "Predicted healthy tibia surface"
 DEFAULT_INTENSITY_NAME = "Predicted healthy tibia HU"
 PREDICTION_COLOR = (0.10, 0.80, 0.95)  # cyan: distinct from bone white and the Segment Editor's default colours
 MODEL_OPACITY = 0.6
+UNCERTAINTY_RANGE_MM = 2.0  # the uncertainty colour map saturates here
 # Share of a segment's voxels allowed outside the CT: tibia outside the CT is bone the model cannot see; a
 # fracture mask painted a little beyond the CT's edge is harmless, but mostly outside means a wrong segmentation.
 MAX_OUTSIDE_FRACTION = {"tibia": 0.01, "fracture": 0.5}
@@ -271,6 +273,8 @@ class TibiaReconstructionLogic:
         display.SetVisibility3D(False)  # the model node shows it in 3D
         modelNode = mrml.addModelFromPolyData(scene, result.surface, modelName or DEFAULT_MODEL_NAME,
                                               PREDICTION_COLOR, MODEL_OPACITY, parent)
+        if result.surface.GetPointData().GetArray(UNCERTAINTY_ARRAY) is not None:
+            self.showUncertainty(modelNode, False)
         if intensityName:
             mrml.addVolumeNode(scene, result.intensity, intensityName, parentTransformNode=parent)
         report = result.report() if callable(getattr(result, "report", None)) else {}
@@ -280,6 +284,21 @@ class TibiaReconstructionLogic:
         modelNode.SetAttribute(REPORT_ATTRIBUTE, text)
         self.lastResult, self.lastReport = result, report
         return segmentationNode, modelNode
+
+    def showUncertainty(self, modelNode, visible=True):
+        """Colour the predicted surface by its per-point uncertainty (mm; white 0, red UNCERTAINTY_RANGE_MM and
+        above) when ``visible``, else show its plain colour; the colour map is set up either way, so the Models
+        module's scalar toggle shows it too."""
+        display = modelNode.GetDisplayNode()
+        if modelNode.GetPolyData().GetPointData().GetArray(UNCERTAINTY_ARRAY) is None:
+            raise InputError(f"'{modelNode.GetName()}' has no per-point uncertainty; it is shown for predictions of "
+                             "bundles whose autoencoder has a posterior (PCA).")
+        if display.GetColorNode() is None or display.GetActiveScalarName() != UNCERTAINTY_ARRAY:
+            colorNode = mrml.rampColorNode(self.scene, "Prediction uncertainty (mm)", UNCERTAINTY_RANGE_MM)
+            display.SetActiveScalar(UNCERTAINTY_ARRAY, vtk.vtkAssignAttribute.POINT_DATA)
+            display.SetAndObserveColorNodeID(colorNode.GetID())
+            display.SetScalarRangeFlag(display.UseColorNodeScalarRange)
+        display.SetScalarVisibility(bool(visible))
 
     # -- contralateral target -----------------------------------------------------------------
 

@@ -278,6 +278,17 @@ def polyDataLpsToRas(polyDataLps):
     return out
 
 
+def rampColorNode(scene, name, maxValue):
+    """A NEW procedural colour node for values from 0 (white) to ``maxValue`` (red), orange half-way."""
+    node = scene.AddNewNodeByClass("vtkMRMLProceduralColorNode", scene.GenerateUniqueName(name))
+    function = vtk.vtkColorTransferFunction()
+    function.AddRGBPoint(0.0, 1.0, 1.0, 1.0)
+    function.AddRGBPoint(maxValue / 2.0, 1.0, 0.6, 0.1)
+    function.AddRGBPoint(maxValue, 0.85, 0.1, 0.1)
+    node.SetAndObserveColorTransferFunction(function)
+    return node
+
+
 def addModelFromPolyData(scene, polyDataLps, name, color=(0.1, 0.8, 0.95), opacity=0.6, parentTransformNode=None):
     """A NEW model node with the LPS surface converted to RAS, shown in 3D and as outline in slice views."""
     modelNode = scene.AddNewNodeByClass("vtkMRMLModelNode", scene.GenerateUniqueName(name))

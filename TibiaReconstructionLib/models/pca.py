@@ -29,6 +29,9 @@ class PCAConfig(ArchConfig):
     factor: int = 1  # components live on the grid average-pooled by this factor
 
 
+BONE_LEVEL = 0.05  # tensor values above this count as bone when estimating a case's residual variance
+
+
 class PCA(Autoencoder):
     """Mean + k orthonormal components (k, D) with their variances and the residual noise variance."""
 
@@ -90,14 +93,40 @@ class PCA(Autoencoder):
         if visible is None:
             return flat @ self.components.T
         weights = self._pool(visible.to(x.dtype)).expand_as(x).reshape(x.shape[0], -1)
-        ridge = torch.diag(self.noise_variance / self.variances)
-        codes = []
-        for w, r in zip(weights, flat):
-            wc = self.components * w
-            codes.append(torch.linalg.solve(wc @ self.components.T + ridge
-                                            + 1e-6 * torch.eye(len(ridge), dtype=x.dtype, device=x.device),
-                                            wc @ torch.where(w > 0, r, torch.zeros_like(r))))
-        return torch.stack(codes)
+        return torch.stack([torch.linalg.solve(self._normal_matrix(w), (self.components * w) @ torch.where(
+            w > 0, r, torch.zeros_like(r))) for w, r in zip(weights, flat)])
+
+    def _normal_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """Wᵀ diag(w) W + σ² Λ⁻¹ (k, k) of the masked least squares with voxel weights ``w`` (D,)."""
+        k = len(self.variances)
+        return ((self.components * w) @ self.components.T + torch.diag(self.noise_variance / self.variances)
+                + 1e-6 * torch.eye(k, dtype=w.dtype, device=w.device))
+
+    def reconstruction_std(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        """Posterior standard deviation (N, C, Z, Y, X) of the reconstruction given the visible voxels.
+
+        Probabilistic PCA: the code's posterior covariance is s² (Wᵀ D W + s² Λ⁻¹)⁻¹ (D: visible voxels), so a
+        voxel's variance is wᵥᵀ Σ wᵥ: large where the model must guess (hidden regions, shape modes the visible
+        voxels do not pin down), small where the input decides. s² is the case's own residual variance on its
+        visible bone (voxels where the input or its reconstruction exceeds BONE_LEVEL), so an input that the
+        model explains badly (displaced fragments, unusual anatomy) widens the posterior. The noise floor s² is
+        left out of the voxel variances; the pooled result is upsampled like the reconstruction.
+        """
+        xp = self._pool(x)
+        weights = torch.ones_like(xp) if visible is None else self._pool(visible.to(x.dtype)).expand_as(xp)
+        recon = (self.mean + self.encode(x, visible) @ self.components).reshape(xp.shape)
+        stds = []
+        for xi, ri, wi in zip(xp, recon, weights):
+            band = (wi > 0.5) & ((xi > BONE_LEVEL) | (ri > BONE_LEVEL)).any(0, keepdim=True)
+            noise = ((xi - ri) ** 2)[band].mean() if band.any() else self.noise_variance
+            normal = ((self.components * wi.reshape(-1)) @ self.components.T + torch.diag(noise / self.variances)
+                      + 1e-6 * torch.eye(len(self.variances), dtype=x.dtype, device=x.device))
+            chol = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(normal)))
+            stds.append((noise.sqrt() * chol.T @ self.components).pow(2).sum(0).sqrt())
+        coarse = torch.stack(stds).reshape(xp.shape)
+        if self.arch.factor == 1:
+            return coarse
+        return F.interpolate(coarse, size=tuple(self.arch.shape), mode="trilinear", align_corners=False)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Tensors (N, C, Z, Y, X) on the full grid from codes (N, k)."""
