@@ -60,7 +60,8 @@ def machine_description() -> dict:
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "usable_cpus": usable, "ram_gib": round(mem_kb / 2**20, 1),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
             "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "library": __version__, "git_commit": _git_commit()}
+            "library": __version__, "git_commit": _git_commit(),
+            "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
 
 
 def _read_lines(path: str) -> list[str]:
@@ -86,8 +87,11 @@ def _git_commit() -> str:
 
 
 def _machine_lines(m: dict) -> list[str]:
+    load = m.get("load_average")
     return [f"- Machine: {m['cpu']}, {m['usable_cpus']} usable of {m['logical_cpus']} logical CPUs, "
-            f"{m['ram_gib']} GiB RAM, GPU: {m['gpu']}",
+            f"{m['ram_gib']} GiB RAM, GPU: {m['gpu']}"
+            + (f"; load average (1, 5, 15 min) {load[0]}, {load[1]}, {load[2]} (other jobs "
+               "on the machine slow every timing)" if load else ""),
             f"- Software: TibiaReconstructionLib {m['library']} (git {m['git_commit']}), torch {m['torch']}, "
             f"Python {m['python']}, {m['os']}"]
 
@@ -685,8 +689,9 @@ def speed_markdown(rows: list[dict], train_rows: list[dict], setup: dict) -> str
                   f"Input: fractured phantom seed {setup['seed']} (oblique fracture, left leg), generated at "
                   f"{'/'.join(f'{s:g}' for s in setup['spacing'])} mm and resampled onto each CT size over the same "
                   f"field of view (int16 NRRD, uncompressed); outputs as `tibia-recon predict` writes them "
-                  "(compressed NRRD labelmap and intensity, two STL, report.json). Side: automatic (the model runs "
-                  "for both sides). Median of the runs, in seconds; *read*: CT and masks; *load*: model bundle; "
+                  "(compressed NRRD labelmap, intensity and uncertainty, two STL, a VTP, report.json). Side: automatic "
+                  "(from the fibula's position; the model runs for both sides only when no fibula is found). Median "
+                  "of the runs, in seconds; *read*: CT and masks; *load*: model bundle; "
                   "*check*, *model*, *resample*, *surface*: `Prediction.timings`; *write*: all outputs.", "",
                   md_table(["CT size", "spacing (mm)", "threads", *PREDICT_STAGES, "total", "peak RSS (MiB)", "runs"],
                            [[r["size"], spacing[r["size"]], r["threads"],
