@@ -26,6 +26,24 @@ def print_outputs(paths: dict, warnings=()) -> None:
         print(f"  {name}: {path}")
 
 
+def tqdm_progress(desc: str):
+    """A ``progress(fraction, message)`` callback drawing a tqdm bar (only on a terminal); ``.bar`` is the bar, so
+    that a failed run can clear it before its one-line error message."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=desc, bar_format="{l_bar}{bar}| {postfix}", disable=None)
+
+    def update(fraction, message):
+        bar.n = int(round(100 * fraction))
+        bar.set_postfix_str(message)
+        bar.refresh()
+        if fraction >= 1.0:
+            bar.close()
+
+    update.bar = bar
+    return update
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tibia-recon",

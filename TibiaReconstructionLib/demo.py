@@ -29,7 +29,8 @@ def run_demo(out: str | Path, bundle=None, device="auto", overwrite=False) -> di
     from . import metrics
     from .figures import overlay_png
     from .io import read_mask, read_volume, write_json
-    from .predict_cli import _tqdm_progress, run_predict
+    from .cli import tqdm_progress
+    from .predict_cli import run_predict
 
     missing = missing_parts(bundle)
     if missing:
@@ -37,7 +38,7 @@ def run_demo(out: str | Path, bundle=None, device="auto", overwrite=False) -> di
     out = Path(out)
     f = {k: SAMPLE_CASE / v for k, v in SAMPLE_FILES.items()}
     result, paths = run_predict(f["ct"], f["tibia"], f["fracture"], out, bundle, device, "auto", overwrite,
-                                progress=_tqdm_progress())
+                                progress=tqdm_progress("predict"))
     ct = read_volume(f["ct"])
     truth = read_mask(f["truth"], ct, "ground-truth healthy tibia")
     fracture = read_mask(f["fracture"], ct, "fracture mask")

@@ -81,22 +81,6 @@ def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibi
         write_json(report, staged["report"])
 
 
-def _tqdm_progress():
-    from tqdm import tqdm
-
-    bar = tqdm(total=100, desc="predict", bar_format="{l_bar}{bar}| {postfix}", disable=None)  # only on a terminal
-
-    def update(fraction, message):
-        bar.n = int(round(100 * fraction))
-        bar.set_postfix_str(message)
-        bar.refresh()
-        if fraction >= 1.0:
-            bar.close()
-
-    update.bar = bar  # so that a failed run can clear it before its one-line error message
-    return update
-
-
 def register_cli(sub) -> None:
     p = sub.add_parser("predict", help="predict the healthy tibia from a fractured CT",
                        description="Predict the healthy tibia in the CT's own grid. Writes the labelmap and the "
@@ -115,9 +99,9 @@ def register_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
     def run(a):
-        from .cli import print_outputs
+        from .cli import print_outputs, tqdm_progress
 
-        progress = _tqdm_progress()
+        progress = tqdm_progress("predict")
         try:
             result, paths = run_predict(a.ct, a.tibia_mask, a.fracture_mask, a.out, a.bundle, a.device, a.side,
                                         a.overwrite, a.tibia_label, progress)

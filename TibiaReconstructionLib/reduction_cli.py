@@ -102,22 +102,6 @@ def deviation_png(plan: ReductionPlan, path, overwrite: bool = False) -> Path:
     return Path(path)
 
 
-def _tqdm_progress():
-    from tqdm import tqdm
-
-    bar = tqdm(total=100, desc="reduce", bar_format="{l_bar}{bar}| {postfix}", disable=None)  # only on a terminal
-
-    def update(fraction, message):
-        bar.n = int(round(100 * fraction))
-        bar.set_postfix_str(message)
-        bar.refresh()
-        if fraction >= 1.0:
-            bar.close()
-
-    update.bar = bar
-    return update
-
-
 def register_cli(sub) -> None:
     p = sub.add_parser("reduce", help="fragment reduction plan onto the predicted healthy tibia",
                        description="Split the fractured tibia outside the fracture mask into fragments (connected "
@@ -139,9 +123,9 @@ def register_cli(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier reduce in --out")
 
     def run(a):
-        from .cli import print_outputs
+        from .cli import print_outputs, tqdm_progress
 
-        progress = _tqdm_progress()
+        progress = tqdm_progress("reduce")
         try:
             plan, paths = run_reduce(a.ct, a.tibia_mask, a.fracture_mask, a.prediction, a.out, a.min_fragment_ml,
                                      a.overwrite, a.tibia_label, progress)
