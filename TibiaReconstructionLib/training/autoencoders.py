@@ -27,7 +27,7 @@ def build_from_spec(spec: dict, data: TrainingData) -> Autoencoder:
     """An untrained autoencoder for a model entry of a step configuration."""
     if spec["type"] == "pca":
         return build_autoencoder({"type": "pca", "in_channels": data.channels, "shape": list(data.grid.shape),
-                                  "components": spec["components"], "factor": spec["factor"]})
+                                  "components": spec["components"], "factor": spec.get("factor", 1)})
     return build_autoencoder({"type": spec["type"], **spec["arch"], "in_channels": data.channels})
 
 
