@@ -246,3 +246,59 @@ def test_phantoms_cli_both_legs(tmp_path):
     again = generate_case(30, spacing=(4.0, 4.0, 4.0), both_legs=True)
     assert np.array_equal(back.fractured_ct.array, again.fractured_ct.array)
     assert apply_affine(back.other_pose, np.zeros(3)).shape == (3,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plateau fractures and implausible fits
+
+
+def test_plateau_fracture_anchors_on_the_main_fragment_not_the_split_condyle():
+    """Benchmark case 500019 (right plateau fracture, both legs) at 2 mm: the fracture mask cuts the main
+    fragment into a shaft and a small plateau piece, and the split, displaced condyle also reaches the knee
+    end and was the largest piece there; fitting to it alone put the target 41 mm off (112 mm at 1 mm
+    spacing). The anchor must be the main fragment's pieces (shaft and plateau piece) without the condyle."""
+    from TibiaReconstructionLib.bench import heldout_case
+
+    c = heldout_case(500019, (2.0, 2.0, 2.0))
+    assert c.fracture_type == "plateau"
+    ct, tibia, frac = fractured_inputs(c)
+    truth = c.labels.array == TIBIA
+    r = contralateral_target(ct, tibia, frac, c.other_tibia)
+    assert dice(r.labelmap.array, truth) > 0.88
+    assert rmsd(r.labelmap.array, truth, ct.spacing) < 3.0
+    ids = c.fragment_ids.array
+    anchor = (tibia.array != 0) & (frac.array == 0) & (r.labelmap.array != 0)
+    assert np.count_nonzero(anchor & (ids == 1)) > 0.5 * np.count_nonzero(ids == 1)
+    assert len(r.fit["hypotheses"]) >= 2 and r.fit["proximal_fragment_share"] > 0.4
+    assert r.fit["inlier_share"] > 0.9 and r.fit["near_tibia_share"] > 0.9 and not r.warnings
+
+
+def test_an_implausible_fit_is_refused_and_a_doubtful_one_warned(exact):
+    from TibiaReconstructionLib.contralateral import _check_fit
+
+    ct, tibia, frac, other, _, _ = exact
+    r = contralateral_target(ct, tibia, frac, other)
+    assert r.fit["near_tibia_share"] > 0.95 and not r.warnings
+    pts = ct.grid.index_to_physical(np.argwhere(tibia.array != 0)[:, ::-1].astype(float))
+    good = {"rms": 1.0, "inlier_share": 0.95}
+    assert _check_fit(good, pts + 2.0, pts, [])["near_tibia_share"] == 1.0
+    with pytest.raises(InputError, match="within 15 mm of the fractured tibia"):
+        _check_fit(good, pts + np.array([60.0, 0.0, 0.0]), pts, [])  # the target beside the fractured tibia
+    with pytest.raises(InputError, match="RMS residual is 423.7 mm"):
+        _check_fit({"rms": 423.66, "inlier_share": 0.0}, pts, pts, [])  # the old, diverged ICP on case 500019
+    warnings = []
+    _check_fit({"rms": 3.0, "inlier_share": 0.7}, pts, pts, warnings)
+    assert len(warnings) == 2 and "RMS residual is 3.0 mm" in warnings[0]
+
+
+def test_icp_keeps_its_best_pose():
+    """Point-to-plane steps on a small, flat patch can run away; the ICP returns the best pose it met."""
+    from TibiaReconstructionLib.contralateral import _icp
+
+    rng = np.random.default_rng(0)
+    target = np.c_[rng.uniform(-50, 50, (4000, 2)), np.zeros(4000)]  # a plane: sliding along it is free
+    normals = np.tile([0.0, 0.0, 1.0], (4000, 1))
+    source = target[:300] + np.array([0.0, 0.0, 5.0])
+    m, rms, _ = _icp(source, target, normals)
+    d = np.linalg.norm(apply_affine(m, source)[:, None, :2] - target[None, :, :2], axis=2).min(axis=1)
+    assert rms < 1.0 and np.abs(apply_affine(m, source)[:, 2]).max() < 1.0 and np.median(d) < 3.0

@@ -6,12 +6,18 @@ planning when both legs are in the CT), and its difference to the model's predic
    is the patient's left-right axis, so this is the body's sagittal plane).
 2. Initial fit: the mirrored tibia's long (principal) axis onto the fractured tibia's, then its part
    within the proximal fragment's height below the knee end centred on that fragment.
-3. Trimmed ICP (point to point, rigid) of the proximal main fragment's bone surface onto the mirrored
-   tibia's surface. The proximal main fragment is the largest piece of the tibia mask outside the fracture
-   mask that reaches the knee end (the top 15 % of the tibia's length); its surface is the tibia mask's
-   boundary at least ``FRACTURE_CLEARANCE_MM`` from the fracture mask and off the CT's border, so cut faces
-   and displaced distal fragments do not pull the fit.
-4. The other tibia resampled through mirror and fit onto the CT grid (labelmap) and its surface.
+3. Trimmed ICP (point to plane, rigid) of the proximal main fragment's bone surface onto the mirrored
+   tibia's surface. The intact pieces are the tibia mask outside the fracture mask; their surface is the
+   tibia mask's boundary at least ``FRACTURE_CLEARANCE_MM`` from the fracture mask and off the CT's border,
+   so cut faces do not pull the fit. The proximal main fragment is not simply the largest piece reaching the
+   knee end: in a plateau fracture the split condyle reaches the knee too, and the fracture mask may cut the
+   main fragment into a plateau piece and a shaft piece. So each sizeable piece seeds a fit; the pieces whose
+   surface lies on the fitted tibia join it and the fit is redone on them all (one rigid body: the anchor),
+   and the anchor that reaches the knee end (the top 15 % of the tibia's length) with the most bone wins.
+   Displaced fragments (a distal shaft fragment, a split condyle) do not lie on that fit and do not pull it.
+4. Plausibility: the fit is refused (InputError) when its residual is large or the fitted tibia lies away
+   from the fractured one, and gives warnings when it is doubtful (see ``_check_fit``).
+5. The other tibia resampled through mirror and fit onto the CT grid (labelmap) and its surface.
 """
 
 from __future__ import annotations
@@ -41,6 +47,15 @@ KNEE_ZONE = 0.15             # the knee end: this top fraction of the tibia's le
 MIN_SEPARATION_MM = 40.0     # the two tibiae's centroids lie at least this far apart along x
 MAX_OVERLAP = 0.1            # share of the other tibia allowed inside the fractured tibia mask
 MIN_FRAGMENT_SHARE = 0.2     # a proximal fragment smaller than this share of the tibia gives a warning
+MIN_PIECE_SHARE = 0.01       # intact pieces smaller than this share of the tibia neither seed nor join a fit
+MAX_SEEDS = 6                # the largest this many intact pieces each seed a fit
+MIN_PIECE_POINTS = 20        # ... and only with at least this many surface points
+INLIER_MM = 3.0              # a surface point lies on the fitted tibia when this close to its surface
+JOIN_SHARE = 0.7             # a piece joins a fit when this share of its surface points lie on it
+NEAR_MM = 15.0               # the fitted tibia's surface should lie this close to the fractured tibia
+MAX_RMS_MM = (2.5, 5.0)      # fit RMS above these: warning, refusal
+MIN_INLIERS = (0.8, 0.5)     # share of the anchor's surface on the fitted tibia below these: warning, refusal
+MIN_NEAR = (0.8, 0.5)        # share of the fitted tibia's surface near the fractured tibia below these: ditto
 ICP_ITERATIONS, ICP_TRIM = 80, 0.9
 ICP_STOP = (1e-4, 0.01)      # ICP stops when a step rotates less than this (rad) and moves less than this (mm)
 MAX_POINTS = 20000
@@ -117,18 +132,19 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
                  "which weakens the fit." for what, m in (("other tibia", other), ("fractured tibia", tib))
                  if _touches_end(m)]
 
-    report(0.2, "Finding the proximal main fragment")
+    report(0.2, "Finding the intact pieces")
     sl, grid = _box(ct.grid, tib, int(np.ceil(FRACTURE_CLEARANCE_MM / ct.grid.spacing.min())) + 2)
     tib_c, frac_c = tib[sl], frac[sl]
-    fragment, frag_share = _proximal_fragment(grid, tib_c, frac_c, warnings)
-    if frag_share < MIN_FRAGMENT_SHARE:
-        warnings.append(f"The intact proximal fragment is only {frag_share:.0%} of the tibia: the fit of the "
-                        "contralateral tibia rests on little bone; check it against the CT.")
+    pieces, n_pieces = ndimage.label(tib_c & ~frac_c)
+    if n_pieces == 0:
+        raise InputError("The fracture mask covers the whole tibia, so no intact fragment is left to fit the "
+                         "contralateral tibia to.")
     clear = ndimage.distance_transform_edt(~frac_c, sampling=grid.spacing[::-1]) >= FRACTURE_CLEARANCE_MM
-    source, _ = _surface_points(grid, tib_c, fragment & clear)
+    source, _, source_kji = _surface_points(grid, tib_c, (pieces > 0) & clear, with_index=True)
     if len(source) < 50:
         raise InputError("Too little intact bone surface outside the fracture mask to fit the contralateral tibia "
                          "to; use the model's prediction instead.")
+    source_piece = pieces[tuple(source_kji.T)]
     sl_o, grid_o = _box(ct.grid, other, 2)
     other_c = other[sl_o]
     other_pts, other_normals = _surface_points(grid_o, other_c, other_c)
@@ -138,18 +154,22 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
     x_tib, x_other = _centroid(grid, tib_c)[0], _centroid(grid_o, other_c)[0]
     xm = 0.5 * (x_tib + x_other)
     mirror = reflection((1.0, 0.0, 0.0), (xm, 0.0, 0.0))
-    start = _initial_fit(_voxel_points(grid, tib_c), _voxel_points(grid, fragment),
-                         apply_affine(mirror, _voxel_points(grid_o, other_c)))
-    placed = start @ mirror
-    fit_pts, rms, n_iter = _icp(source, apply_affine(placed, other_pts), other_normals @ placed[:3, :3].T)
-    transform = invert_affine(fit_pts) @ placed
+    anchor = _fit_anchor(grid, tib_c, pieces, n_pieces, source, source_piece, mirror,
+                         _voxel_points(grid_o, other_c), other_pts, other_normals, warnings)
+    fragment, frag_share = anchor["mask"], anchor["share"]
+    if frag_share < MIN_FRAGMENT_SHARE:
+        warnings.append(f"The intact proximal fragment is only {frag_share:.0%} of the tibia: the fit of the "
+                        "contralateral tibia rests on little bone; check it against the CT.")
+    transform = anchor["transform"]
+    checks = _check_fit(anchor, apply_affine(transform, other_pts), _voxel_points(grid, tib_c | frac_c), warnings)
     lap("fit")
 
     report(0.7, "Resampling the target onto the CT grid")
     labelmap, surface = _place(ct, other, transform)
     lap("resample")
-    fit = {"rms_mm": rms, "iterations": n_iter, "fragment_points": int(len(source)),
-           "proximal_fragment_share": frag_share, "fragment_voxels": int(fragment.sum())}
+    fit = {"rms_mm": anchor["rms"], "iterations": anchor["iterations"], "fragment_points": anchor["points"],
+           "proximal_fragment_share": frag_share, "fragment_voxels": int(fragment.sum()),
+           "anchor_pieces": anchor["pieces"], "hypotheses": anchor["hypotheses"], **checks}
     plane = {"normal": [1.0, 0.0, 0.0], "point": [xm, 0.0, 0.0]}
     result = ContralateralResult(labelmap, surface, transform, ct.with_array(other.astype(np.uint8)),
                                  "left" if x_tib > x_other else "right", plane, fit, timings=timings, warnings=warnings)
@@ -249,9 +269,10 @@ def _centroid(grid: Grid, mask: np.ndarray) -> np.ndarray:
     return _voxel_points(grid, mask).mean(axis=0)
 
 
-def _surface_points(grid: Grid, mask: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _surface_points(grid: Grid, mask: np.ndarray, keep: np.ndarray, with_index: bool = False) -> tuple:
     """LPS centres of ``mask``'s boundary voxels (6-neighbour outside) within ``keep``, off the array border,
-    and the outward unit normals there (LPS; from the gradient of the mask smoothed by 1.5 voxels)."""
+    and the outward unit normals there (LPS; from the gradient of the mask smoothed by 1.5 voxels); with
+    ``with_index`` also their (k, j, i) indices."""
     edge = mask & ~ndimage.binary_erosion(mask) & keep
     for axis in range(3):
         idx = [slice(None)] * 3
@@ -264,7 +285,8 @@ def _surface_points(grid: Grid, mask: np.ndarray, keep: np.ndarray) -> tuple[np.
     grad_kji = np.stack([g[tuple(kji.T)] for g in np.gradient(smooth)], axis=1)
     normals = -(grad_kji[:, ::-1] / grid.spacing) @ grid.direction.T  # d/d(index) -> d/d(LPS), outward
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-9)
-    return grid.index_to_physical(kji[:, ::-1].astype(float)), normals
+    points = grid.index_to_physical(kji[:, ::-1].astype(float))
+    return (points, normals, kji) if with_index else (points, normals)
 
 
 def _long_axis(points: np.ndarray) -> np.ndarray:
@@ -273,28 +295,113 @@ def _long_axis(points: np.ndarray) -> np.ndarray:
     return axis if axis[2] >= 0 else -axis
 
 
-def _proximal_fragment(grid: Grid, tib: np.ndarray, frac: np.ndarray, warnings: list) -> tuple[np.ndarray, float]:
-    """The largest piece of the tibia outside the fracture mask that reaches the knee end, and its share of
-    the tibia's voxels."""
-    pieces, n = ndimage.label(tib & ~frac)
-    if n == 0:
-        raise InputError("The fracture mask covers the whole tibia, so no intact fragment is left to fit the "
-                         "contralateral tibia to.")
-    kji = np.argwhere(pieces)
-    pts = grid.index_to_physical(kji[:, ::-1].astype(float))
-    axis = _long_axis(_voxel_points(grid, tib))
-    t = pts @ axis
-    t_tib = _voxel_points(grid, tib) @ axis
+def _fit_anchor(grid: Grid, tib: np.ndarray, pieces: np.ndarray, n_pieces: int, source: np.ndarray,
+                source_piece: np.ndarray, mirror: np.ndarray, other_vox: np.ndarray, other_pts: np.ndarray,
+                other_normals: np.ndarray, warnings: list) -> dict:
+    """The proximal main fragment and the fit of the mirrored other tibia to it (module docstring, step 3).
+
+    Each of the largest intact pieces seeds a fit (axis alignment, then ICP); the pieces with at least
+    JOIN_SHARE of their surface points within INLIER_MM of the fitted tibia join it, and the fit is redone on
+    them all until the set stays put. Of these anchors, one that reaches the knee end with the most voxels
+    wins. Returns its voxel mask, share of the tibia, piece ids, 4x4 transform (other tibia -> target), RMS,
+    iterations, surface points used, share of them within INLIER_MM, and a summary of every hypothesis."""
+    tib_pts = _voxel_points(grid, tib)
+    axis = _long_axis(tib_pts)
+    t_tib = tib_pts @ axis
     top, length = t_tib.max(), np.ptp(t_tib)
-    sizes = np.bincount(pieces[tuple(kji.T)], minlength=n + 1)
-    at_knee = np.unique(pieces[tuple(kji[t >= top - KNEE_ZONE * length].T)])
-    if len(at_knee):
-        best = int(at_knee[np.argmax(sizes[at_knee])])
-    else:
-        best = int(np.argmax(sizes[1:]) + 1)
+    ids = np.arange(1, n_pieces + 1)
+    sizes = ndimage.sum_labels(np.ones(pieces.shape, np.int32), pieces, ids).astype(int)
+    n_points = np.bincount(source_piece, minlength=n_pieces + 1)[1:]
+    usable = (sizes >= MIN_PIECE_SHARE * np.count_nonzero(tib)) & (n_points >= MIN_PIECE_POINTS)
+    if not usable.any():
+        usable = n_points == n_points.max()
+    kji = np.argwhere(pieces)
+    t = grid.index_to_physical(kji[:, ::-1].astype(float)) @ axis
+    top_piece = ndimage.maximum(t, pieces[tuple(kji.T)], ids)
+    at_knee = np.asarray(top_piece) >= top - KNEE_ZONE * length
+    seeds = [int(i) for i in ids[usable][np.argsort(-sizes[usable])][:MAX_SEEDS]]
+    mirrored_vox = apply_affine(mirror, other_vox)
+
+    def fit(members, start):
+        """ICP of the members' surface onto the mirrored tibia placed by ``start``; the 4x4 other -> target."""
+        sel = np.isin(source_piece, members)
+        placed = start @ mirror
+        m, rms, n_iter = _icp(source[sel], apply_affine(placed, other_pts), other_normals @ placed[:3, :3].T)
+        return invert_affine(m) @ placed, rms, n_iter, int(sel.sum())
+
+    def on_surface(transform):
+        """Distance (mm) of every intact surface point to the fitted tibia's surface points."""
+        return cKDTree(apply_affine(transform, other_pts)).query(source)[0]
+
+    hypotheses, seen = [], {}
+    for seed in seeds:
+        members = (seed,)
+        frag_vox = _voxel_points(grid, pieces == seed)
+        start = _initial_fit(tib_pts, frag_vox, mirrored_vox)
+        transform, rms, n_iter, n_src = fit(members, start)
+        for _ in range(4):
+            d = on_surface(transform)
+            share = np.array([np.mean(d[source_piece == i] <= INLIER_MM) if n_points[i - 1] else 0.0 for i in ids])
+            grown = tuple(int(i) for i in ids[usable & (share >= JOIN_SHARE)])
+            grown = tuple(sorted(set(grown) | {seed}))
+            if grown == members:
+                break
+            members = grown
+            if members in seen:
+                break
+            transform, rms, n_iter, n_src = fit(members, transform @ invert_affine(mirror))
+        if members in seen:
+            hypotheses[seen[members]]["seeds"].append(seed)
+            continue
+        d = on_surface(transform)
+        sel = np.isin(source_piece, members)
+        voxels = int(sizes[np.asarray(members) - 1].sum())
+        seen[members] = len(hypotheses)
+        hypotheses.append({"seeds": [seed], "pieces": members, "voxels": voxels,
+                           "reaches_knee": bool(at_knee[np.asarray(members) - 1].any()), "rms_mm": rms,
+                           "inlier_share": float(np.mean(d[sel] <= INLIER_MM)), "transform": transform,
+                           "iterations": n_iter, "points": n_src})
+    best = max(hypotheses, key=lambda h: (h["reaches_knee"], h["voxels"]))
+    if not best["reaches_knee"]:
         warnings.append("No intact piece of the tibia reaches the knee end; the contralateral tibia was fitted to "
-                        "the largest intact piece.")
-    return pieces == best, float(sizes[best] / np.count_nonzero(tib))
+                        "the largest consistent intact bone.")
+    mask = np.isin(pieces, best["pieces"])
+    summary = [{k: (list(h[k]) if k == "pieces" else h[k]) for k in ("seeds", "pieces", "voxels", "reaches_knee",
+                                                                    "rms_mm", "inlier_share")} for h in hypotheses]
+    return {"mask": mask, "share": float(best["voxels"] / np.count_nonzero(tib)), "pieces": list(best["pieces"]),
+            "transform": best["transform"], "rms": best["rms_mm"], "iterations": best["iterations"],
+            "points": best["points"], "inlier_share": best["inlier_share"], "hypotheses": summary}
+
+
+def _check_fit(anchor: dict, target_pts: np.ndarray, tibia_pts: np.ndarray, warnings: list) -> dict:
+    """Refuse (InputError) an implausible fit, warn about a doubtful one: the fit's RMS, the share of the
+    anchor's surface on the fitted tibia, and the share of the fitted tibia's surface within NEAR_MM of the
+    fractured tibia or the fracture mask (``tibia_pts``). Returns those figures."""
+    near = float(np.mean(cKDTree(tibia_pts).query(target_pts, distance_upper_bound=NEAR_MM)[0] <= NEAR_MM))
+    rms, inliers = anchor["rms"], anchor["inlier_share"]
+    figures = {"inlier_share": inliers, "near_tibia_share": near}
+    problems = []
+    if rms > MAX_RMS_MM[1]:
+        problems.append(f"the fit's RMS residual is {rms:.1f} mm (limit {MAX_RMS_MM[1]:g} mm)")
+    if inliers < MIN_INLIERS[1]:
+        problems.append(f"only {inliers:.0%} of the intact fragment's surface lies on the fitted tibia")
+    if near < MIN_NEAR[1]:
+        problems.append(f"only {near:.0%} of the fitted tibia's surface lies within {NEAR_MM:g} mm of the "
+                        "fractured tibia")
+    if problems:
+        raise InputError("The mirrored contralateral tibia could not be fitted plausibly to the fractured tibia: "
+                         + "; ".join(problems) + ". Check the masks (the other tibia must be the healthy leg's, the "
+                         "fracture mask must cover the fracture) or use the model's prediction instead.")
+    if rms > MAX_RMS_MM[0]:
+        warnings.append(f"The contralateral fit's RMS residual is {rms:.1f} mm: the legs may be asymmetric or the "
+                        "fit poor; check it against the CT.")
+    if inliers < MIN_INLIERS[0]:
+        warnings.append(f"Only {inliers:.0%} of the intact fragment's surface lies within {INLIER_MM:g} mm of the "
+                        "fitted contralateral tibia; check the fit against the CT.")
+    if near < MIN_NEAR[0]:
+        warnings.append(f"Only {near:.0%} of the fitted contralateral tibia's surface lies within {NEAR_MM:g} mm of "
+                        "the fractured tibia; check the fit against the CT.")
+    return figures
 
 
 def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -332,23 +439,30 @@ def _small_rotation(w: np.ndarray) -> np.ndarray:
 def _icp(source: np.ndarray, target: np.ndarray, normals: np.ndarray) -> tuple[np.ndarray, float, int]:
     """Rigid 4x4 taking ``source`` points onto the surface sampled by ``target`` points with unit ``normals``
     (trimmed point-to-plane ICP: the ICP_TRIM closest matches count); the RMS point-to-point distance over
-    those matches (mm) and the iterations used."""
+    those matches (mm) and the iterations used. Returns the pose of lowest RMS met, so it never diverges."""
     tree = cKDTree(target)
     m = np.eye(4)
+    best = (np.inf, m, 0)
     for iteration in range(1, ICP_ITERATIONS + 1):
         p = apply_affine(m, source)
         d, idx = tree.query(p)
         keep = d <= np.quantile(d, ICP_TRIM)
+        rms = float(np.sqrt(np.mean(d[keep] ** 2)))  # of the pose m
+        if rms < best[0]:
+            best = (rms, m, iteration)
         p, q, n = p[keep], target[idx[keep]], normals[idx[keep]]
         a = np.concatenate([np.cross(p, n), n], axis=1)
         x = np.linalg.lstsq(a, np.einsum("ij,ij->i", q - p, n), rcond=None)[0]
         step = np.eye(4)
         step[:3, :3], step[:3, 3] = _small_rotation(x[:3]), x[3:]
         m = step @ m
-        rms = float(np.sqrt(np.mean(d[keep] ** 2)))
         if np.linalg.norm(x[:3]) < ICP_STOP[0] and np.linalg.norm(x[3:]) < ICP_STOP[1]:
             break
-    return m, rms, iteration
+    d = tree.query(apply_affine(m, source))[0]
+    rms = float(np.sqrt(np.mean(d[d <= np.quantile(d, ICP_TRIM)] ** 2)))
+    if rms <= best[0]:
+        return m, rms, iteration
+    return best[1], best[0], iteration  # point to plane steps can run away on a small, flat piece: keep the best
 
 
 def _bone_crop(mask: Volume, margin: int = 2) -> Volume:
