@@ -38,7 +38,7 @@ from . import metrics
 from .errors import InputError, OutputExistsError
 from .geometry import (Grid, Volume, apply_affine, bounding_box, check_same_grid, crop, invert_affine, reflection,
                        resample)
-from .io import (atomic_path, check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json,
+from .io import (check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json,
                  write_volume)
 from .surface import labelmap_surface, polydata_points, transform_polydata, write_stl, write_vtp
 

@@ -4,8 +4,6 @@ predicted bone) when one was compared. Qt-free; the library result is in LPS, no
 
 import json
 
-import vtk
-
 import slicer
 
 from . import mrml
@@ -23,17 +21,6 @@ MODEL_OPACITY = 0.8
 MIN_COLOR_RANGE_MM = 2.0
 
 
-def distanceColorNode(scene, rangeMm):
-    """A NEW procedural colour node: blue at -rangeMm, white at 0, red at +rangeMm."""
-    node = scene.AddNewNodeByClass("vtkMRMLProceduralColorNode", scene.GenerateUniqueName("Contralateral distance"))
-    function = vtk.vtkColorTransferFunction()
-    function.AddRGBPoint(-rangeMm, 0.15, 0.35, 0.95)
-    function.AddRGBPoint(0.0, 1.0, 1.0, 1.0)
-    function.AddRGBPoint(rangeMm, 0.95, 0.2, 0.15)
-    node.SetAndObserveColorTransferFunction(function)
-    return node
-
-
 def createNodes(scene, result, volumeNode, segmentationName=DEFAULT_SEGMENTATION_NAME, modelName=DEFAULT_MODEL_NAME,
                 reportAttribute="TibiaReconstruction.Report"):
     """(new segmentation node, new model node) of a library ContralateralResult on ``volumeNode``'s grid,
@@ -48,7 +35,8 @@ def createNodes(scene, result, volumeNode, segmentationName=DEFAULT_SEGMENTATION
         limit = max(MIN_COLOR_RANGE_MM, result.comparison["vertex_distance_mm"]["p95_abs"])
         display = modelNode.GetDisplayNode()
         display.SetActiveScalarName(DISTANCE_ARRAY)
-        display.SetAndObserveColorNodeID(distanceColorNode(scene, limit).GetID())
+        colorNode = mrml.colorMapNode(scene, "Contralateral distance", limit, mrml.BLUE_WHITE_RED)
+        display.SetAndObserveColorNodeID(colorNode.GetID())
         display.SetScalarRangeFlag(slicer.vtkMRMLDisplayNode.UseManualScalarRange)
         display.SetScalarRange(-limit, limit)
         display.SetScalarVisibility(True)

@@ -294,7 +294,7 @@ class TibiaReconstructionLogic:
             raise InputError(f"'{modelNode.GetName()}' has no per-point uncertainty; it is shown for predictions of "
                              "bundles whose autoencoder has a posterior (PCA).")
         if display.GetColorNode() is None or display.GetActiveScalarName() != UNCERTAINTY_ARRAY:
-            colorNode = mrml.rampColorNode(self.scene, "Prediction uncertainty (mm)", UNCERTAINTY_RANGE_MM)
+            colorNode = mrml.colorMapNode(self.scene, "Prediction uncertainty (mm)", UNCERTAINTY_RANGE_MM)
             display.SetActiveScalar(UNCERTAINTY_ARRAY, vtk.vtkAssignAttribute.POINT_DATA)
             display.SetAndObserveColorNodeID(colorNode.GetID())
             display.SetScalarRangeFlag(display.UseColorNodeScalarRange)

@@ -278,13 +278,16 @@ def polyDataLpsToRas(polyDataLps):
     return out
 
 
-def rampColorNode(scene, name, maxValue):
-    """A NEW procedural colour node for values from 0 (white) to ``maxValue`` (red), orange half-way."""
+WHITE_TO_RED = ((0.0, (1.0, 1.0, 1.0)), (0.5, (1.0, 0.6, 0.1)), (1.0, (0.85, 0.1, 0.1)))  # values >= 0
+BLUE_WHITE_RED = ((-1.0, (0.15, 0.35, 0.95)), (0.0, (1.0, 1.0, 1.0)), (1.0, (0.95, 0.2, 0.15)))  # signed values
+
+
+def colorMapNode(scene, name, maxValue, stops=WHITE_TO_RED):
+    """A NEW procedural colour node; ``stops``: (position in units of ``maxValue``, RGB) pairs."""
     node = scene.AddNewNodeByClass("vtkMRMLProceduralColorNode", scene.GenerateUniqueName(name))
     function = vtk.vtkColorTransferFunction()
-    function.AddRGBPoint(0.0, 1.0, 1.0, 1.0)
-    function.AddRGBPoint(maxValue / 2.0, 1.0, 0.6, 0.1)
-    function.AddRGBPoint(maxValue, 0.85, 0.1, 0.1)
+    for position, rgb in stops:
+        function.AddRGBPoint(position * maxValue, *rgb)
     node.SetAndObserveColorTransferFunction(function)
     return node
 

@@ -5,7 +5,6 @@ library plan is in LPS, the nodes in RAS (converted by mrml.py)."""
 import json
 
 import numpy as np
-import vtk
 from vtk.util import numpy_support
 
 import slicer
@@ -43,17 +42,6 @@ def predictionMask(scene, predictionNode, volumeNode):
                      "labelmap.")
 
 
-def deviationColorNode(scene, rangeMm):
-    """A NEW procedural colour node: blue at -rangeMm, white at 0, red at +rangeMm."""
-    node = scene.AddNewNodeByClass("vtkMRMLProceduralColorNode", scene.GenerateUniqueName("Fragment deviation"))
-    function = vtk.vtkColorTransferFunction()
-    function.AddRGBPoint(-rangeMm, 0.15, 0.35, 0.95)
-    function.AddRGBPoint(0.0, 1.0, 1.0, 1.0)
-    function.AddRGBPoint(rangeMm, 0.95, 0.2, 0.15)
-    node.SetAndObserveColorTransferFunction(function)
-    return node
-
-
 def createFragmentModels(scene, plan, volumeNode, modelName=DEFAULT_MODEL_NAME,
                          reportAttribute="TibiaReconstruction.Report"):
     """One NEW model node per reduced fragment of a library ReductionPlan (under the CT's parent transform), with
@@ -65,7 +53,7 @@ def createFragmentModels(scene, plan, volumeNode, modelName=DEFAULT_MODEL_NAME,
     deviations = np.concatenate([np.abs(pointArray(f, DEVIATION_ARRAY))[pointArray(f, FRACTURE_FACE_ARRAY) == 0]
                                  for f in plan.fragments])  # outer surfaces: fracture faces lie inside by nature
     limit = max(MIN_COLOR_RANGE_MM, float(np.percentile(deviations, 95)) if len(deviations) else 0.0)
-    colorNode = deviationColorNode(scene, limit)
+    colorNode = mrml.colorMapNode(scene, "Fragment deviation", limit, mrml.BLUE_WHITE_RED)
     nodes = []
     for fragment in plan.fragments:
         node = mrml.addModelFromPolyData(scene, fragment.reduced_surface, f"{modelName or DEFAULT_MODEL_NAME} "
