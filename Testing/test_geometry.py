@@ -140,3 +140,20 @@ def test_volume_rejects_bad_geometry(bad):
     kwargs.update(bad)
     with pytest.raises(InputError):
         Volume(**kwargs)
+
+
+def test_upsample_linear_matches_trilinear_interpolation(rng):
+    """Separable upsampling equals trilinear interpolation (scipy) at input index n / factor, clamped at the end."""
+    from scipy import ndimage
+
+    from TibiaReconstructionLib.geometry import upsample_linear
+
+    array = rng.random((4, 5, 6)).astype(np.float32)
+    factors, shape = (1, 3, 2), (4, 13, 11)
+    out = upsample_linear(array, factors, shape)
+    positions = np.meshgrid(*(np.minimum(np.arange(n) / f, s - 1) for n, f, s in zip(shape, factors, array.shape)),
+                            indexing="ij")
+    expected = ndimage.map_coordinates(array, positions, order=1)
+    assert out.shape == shape
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+    np.testing.assert_array_equal(upsample_linear(array, (1, 1, 1), array.shape), array)

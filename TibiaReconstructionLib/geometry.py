@@ -274,6 +274,23 @@ def check_same_grid(a: Volume | Grid, b: Volume | Grid, name_a: str, name_b: str
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 
 
+def upsample_linear(array: np.ndarray, factors, shape) -> np.ndarray:
+    """Linear interpolation of ``array`` (k, j, i) onto a grid ``factors`` (k, j, i) times finer along each axis
+    that starts at the same first voxel: output voxel n sits at input index n / factor. ``shape``: the output
+    size, at most (input size - 1) * factor + 1 per axis. Separable, so much cheaper than a general resample."""
+    out = np.asarray(array, dtype=np.float32)
+    for axis, (factor, size) in enumerate(zip(factors, shape)):
+        if factor == 1 and out.shape[axis] == size:
+            continue
+        pos = np.arange(size) / factor
+        lo = np.minimum(pos.astype(int), out.shape[axis] - 1)
+        hi = np.minimum(lo + 1, out.shape[axis] - 1)
+        weight = (pos - lo).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
+        base = out.take(lo, axis=axis)
+        out = base + weight * (out.take(hi, axis=axis) - base)
+    return out
+
+
 def resample(volume: Volume, grid: Grid, output_to_input: np.ndarray | None = None,
              interpolation: str = "linear", default_value: float = 0.0, dtype: np.dtype | None = None) -> Volume:
     """Resample ``volume`` onto ``grid`` with SimpleITK.

@@ -22,7 +22,7 @@ from scipy import ndimage
 from .bundle import Bundle, load_bundle
 from .errors import InputError
 from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, invert_affine, \
-    resample
+    resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
 from .surface import UNCERTAINTY_ARRAY, add_point_array, isosurface, polydata_points, smooth_and_decimate, \
@@ -320,10 +320,16 @@ class Predictor:
         margin = np.ceil(2.0 * grid.spacing.max() / ct.spacing) + 1
         lo = np.clip(np.floor(ijk.min(0) - margin), 0, np.array(ct.grid.size) - 1).astype(int)
         hi = np.clip(np.ceil(ijk.max(0) + margin), 0, np.array(ct.grid.size) - 1).astype(int)
-        sub = Grid(tuple(hi - lo + 1), ct.spacing, ct.index_to_physical(lo.astype(float)), ct.direction)
+        size = hi - lo + 1
+        # The reconstruction is smooth at the model's spacing: resample it onto a grid along the CT's axes at about
+        # half that spacing (an integer multiple of the CT's), then interpolate linearly onto the CT voxels.
+        factors = np.maximum(1, np.floor(grid.spacing.min() / 2.0 / ct.spacing)).astype(int)  # (i, j, k)
+        work = Grid(tuple((size - 1) // factors + 2), ct.spacing * factors, ct.index_to_physical(lo.astype(float)),
+                    ct.direction)
 
         def onto_sub(values: np.ndarray) -> np.ndarray:
-            return resample(Volume.on_grid(values.astype(np.float32), grid), sub, patient_to_standard).array
+            coarse = resample(Volume.on_grid(values.astype(np.float32), grid), work, patient_to_standard).array
+            return upsample_linear(coarse, factors[::-1], tuple(size[::-1]))
 
         occ_sub, int_sub = onto_sub(occ), onto_sub(recon[0])
         label_sub = occ_sub >= 0.5
