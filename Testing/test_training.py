@@ -223,6 +223,19 @@ def test_cli_pipeline_steps_resume_and_export(toy_set, tmp_path, capsys):
     assert theta.shape == (1, 3, 4) and aligned.shape == recon.shape == (1, 2, *TOY_GRID.shape)
     with pytest.raises(InputError, match="trained ones there: \\['pca4', 'vae'\\]"):
         main(["export-bundle", "--step1", str(s1), "--step3", str(s3), "--ae", "gan", "--out", str(tmp_path / "b")])
+    # a LocNet continued from the trained one (at learning rate 0) keeps its weights exactly
+    more = tmp_path / "more.json"
+    tiny3 = json.loads((TINY / "step3.json").read_text(encoding="utf-8"))
+    more.write_text(json.dumps({**tiny3, "autoencoders": {}, "locnet": {**tiny3["locnet"], "epochs": 1, "lr": 0.0,
+                                                                       "init": str(s3 / "locnet")}}))
+    assert main(["train", "step3", "--config", str(more), "--data", str(s1 / "aligned"), "--step1", str(s1),
+                 "--out", str(tmp_path / "s3b")]) == 0
+    before, after = (load_file(str(f / "locnet" / "model.safetensors")) for f in (s3, tmp_path / "s3b"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    more.write_text(json.dumps({**tiny3, "locnet": {**tiny3["locnet"], "init": str(s3 / "vae")}}))
+    with pytest.raises(InputError, match="not a LocNet"):
+        main(["train", "step3", "--config", str(more), "--data", str(s1 / "aligned"), "--step1", str(s1),
+              "--out", str(tmp_path / "s3c")])
 
 
 def test_config_errors(tmp_path):

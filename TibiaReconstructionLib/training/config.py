@@ -28,7 +28,7 @@ DEFAULTS = {
               "locnet": _LOCNET_ARCH, "direct": {"inner_steps": 50, "lr": 1e-2}},
     "step2": {**_COMMON, "models": {}},
     "step3": {**_COMMON, "step1": None, "loss_region": "visible",
-              "locnet": {"arch": _LOCNET_ARCH, "init_from_step1": True, "epochs": 12, "batch_size": 4, "lr": 5e-4,
+              "locnet": {"arch": _LOCNET_ARCH, "init_from_step1": True, "init": None, "epochs": 12, "batch_size": 4, "lr": 5e-4,
                          "weight_decay": 1e-4, "alpha": 1.0, "ssim_window": 7, "loss_downsample": 2},
               "masking": {"blocks": [1, 3], "block_size": [10, 20], "center": "bone", "fracture_fraction": 0.5},
               "augment": {"max_angle_deg": 15.0, "max_translation_mm": 25.0, "scale": [0.9, 1.1]},

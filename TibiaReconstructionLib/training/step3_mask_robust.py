@@ -83,7 +83,14 @@ def _train_locnet(config: dict, data: TrainingData, val: TrainingData | None, st
             return True
         raise OutputExistsError(f"{out} already holds a trained LocNet; use --resume to keep it or another output.")
     torch.manual_seed(config["seed"])
-    if lc["init_from_step1"]:
+    if lc["init"]:  # continue from a trained (step-3) LocNet
+        tensors, meta = load_model(lc["init"])
+        if meta.get("kind") != "locnet":
+            raise InputError(f"locnet.init {lc['init']} holds a model of kind {meta.get('kind')!r}, not a LocNet; "
+                             "give the locnet/ folder of a step-3 run.")
+        locnet = LocNet({**meta["locnet"], "in_channels": data.channels})
+        locnet.load_state_dict(with_prefix(tensors, "locnet"))
+    elif lc["init_from_step1"]:
         if step1_meta.get("locnet") is None:
             raise InputError(f"{config['step1']} has no LocNet (step 1 ran in 'direct' mode); set "
                              f"locnet.init_from_step1 to false.")
