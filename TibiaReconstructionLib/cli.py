@@ -26,6 +26,15 @@ def print_outputs(paths: dict, warnings=()) -> None:
         print(f"  {name}: {path}")
 
 
+def add_case_arguments(p, ct_help: str, tibia_help: str, tibia_required: bool = True) -> None:
+    """The options every command on one fractured case shares: --ct, --tibia-mask, --tibia-label, --fracture-mask."""
+    p.add_argument("--ct", required=True, help=ct_help)
+    p.add_argument("--tibia-mask", required=tibia_required, default=None, help=tibia_help)
+    p.add_argument("--tibia-label", type=int, default=None, help="label value of the tibia in a multi-label map "
+                                                                 "(default: every nonzero voxel)")
+    p.add_argument("--fracture-mask", required=True, help="coarse fracture-zone mask on the CT grid")
+
+
 def tqdm_progress(desc: str):
     """A ``progress(fraction, message)`` callback drawing a tqdm bar (only on a terminal); ``.bar`` is the bar, so
     that a failed run can clear it before its one-line error message."""

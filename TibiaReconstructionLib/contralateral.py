@@ -543,6 +543,8 @@ def run_contralateral(ct_path, tibia_path, fracture_path, out, other_path=None, 
 
 
 def register_cli(sub) -> None:
+    from .cli import add_case_arguments
+
     p = sub.add_parser("contralateral", help="the mirrored healthy other leg as target; its difference to a prediction",
                        description="When both legs are in the CT: mirror the healthy other tibia across the body's "
                                    "sagittal plane and fit it rigidly to the fractured tibia's intact proximal "
@@ -551,11 +553,8 @@ def register_cli(sub) -> None:
                                    "--prediction also Dice/RMSD/HD95 against it in the report and "
                                    "contralateral_vs_prediction_LPS.vtp (the surface with each vertex's signed "
                                    "distance to the prediction, mm). Coordinates LPS mm.")
-    p.add_argument("--ct", required=True, help="CT with both legs (NRRD, NIfTI, MHA or DICOM folder)")
-    p.add_argument("--tibia-mask", required=True, help="fractured tibia mask on the CT grid, all fragments")
-    p.add_argument("--tibia-label", type=int, default=None, help="label value of the tibia in a multi-label map "
-                                                                 "(default: every nonzero voxel)")
-    p.add_argument("--fracture-mask", required=True, help="coarse fracture-zone mask on the CT grid")
+    add_case_arguments(p, "CT with both legs (NRRD, NIfTI, MHA or DICOM folder)",
+                       "fractured tibia mask on the CT grid, all fragments")
     p.add_argument("--other-tibia-mask", default=None,
                    help="the healthy leg's tibia mask on the CT grid (default: segment it automatically and save it)")
     p.add_argument("--prediction", default=None,

@@ -82,16 +82,15 @@ def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibi
 
 
 def register_cli(sub) -> None:
+    from .cli import add_case_arguments
+
     p = sub.add_parser("predict", help="predict the healthy tibia from a fractured CT",
                        description="Predict the healthy tibia in the CT's own grid. Writes the labelmap and the "
                                    "intensity volume (same format as the CT), the surface as STL in LPS (ITK, DICOM) "
                                    "and RAS (3D Slicer) coordinates, and report.json (transforms, timings, volumes).")
-    p.add_argument("--ct", required=True, help="fractured CT (NRRD, NIfTI, MHA or DICOM folder)")
-    p.add_argument("--tibia-mask", default=None, help="tibia mask or label map on the CT grid, all fragments "
-                                                      "(default: segment the tibia automatically and save the mask)")
-    p.add_argument("--tibia-label", type=int, default=None, help="label value of the tibia in a multi-label map "
-                                                                 "(default: every nonzero voxel)")
-    p.add_argument("--fracture-mask", required=True, help="coarse fracture-zone mask on the CT grid")
+    add_case_arguments(p, "fractured CT (NRRD, NIfTI, MHA or DICOM folder)",
+                       "tibia mask or label map on the CT grid, all fragments (default: segment the tibia "
+                       "automatically and save the mask)", tibia_required=False)
     p.add_argument("--bundle", default=None, help="model bundle folder (default: the bundled model)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--side", default="auto", choices=("auto", "left", "right"), help="which leg (default: auto)")

@@ -103,6 +103,8 @@ def deviation_png(plan: ReductionPlan, path, overwrite: bool = False) -> Path:
 
 
 def register_cli(sub) -> None:
+    from .cli import add_case_arguments
+
     p = sub.add_parser("reduce", help="fragment reduction plan onto the predicted healthy tibia",
                        description="Split the fractured tibia outside the fracture mask into fragments (connected "
                                    "pieces, faces touching), register each rigidly onto the predicted healthy tibia "
@@ -110,11 +112,8 @@ def register_cli(sub) -> None:
                                    "reduced, rotation, centroid translation, residuals, deviation), each fragment's "
                                    "surface before and after reduction as STL in LPS and RAS, and deviation.png "
                                    "(fragments coloured by signed distance to the prediction).")
-    p.add_argument("--ct", required=True, help="fractured CT (NRRD, NIfTI, MHA or DICOM folder): the reference grid")
-    p.add_argument("--tibia-mask", required=True, help="tibia mask or label map on the CT grid, all fragments")
-    p.add_argument("--tibia-label", type=int, default=None, help="label value of the tibia in a multi-label map "
-                                                                 "(default: every nonzero voxel)")
-    p.add_argument("--fracture-mask", required=True, help="coarse fracture-zone mask on the CT grid")
+    add_case_arguments(p, "fractured CT (NRRD, NIfTI, MHA or DICOM folder): the reference grid",
+                       "tibia mask or label map on the CT grid, all fragments")
     p.add_argument("--prediction", required=True,
                    help="predicted healthy tibia labelmap on the CT grid (predicted_tibia_label of `predict`)")
     p.add_argument("--min-fragment-ml", type=float, default=DEFAULT_MIN_FRAGMENT_ML,
