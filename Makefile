@@ -30,7 +30,7 @@ model: setup
 	$(BIN)/tibia-recon prepare --phantoms 40 --seed 900000 --out data/val --workers 2 --overwrite
 	$(BIN)/tibia-recon train step1 --config $(RECIPE)/step1.json
 	$(BIN)/tibia-recon train step3 --config $(RECIPE)/step3.json
-	$(BIN)/tibia-recon export-bundle --step1 runs/default/step1 --step3 runs/default/step3 --ae pca32x2 --float16 --out runs/default/bundle --overwrite
+	$(BIN)/tibia-recon export-bundle --step1 runs/default/step1 --step3 runs/default/step3 --ae pca32x2 --locnet step1 --float16 --out runs/default/bundle --overwrite
 	$(BIN)/tibia-recon export-bundle --step1 runs/default/step1 --step3 runs/default/step3 --ae vae --out runs/default/bundle-vae --overwrite
 
 clean:

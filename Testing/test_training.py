@@ -223,6 +223,12 @@ def test_cli_pipeline_steps_resume_and_export(toy_set, tmp_path, capsys):
     assert theta.shape == (1, 3, 4) and aligned.shape == recon.shape == (1, 2, *TOY_GRID.shape)
     with pytest.raises(InputError, match="trained ones there: \\['pca4', 'vae'\\]"):
         main(["export-bundle", "--step1", str(s1), "--step3", str(s3), "--ae", "gan", "--out", str(tmp_path / "b")])
+    # the step-1 LocNet can be exported as the query model instead of the mask-robust one
+    assert main(["export-bundle", "--step1", str(s1), "--step3", str(s3), "--ae", "pca4", "--locnet", "step1",
+                 "--out", str(tmp_path / "bundle1")]) == 0
+    b1, step1_weights = load_bundle(tmp_path / "bundle1"), load_file(str(s1 / "model.safetensors"))
+    assert b1.config["training"]["locnet"]["source"] == "step1"
+    assert all(torch.equal(v, step1_weights[f"locnet.{k}"]) for k, v in b1.locnet.state_dict().items())
     # a LocNet continued from the trained one (at learning rate 0) keeps its weights exactly
     more = tmp_path / "more.json"
     tiny3 = json.loads((TINY / "step3.json").read_text(encoding="utf-8"))

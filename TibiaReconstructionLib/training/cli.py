@@ -29,7 +29,8 @@ def _train(args) -> int:
 def _export(args) -> int:
     from .export import export_bundle
 
-    folder = export_bundle(args.step1, args.step3, args.ae, args.out, float16=args.float16, overwrite=args.overwrite)
+    folder = export_bundle(args.step1, args.step3, args.ae, args.out, float16=args.float16, overwrite=args.overwrite,
+                           locnet_from=args.locnet)
     print(f"bundle written to {folder}")
     return 0
 
@@ -61,6 +62,8 @@ def register_cli(sub) -> None:
     e.add_argument("--step3", required=True, help="step-3 output folder")
     e.add_argument("--ae", required=True, help="autoencoder name in the step-3 folder (e.g. vae, pca32) or a path")
     e.add_argument("--out", required=True, help="bundle folder to write")
+    e.add_argument("--locnet", choices=("step3", "step1"), default="step3",
+                   help="the query LocNet: the mask-robust one of step 3 (default, the paper's) or step 1's")
     e.add_argument("--float16", action="store_true", help="store the weights at half precision (half the size)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
     e.set_defaults(func=_export)
