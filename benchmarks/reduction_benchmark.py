@@ -8,7 +8,7 @@ fragment that holds most of its voxels; its error is the rigid difference betwee
 true reduction (the inverse of the phantom's healthy -> fractured transform): rotation (degrees) and
 translation at the fragment's centroid (mm). 'Fragment 1 fixed' errors compare the moves relative to the
 plan's largest fragment (``ReductionPlan.with_first_fixed``), where an error of the target's overall pose
-cancels. Writes reduction.md and reduction.csv into ``--out`` with the command, date and machine.
+cancels. Writes reduction.md, reduction.csv and reduction.png into ``--out`` with the command, date and machine.
 
     python benchmarks/reduction_benchmark.py --n 10 --out docs/benchmarks --overwrite
 """
@@ -162,11 +162,39 @@ def report(rows: list[dict], found: dict, args, started: str, elapsed: float) ->
              f"their own fragment: {found['matched']} of {found['true_fragments']}.", "",
              "## By condition", ""]
     lines += _table(every + moved, ("condition", "fragments"))
+    lines += ["", "![needed move vs remaining error per moved fragment](reduction.png)", ""]
     lines += ["", "## Moved fragments by fracture type", ""]
     lines += _table(moved, ("condition", "fracture_type"))
     lines += ["", "## Per fragment", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def figure(rows: list[dict], path: Path, overwrite: bool) -> None:
+    """Scatter of each moved fragment's needed move against the plan's remaining error (rotation, translation),
+    one colour per condition; points below the diagonal are better than leaving the fragment where it is."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    moved = [r for r in rows if r["true_fragment"] != 1]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, (needed, error, unit) in zip(axes, (("needed_rotation_deg", "rotation_error_deg", "deg"),
+                                                ("needed_translation_mm", "translation_error_mm", "mm"))):
+        for condition, colour in zip(CONDITIONS, ("tab:green", "tab:blue")):
+            pts = [(r[needed], r[error]) for r in moved if r["condition"] == condition]
+            if pts:
+                ax.scatter(*zip(*pts), color=colour, label=f"target: {condition}")
+        top = max([max(r[needed], r[error]) for r in moved] + [1.0])
+        ax.plot([0, top], [0, top], "k--", lw=0.8, label="error = needed move")
+        ax.set(xlabel=f"needed {error.split('_')[0]} ({unit})", ylabel=f"remaining error ({unit})")
+        ax.legend(fontsize=8)
+    fig.suptitle("Moved fragments: the plan's remaining error against the move it had to find")
+    fig.tight_layout()
+    with atomic_path(path, overwrite) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def _fmt(v) -> str:
@@ -185,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing report")
     args = p.parse_args(argv)
     out = Path(args.out)
-    paths = {"md": out / "reduction.md", "csv": out / "reduction.csv"}
+    paths = {"md": out / "reduction.md", "csv": out / "reduction.csv", "png": out / "reduction.png"}
     if not args.overwrite and any(q.exists() for q in paths.values()):
         print(f"{paths['md']} or {paths['csv']} exists; pass --overwrite", file=sys.stderr)
         return 1
@@ -195,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         writer.writerows({c: _fmt(r[c]) for c in COLUMNS} for r in rows)
+    figure(rows, paths["png"], args.overwrite)
     with atomic_path(paths["md"], args.overwrite) as tmp:
         tmp.write_text(report(rows, found, args, started, time.perf_counter() - t0), encoding="utf-8")
-    print(f"wrote {paths['md']} and {paths['csv']}")
+    print(f"wrote {paths['md']}, {paths['csv']} and {paths['png']}")
     return 0
 
 
