@@ -143,7 +143,7 @@ def test_volume_rejects_bad_geometry(bad):
 
 
 def test_upsample_linear_matches_trilinear_interpolation(rng):
-    """Separable upsampling equals trilinear interpolation (scipy) at input index n / factor, clamped at the end."""
+    """Separable upsampling equals trilinear interpolation (scipy) at input index n / factor."""
     from scipy import ndimage
 
     from TibiaReconstructionLib.geometry import upsample_linear
@@ -151,9 +151,11 @@ def test_upsample_linear_matches_trilinear_interpolation(rng):
     array = rng.random((4, 5, 6)).astype(np.float32)
     factors, shape = (1, 3, 2), (4, 13, 11)
     out = upsample_linear(array, factors, shape)
-    positions = np.meshgrid(*(np.minimum(np.arange(n) / f, s - 1) for n, f, s in zip(shape, factors, array.shape)),
+    positions = np.meshgrid(*(np.arange(n) / f for n, f in zip(shape, factors)),
                             indexing="ij")
     expected = ndimage.map_coordinates(array, positions, order=1)
     assert out.shape == shape
     np.testing.assert_allclose(out, expected, atol=1e-6)
     np.testing.assert_array_equal(upsample_linear(array, (1, 1, 1), array.shape), array)
+    with pytest.raises(InputError, match="larger"):
+        upsample_linear(array, factors, (4, 14, 11))

@@ -43,6 +43,7 @@ FIBULA_RADIUS_MM = 45.0
 FIBULA_MIN_MM3 = 1000.0
 FIBULA_MIN_OFFSET_MM = 8.0
 MAX_UNCERTAINTY_MM = 30.0
+WORK_FRACTION = 2.0  # the result is resampled at (model spacing / WORK_FRACTION), then interpolated onto the CT
 Progress = Callable[[float, str], None]
 
 
@@ -323,7 +324,7 @@ class Predictor:
         size = hi - lo + 1
         # The reconstruction is smooth at the model's spacing: resample it onto a grid along the CT's axes at about
         # half that spacing (an integer multiple of the CT's), then interpolate linearly onto the CT voxels.
-        factors = np.maximum(1, np.floor(grid.spacing.min() / 2.0 / ct.spacing)).astype(int)  # (i, j, k)
+        factors = np.maximum(1, np.floor(grid.spacing.min() / WORK_FRACTION / ct.spacing)).astype(int)  # (i, j, k)
         work = Grid(tuple((size - 1) // factors + 2), ct.spacing * factors, ct.index_to_physical(lo.astype(float)),
                     ct.direction)
 
