@@ -32,7 +32,6 @@ import numpy as np
 import vtk
 from scipy import ndimage
 from scipy.spatial import cKDTree
-from vtk.util import numpy_support
 
 from . import metrics
 from .errors import InputError, OutputExistsError
@@ -40,7 +39,7 @@ from .geometry import (Grid, Volume, apply_affine, bounding_box, check_same_grid
                        resample)
 from .io import (check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json,
                  write_volume)
-from .surface import labelmap_surface, polydata_points, transform_polydata, write_stl, write_vtp
+from .surface import add_point_array, labelmap_surface, polydata_points, transform_polydata, write_stl, write_vtp
 
 FRACTURE_CLEARANCE_MM = 3.0  # fragment surface points at least this far from the fracture mask
 KNEE_ZONE = 0.15             # the knee end: this top fraction of the tibia's length
@@ -204,10 +203,7 @@ def compare(result: ContralateralResult, prediction) -> dict:
     distance = vtk.vtkImplicitPolyDataDistance()
     distance.SetInput(surface)
     signed = np.array([distance.EvaluateFunction(p) for p in polydata_points(result.surface)])
-    array = numpy_support.numpy_to_vtk(signed.astype(np.float32), deep=True)
-    array.SetName(DISTANCE_ARRAY)
-    result.surface.GetPointData().AddArray(array)
-    result.surface.GetPointData().SetActiveScalars(DISTANCE_ARRAY)
+    add_point_array(result.surface, DISTANCE_ARRAY, signed)
     result.comparison = {
         "dice": metrics.dice(target[sl], pred[sl]), "rmsd_mm": float(np.sqrt(np.mean(d ** 2))),
         "hd95_mm": float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))), "msd_mm": float(d.mean()),

@@ -347,10 +347,10 @@ class Predictor:
     def _surface_uncertainty_mm(self, occ: np.ndarray, std: np.ndarray, points_std: np.ndarray) -> np.ndarray:
         """Standard deviation (mm) of the surface position at ``points_std`` (standard coordinates, mm): the
         occupancy's std divided by the occupancy's gradient magnitude (first order: how far the 0.5 level moves
-        when the occupancy changes by one std), capped at MAX_UNCERTAINTY_MM."""
+        when the occupancy changes by one std), kept below MAX_UNCERTAINTY_MM by a floor on the gradient."""
         grid: Grid = self.bundle.grid
         slope = np.sqrt(sum(g ** 2 for g in np.gradient(occ, *grid.spacing[::-1])))
-        field = np.minimum(std / np.maximum(slope, std / MAX_UNCERTAINTY_MM + 1e-6), MAX_UNCERTAINTY_MM)
+        field = std / np.maximum(slope, std / MAX_UNCERTAINTY_MM + 1e-6)
         ijk = grid.physical_to_index(points_std)
         return ndimage.map_coordinates(field, ijk[:, ::-1].T, order=1, mode="nearest")
 

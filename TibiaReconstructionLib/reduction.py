@@ -29,7 +29,7 @@ from vtk.util import numpy_support
 
 from .errors import InputError
 from .geometry import Volume, apply_affine, bounding_box, check_same_grid, crop
-from .surface import labelmap_surface, polydata_points, transform_polydata
+from .surface import add_point_array, labelmap_surface, point_array, polydata_points, transform_polydata
 
 DEFAULT_MIN_FRAGMENT_ML = 0.5
 CONNECTIVITIES = (6, 26)
@@ -68,14 +68,14 @@ class FragmentReduction:
         return np.asarray(motion(self.matrix, self.centroid)["translation_mm"])
 
     def report(self) -> dict:
-        outer = _numpy(self.surface, FRACTURE_FACE_ARRAY) == 0
+        outer = point_array(self.surface, FRACTURE_FACE_ARRAY) == 0
         return {"id": self.id, "voxels": self.voxels, "volume_ml": self.volume_ml,
                 "centroid_lps_mm": self.centroid.tolist(), "matrix_fractured_to_reduced_lps": self.matrix.tolist(),
                 **motion(self.matrix, self.centroid),
                 "rms_residual_mm": self.rms_residual_mm, "mean_residual_mm": self.mean_residual_mm,
                 "inlier_fraction": self.inlier_fraction, "registration_points": self.registration_points,
-                "deviation_before_mm": _deviation_stats(_numpy(self.surface, DEVIATION_ARRAY)[outer]),
-                "deviation_after_mm": _deviation_stats(_numpy(self.reduced_surface, DEVIATION_ARRAY)[outer]),
+                "deviation_before_mm": _deviation_stats(point_array(self.surface, DEVIATION_ARRAY)[outer]),
+                "deviation_after_mm": _deviation_stats(point_array(self.reduced_surface, DEVIATION_ARRAY)[outer]),
                 "warnings": self.warnings}
 
 
@@ -174,10 +174,7 @@ def with_deviation(polydata: vtk.vtkPolyData, distance: vtk.vtkImplicitPolyDataD
     """A copy of ``polydata`` with point data DEVIATION_ARRAY (signed distance, mm) as active scalars."""
     out = vtk.vtkPolyData()
     out.DeepCopy(polydata)
-    array = numpy_support.numpy_to_vtk(signed_distance(polydata_points(polydata), distance), deep=True)
-    array.SetName(DEVIATION_ARRAY)
-    out.GetPointData().AddArray(array)
-    out.GetPointData().SetActiveScalars(DEVIATION_ARRAY)
+    add_point_array(out, DEVIATION_ARRAY, signed_distance(polydata_points(polydata), distance), dtype=np.float64)
     return out
 
 
@@ -257,9 +254,7 @@ def _reduce_fragment(fid: int, fragments: Volume, obstacles: Volume, target: vtk
     if inliers.mean() < 0.5:
         warnings.append(f"only {inliers.mean():.0%} of its outer surface lies within {cutoff:.1f} mm of the "
                         "predicted surface after reduction; check its fit")
-    flags = numpy_support.numpy_to_vtk(face.astype(np.uint8), deep=True)
-    flags.SetName(FRACTURE_FACE_ARRAY)
-    surface.GetPointData().AddArray(flags)
+    add_point_array(surface, FRACTURE_FACE_ARRAY, face, active=False, dtype=np.uint8)
     close = np.abs(residuals[inliers]) if inliers.any() else np.abs(residuals)
     ijk_all = np.argwhere(mine)[:, ::-1].astype(float)
     return FragmentReduction(
@@ -306,10 +301,6 @@ def _icp(points: np.ndarray, target: vtk.vtkPolyData, locator: vtk.vtkCellLocato
     icp.Update()
     m = icp.GetMatrix()
     return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _numpy(polydata: vtk.vtkPolyData, name: str) -> np.ndarray:
-    return numpy_support.vtk_to_numpy(polydata.GetPointData().GetArray(name))
 
 
 def _deviation_stats(values: np.ndarray) -> dict:

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from vtk.util import numpy_support
 
 from .errors import OutputExistsError
 from .io import atomic_path, check_output_folder, read_mask, read_volume, staged_outputs, write_json
 from .reduction import DEFAULT_MIN_FRAGMENT_ML, DEVIATION_ARRAY, ReductionPlan, plan_reduction
-from .surface import polydata_points, write_stl
+from .surface import point_array, polydata_points, write_stl
 
 FRAGMENT_PATTERN = "fragment_*_*_[LR][PA]S.stl"  # the per-fragment STL files of an earlier run
 
@@ -77,7 +76,7 @@ def deviation_png(plan: ReductionPlan, path, overwrite: bool = False) -> Path:
     target = target[:: max(1, len(target) // 20000)]
     states = (("fractured", [f.surface for f in plan.fragments]),
               ("reduced", [f.reduced_surface for f in plan.fragments]))
-    values = np.concatenate([numpy_support.vtk_to_numpy(s.GetPointData().GetArray(DEVIATION_ARRAY))
+    values = np.concatenate([point_array(s, DEVIATION_ARRAY)
                              for _, surfaces in states for s in surfaces])
     limit = max(2.0, float(np.percentile(np.abs(values), 98)))
     fig, axes = plt.subplots(1, 4, figsize=(12, 7), sharey=True, layout="constrained")
@@ -86,7 +85,7 @@ def deviation_png(plan: ReductionPlan, path, overwrite: bool = False) -> Path:
         ax.scatter(target[:, axis], target[:, 2], s=0.3, c="0.8", linewidths=0, rasterized=True)
         for surface in surfaces:
             pts = polydata_points(surface)
-            dev = numpy_support.vtk_to_numpy(surface.GetPointData().GetArray(DEVIATION_ARRAY))
+            dev = point_array(surface, DEVIATION_ARRAY)
             order = np.argsort(np.abs(dev))  # largest deviations drawn on top
             sc = ax.scatter(pts[order, axis], pts[order, 2], s=0.6, c=dev[order], cmap="coolwarm", vmin=-limit,
                             vmax=limit, linewidths=0, rasterized=True)

@@ -29,10 +29,11 @@ def polydata_points(polydata: vtk.vtkPolyData) -> np.ndarray:
     return numpy_support.vtk_to_numpy(polydata.GetPoints().GetData()).astype(float)
 
 
-def add_point_array(polydata: vtk.vtkPolyData, name: str, values: np.ndarray, active: bool = True) -> None:
-    """Attach one value per point (float32) as the point-data array ``name``; ``active`` makes it the scalars
+def add_point_array(polydata: vtk.vtkPolyData, name: str, values: np.ndarray, active: bool = True,
+                    dtype=np.float32) -> None:
+    """Attach one value per point (as ``dtype``) as the point-data array ``name``; ``active`` makes it the scalars
     that viewers colour by."""
-    values = np.ascontiguousarray(values, dtype=np.float32)
+    values = np.ascontiguousarray(values, dtype=dtype)
     if values.shape != (polydata.GetNumberOfPoints(),):
         raise InputError(f"'{name}' needs one value per surface point ({polydata.GetNumberOfPoints()}), got "
                          f"shape {values.shape}.")

@@ -5,7 +5,6 @@ library plan is in LPS, the nodes in RAS (converted by mrml.py)."""
 import json
 
 import numpy as np
-from vtk.util import numpy_support
 
 import slicer
 
@@ -18,6 +17,7 @@ from TibiaReconstructionLib.errors import InputError  # noqa: E402
 from TibiaReconstructionLib.geometry import check_same_grid  # noqa: E402
 from TibiaReconstructionLib.io import json_default  # noqa: E402
 from TibiaReconstructionLib.reduction import DEVIATION_ARRAY, FRACTURE_FACE_ARRAY  # noqa: E402
+from TibiaReconstructionLib.surface import point_array  # noqa: E402
 
 DEFAULT_MODEL_NAME = "Reduced fragment"
 MIN_COLOR_RANGE_MM = 2.0
@@ -47,10 +47,8 @@ def createFragmentModels(scene, plan, volumeNode, modelName=DEFAULT_MODEL_NAME,
     """One NEW model node per reduced fragment of a library ReductionPlan (under the CT's parent transform), with
     DeviationMm as active scalars on one shared colour scale and the fragment's JSON report in
     ``reportAttribute``. Returns the model nodes in fragment order."""
-    def pointArray(fragment, name):
-        return numpy_support.vtk_to_numpy(fragment.reduced_surface.GetPointData().GetArray(name))
-
-    deviations = np.concatenate([np.abs(pointArray(f, DEVIATION_ARRAY))[pointArray(f, FRACTURE_FACE_ARRAY) == 0]
+    deviations = np.concatenate([np.abs(point_array(f.reduced_surface, DEVIATION_ARRAY))
+                                 [point_array(f.reduced_surface, FRACTURE_FACE_ARRAY) == 0]
                                  for f in plan.fragments])  # outer surfaces: fracture faces lie inside by nature
     limit = max(MIN_COLOR_RANGE_MM, float(np.percentile(deviations, 95)) if len(deviations) else 0.0)
     colorNode = mrml.colorMapNode(scene, "Fragment deviation", limit, mrml.BLUE_WHITE_RED)

@@ -86,6 +86,12 @@ class PCA(Autoencoder):
         f = self.arch.factor
         return F.avg_pool3d(x, f) if f > 1 else x
 
+    def _upsample(self, coarse: torch.Tensor) -> torch.Tensor:
+        """Tensors on the pooled grid -> the full grid (trilinear; the inverse of ``_pool`` for smooth fields)."""
+        if self.arch.factor == 1:
+            return coarse
+        return F.interpolate(coarse, size=tuple(self.arch.shape), mode="trilinear", align_corners=False)
+
     def encode(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         """Codes (N, k) of x (N, C, Z, Y, X); least squares on the voxels where ``visible`` (N, 1, ...) is 1."""
         x = self._pool(x)
@@ -96,10 +102,12 @@ class PCA(Autoencoder):
         return torch.stack([torch.linalg.solve(self._normal_matrix(w), (self.components * w) @ torch.where(
             w > 0, r, torch.zeros_like(r))) for w, r in zip(weights, flat)])
 
-    def _normal_matrix(self, w: torch.Tensor) -> torch.Tensor:
-        """Wᵀ diag(w) W + σ² Λ⁻¹ (k, k) of the masked least squares with voxel weights ``w`` (D,)."""
+    def _normal_matrix(self, w: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Wᵀ diag(w) W + s² Λ⁻¹ (k, k) of the masked least squares with voxel weights ``w`` (D,); s² is ``noise``,
+        by default the noise variance σ² fitted with the model."""
         k = len(self.variances)
-        return ((self.components * w) @ self.components.T + torch.diag(self.noise_variance / self.variances)
+        noise = self.noise_variance if noise is None else noise
+        return ((self.components * w) @ self.components.T + torch.diag(noise / self.variances)
                 + 1e-6 * torch.eye(k, dtype=w.dtype, device=w.device))
 
     def reconstruction_std(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
@@ -119,21 +127,15 @@ class PCA(Autoencoder):
         for xi, ri, wi in zip(xp, recon, weights):
             band = (wi > 0.5) & ((xi > BONE_LEVEL) | (ri > BONE_LEVEL)).any(0, keepdim=True)
             noise = ((xi - ri) ** 2)[band].mean() if band.any() else self.noise_variance
-            normal = ((self.components * wi.reshape(-1)) @ self.components.T + torch.diag(noise / self.variances)
-                      + 1e-6 * torch.eye(len(self.variances), dtype=x.dtype, device=x.device))
+            normal = self._normal_matrix(wi.reshape(-1), noise)
             chol = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(normal)))
             stds.append((noise.sqrt() * chol.T @ self.components).pow(2).sum(0).sqrt())
-        coarse = torch.stack(stds).reshape(xp.shape)
-        if self.arch.factor == 1:
-            return coarse
-        return F.interpolate(coarse, size=tuple(self.arch.shape), mode="trilinear", align_corners=False)
+        return self._upsample(torch.stack(stds).reshape(xp.shape))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Tensors (N, C, Z, Y, X) on the full grid from codes (N, k)."""
-        coarse = (self.mean + z @ self.components).reshape(z.shape[0], self.arch.in_channels, *self.coarse_shape)
-        if self.arch.factor == 1:
-            return coarse
-        return F.interpolate(coarse, size=tuple(self.arch.shape), mode="trilinear", align_corners=False)
+        return self._upsample((self.mean + z @ self.components).reshape(z.shape[0], self.arch.in_channels,
+                                                                        *self.coarse_shape))
 
     def reconstruct(self, x: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.encode(x, visible))
