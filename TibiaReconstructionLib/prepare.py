@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import Grid, Volume, bounding_box, check_same_grid, crop_to_mask, invert_affine, make_affine, \
+from .geometry import Grid, Volume, bounding_box, check_same_grid, crop, crop_to_mask, invert_affine, make_affine, \
     reflection, resample
 
 DEFAULT_WINDOW_HU = (-200.0, 1800.0)
@@ -56,8 +56,7 @@ def mirror_for_side(side: str, center: np.ndarray) -> np.ndarray:
 def patient_to_canonical(tibia: Volume, side: str) -> np.ndarray:
     """4x4 LPS affine P from patient points to the canonical frame, from the tibia mask (see module doc)."""
     box = bounding_box(tibia.array != 0)
-    idx = np.zeros((0, 3), int) if box is None else np.argwhere(
-        tibia.array[box[0][0]:box[1][0] + 1, box[0][1]:box[1][1] + 1, box[0][2]:box[1][2] + 1] != 0) + box[0]
+    idx = np.zeros((0, 3), int) if box is None else np.argwhere(crop(tibia, *box).array != 0) + box[0]
     if len(idx) < 10:
         raise InputError(f"The tibia mask has {len(idx)} voxels; it must cover the tibia. Check that the right "
                          "segment/label was chosen.")
