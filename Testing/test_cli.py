@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 from TibiaReconstructionLib import __version__
-from TibiaReconstructionLib.cli import main
+from TibiaReconstructionLib.cli import _COMMANDS, build_parser, main
 from TibiaReconstructionLib.io import write_volume
 
 
@@ -18,6 +18,16 @@ def test_help_lists_every_command(capsys):
     for command in ("info", "phantoms", "montage", "prepare", "train", "export-bundle", "evaluate", "predict",
                     "reduce", "segment", "contralateral", "demo", "bench"):
         assert f"    {command} " in out or f"    {command}\n" in out, command
+
+
+def test_a_command_line_imports_only_its_command():
+    for command in _COMMANDS:  # the map names the module that registers each command
+        assert command in build_parser(command)._subparsers._group_actions[0].choices
+    code = "import sys; from TibiaReconstructionLib.cli import build_parser; build_parser('predict'); print(*sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert "TibiaReconstructionLib.predict_cli" in loaded
+    assert not {"TibiaReconstructionLib.evaluate", "TibiaReconstructionLib.phantoms", "TibiaReconstructionLib.bench",
+                "TibiaReconstructionLib.metrics", "TibiaReconstructionLib.contralateral"} & set(loaded)
 
 
 def test_info_prints_geometry_and_errors_cleanly(tmp_path, oblique_volume, capsys):

@@ -13,9 +13,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from . import __version__  # noqa: E402
 from .errors import TibiaReconError  # noqa: E402
 
-# Modules that add subcommands through a `register_cli(subparsers)` function, in help order.
-_COMMAND_MODULES = ["info", "phantoms.cli", "prepare", "training.cli", "evaluate", "predict_cli", "reduction_cli",
-                    "segment", "contralateral", "demo", "bench"]
+# Each subcommand and the module that adds it through a `register_cli(subparsers)` function, in help order. A
+# command line naming one command imports only its module (the others pull in phantoms, metrics, plotting...).
+_COMMANDS = {"info": "info", "phantoms": "phantoms.cli", "montage": "phantoms.cli", "prepare": "prepare",
+             "train": "training.cli", "export-bundle": "training.cli", "evaluate": "evaluate", "predict": "predict_cli",
+             "reduce": "reduction_cli", "segment": "segment", "contralateral": "contralateral", "demo": "demo",
+             "bench": "bench"}
 
 
 def print_outputs(paths: dict, warnings=()) -> None:
@@ -53,7 +56,8 @@ def tqdm_progress(desc: str):
     return update
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command-line parser: with ``command``, a known subcommand, only that one is registered."""
     parser = argparse.ArgumentParser(
         prog="tibia-recon",
         description="Predict a patient's healthy tibia from a CT of the fractured tibia, and make data, train, "
@@ -62,13 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `tibia-recon COMMAND --help` for the options of one command.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in _COMMAND_MODULES:
+    modules = [_COMMANDS[command]] if command in _COMMANDS else list(dict.fromkeys(_COMMANDS.values()))
+    for name in modules:
         importlib.import_module(f"{__package__}.{name}").register_cli(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
