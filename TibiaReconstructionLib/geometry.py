@@ -323,11 +323,14 @@ def resample(volume: Volume, grid: Grid, output_to_input: np.ndarray | None = No
 
 
 def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Index box (lo, hi inclusive) in (k, j, i) array order of the nonzero voxels, or None if empty."""
-    nz = [np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    if any(len(n) == 0 for n in nz):
+    """Index box (lo, hi inclusive) in (k, j, i) array order of the nonzero voxels, or None if empty. One pass
+    over the array finds the k slices with a nonzero voxel, a second over those slices the j and i extent."""
+    k = np.flatnonzero(np.any(mask, axis=(1, 2)))
+    if len(k) == 0:
         return None
-    return np.array([n[0] for n in nz]), np.array([n[-1] for n in nz])
+    plane = np.any(mask[k[0]:k[-1] + 1], axis=0)
+    j, i = np.flatnonzero(np.any(plane, axis=1)), np.flatnonzero(np.any(plane, axis=0))
+    return np.array([k[0], j[0], i[0]]), np.array([k[-1], j[-1], i[-1]])
 
 
 def crop(volume: Volume, lo_kji: Sequence[int], hi_kji: Sequence[int]) -> Volume:
@@ -341,7 +344,7 @@ def crop(volume: Volume, lo_kji: Sequence[int], hi_kji: Sequence[int]) -> Volume
 def crop_to_mask(volume: Volume, mask: Volume, margin_mm: float = 10.0) -> Volume:
     """Crop ``volume`` to the bounding box of ``mask`` (same grid) grown by ``margin_mm`` on each side."""
     check_same_grid(volume, mask, "volume", "mask")
-    box = bounding_box(mask.array != 0)
+    box = bounding_box(mask.array)
     if box is None:
         raise InputError("The mask is empty, so there is nothing to crop to. Provide a mask with at least one voxel.")
     margin = np.ceil(margin_mm / volume.spacing[::-1]).astype(int)

@@ -84,8 +84,9 @@ class Prediction:
                 "surface": {"points": self.surface.GetNumberOfPoints(), "triangles": self.surface.GetNumberOfPolys()}}
 
 
-def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """Check the three inputs; return boolean tibia and fracture arrays. Raises InputError naming the problem."""
+def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> None:
+    """Check the three inputs; raises InputError naming the problem. The masks are only scanned in full to find the
+    tibia's box and whether the fracture mask is empty; the rest is counted inside the box."""
     check_same_grid(ct, tibia, "CT", "tibia mask")
     check_same_grid(ct, fracture, "CT", "fracture mask")
     size = np.asarray(ct.grid.size)
@@ -113,27 +114,27 @@ def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> tuple[np.nda
                          f"{lo:.4g}), but a CT has air (-1000 HU) and fat (about -100 HU). MR images are not "
                          "supported; a CT stored without its rescale intercept (e.g. 0..4095) or with its background "
                          "set to 0 must be converted back to HU first.")
-    tib, frac = tibia.array != 0, fracture.array != 0
-    n_tib = int(tib.sum())
-    if n_tib == 0:
+    box = bounding_box(tibia.array)
+    if box is None:
         raise InputError("The tibia mask is empty. Segment the tibia (all fragments) or use automatic segmentation.")
-    lo_kji, hi_kji = bounding_box(tib)
-    extent = (hi_kji - lo_kji + 1)[::-1] * ct.spacing
+    extent = (box[1] - box[0] + 1)[::-1] * ct.spacing
     if extent.max() < MIN_TIBIA_EXTENT_MM:
         raise InputError(f"The tibia mask spans only {extent.max():.0f} mm; at least {MIN_TIBIA_EXTENT_MM:g} mm of the "
                          f"tibia must be in the CT (an adult tibia is 300-450 mm long). Check the mask, and that the "
                          f"CT's voxel spacing ({spacing}) is in mm.")
-    if not frac.any():
+    if not fracture.array.any():
         raise InputError("The fracture mask is empty. Paint a coarse mask over the fracture zone (all fracture "
                          "lines and gaps) before predicting.")
-    hidden = float((tib & frac).sum()) / n_tib
-    if (tib & frac).sum() == 0:
+    inside = tuple(slice(a, b + 1) for a, b in zip(*box))
+    tib = tibia.array[inside] != 0
+    hidden_voxels = np.count_nonzero(tib & (fracture.array[inside] != 0))
+    if hidden_voxels == 0:
         raise InputError("The fracture mask does not overlap the tibia mask at all; it must cover the fracture "
                          "zone of the tibia. Check that the right segments were chosen.")
+    hidden = hidden_voxels / np.count_nonzero(tib)
     if hidden > MAX_FRACTURE_FRACTION:
         raise InputError(f"The fracture mask hides {hidden:.0%} of the tibia; at most {MAX_FRACTURE_FRACTION:.0%} "
                          "can be predicted reliably. Paint only the fracture zone.")
-    return tib, frac
 
 
 def input_warnings(ct: Volume, tibia: Volume) -> list[str]:
@@ -144,8 +145,7 @@ def input_warnings(ct: Volume, tibia: Volume) -> list[str]:
         warnings.append(f"The CT's voxels are ({', '.join(f'{v:.3g}' for v in ct.spacing)}) mm, coarser than "
                         f"{WARN_SPACING_MM:g} mm: the fracture zone and the tibial plateau are coarsely resolved and "
                         "the prediction is less precise. Use thinner slices if available.")
-    tib = tibia.array != 0
-    box = bounding_box(tib)
+    box = bounding_box(tibia.array)
     if box is None:
         return warnings
     superior = int(np.argmax(np.abs(ct.direction[2])))  # the (i, j, k) axis closest to the body's long axis

@@ -55,7 +55,7 @@ def mirror_for_side(side: str, center: np.ndarray) -> np.ndarray:
 
 def patient_to_canonical(tibia: Volume, side: str) -> np.ndarray:
     """4x4 LPS affine P from patient points to the canonical frame, from the tibia mask (see module doc)."""
-    box = bounding_box(tibia.array != 0)
+    box = bounding_box(tibia.array)
     idx = np.zeros((0, 3), int) if box is None else np.argwhere(crop(tibia, *box).array != 0) + box[0]
     if len(idx) < 10:
         raise InputError(f"The tibia mask has {len(idx)} voxels; it must cover the tibia. Check that the right "
