@@ -197,7 +197,7 @@ def read_mask(path: str | os.PathLike, reference: Volume | None = None, name: st
         raise InputError(f"The {name} ({path}) has no voxel with label {label_value}; its labels are "
                          f"{', '.join(str(v) for v in present[:10])}{', ...' if len(present) > 10 else ''}. "
                          "Pass the tibia's label value.")
-    return vol.with_array(arr.astype(np.uint8))
+    return vol.with_array(arr.view(np.uint8))  # the 0/1 bytes of the new boolean array, not a copy
 
 
 @contextmanager
