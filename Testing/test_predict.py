@@ -90,6 +90,21 @@ def test_oblique_ct_gives_the_same_surface_as_its_axis_aligned_copy(predictor):
     assert np.sqrt(np.mean(d ** 2)) < 1.5  # mm, voxel size 1.5 x 1.5 x 2.5
 
 
+def test_uncertainty_comes_on_the_ct_lattice_over_the_prediction(predictor):
+    """On a CT finer than half the model's spacing the occupancy's std comes on a coarser grid: the CT's axes, voxel
+    centres on CT voxel centres a whole number of CT voxels apart, covering every predicted voxel."""
+    ct, tibia, fracture = bone_case(pose_deg=(3.0, -2.0, 8.0), spacing=(0.7, 0.7, 1.2), size=(116, 116, 150))
+    res = predictor.predict(ct, tibia, fracture, side="left")
+    std = res.occupancy_std
+    corner = ct.physical_to_index(std.origin[None])[0]
+    np.testing.assert_allclose(std.direction, ct.direction)
+    np.testing.assert_allclose(std.spacing / ct.spacing, [2, 2, 1])  # tiny bundle: 3 mm, so at most 1.5 mm
+    np.testing.assert_allclose(corner, np.round(corner), atol=1e-6)
+    predicted = std.physical_to_index(ct.index_to_physical(np.argwhere(res.labelmap.array)[:, ::-1].astype(float)))
+    assert predicted.min() >= 0 and np.all(predicted.max(0) <= np.array(std.grid.size) - 1)
+    assert std.array.dtype == np.float32 and std.array.max() > 0
+
+
 def test_inputs_are_not_modified(predictor, case):
     before = [v.array.copy() for v in case]
     predictor.predict(*case, side="left")

@@ -301,48 +301,55 @@ class Predictor:
 
     def _to_ct_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
                     std: np.ndarray | None = None) -> tuple[Volume, Volume, Volume | None]:
-        """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the CT grid: labelmap (uint8),
-        intensity (int16 HU) and, with ``std`` (Z, Y, X), the occupancy's standard deviation (float32). Only
-        the CT sub-box that the predicted tibia can reach is computed."""
+        """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the CT grid: labelmap (uint8) and
+        intensity (int16 HU), computed only in the CT box that the predicted tibia can reach. With ``std`` (Z, Y, X)
+        also the occupancy's standard deviation (float32) on the work grid: along the CT's axes through CT voxel
+        centres, every few CT voxels (about half the model's spacing), over that box; it is as smooth as the model,
+        so interpolating it linearly gives the values on the CT's voxels."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
         lo_hu, hi_hu = self.bundle.window_hu
-        inside = np.argwhere(occ > 0.25)
         labelmap = np.zeros(ct.array.shape, np.uint8)
         intensity = np.full(ct.array.shape, round(lo_hu), np.int16)  # HU, window floor outside the tibia
-        spread = None if std is None else np.zeros(ct.array.shape, np.float32)
-        if len(inside) == 0:
-            return ct.with_array(labelmap), ct.with_array(intensity), None if std is None else ct.with_array(spread)
-        box_std = np.array([inside.min(0), inside.max(0)])[:, ::-1].astype(float)  # (i, j, k) corners
-        corners = np.array([[box_std[a, 0], box_std[b, 1], box_std[c, 2]] for a in (0, 1) for b in (0, 1)
-                            for c in (0, 1)])
-        pts = apply_affine(invert_affine(patient_to_standard), grid.index_to_physical(corners))
-        ijk = ct.physical_to_index(pts)
-        margin = np.ceil(2.0 * grid.spacing.max() / ct.spacing) + 1
-        lo = np.clip(np.floor(ijk.min(0) - margin), 0, np.array(ct.grid.size) - 1).astype(int)
-        hi = np.clip(np.ceil(ijk.max(0) + margin), 0, np.array(ct.grid.size) - 1).astype(int)
-        size = hi - lo + 1
+        inside = np.argwhere(occ > 0.25)
+        lo, hi = self._reach(inside, patient_to_standard, ct) if len(inside) else (np.zeros(3, int),
+                                                                                    np.array(ct.grid.size) - 1)
         # The reconstruction is smooth at the model's spacing: resample it onto a grid along the CT's axes at about
         # half that spacing (an integer multiple of the CT's), then interpolate linearly onto the CT voxels.
         factors = np.maximum(1, np.floor(grid.spacing.min() / WORK_FRACTION / ct.spacing)).astype(int)  # (i, j, k)
-        work = Grid(tuple((size - 1) // factors + 2), ct.spacing * factors, ct.index_to_physical(lo.astype(float)),
+        work = Grid(tuple((hi - lo) // factors + 2), ct.spacing * factors, ct.index_to_physical(lo.astype(float)),
                     ct.direction)
 
-        def onto_sub(values: np.ndarray) -> np.ndarray:
-            coarse = resample(Volume.on_grid(values.astype(np.float32), grid), work, patient_to_standard).array
-            return upsample_linear(coarse, factors[::-1], tuple(size[::-1]))
+        def onto_work(values: np.ndarray) -> np.ndarray:
+            return resample(Volume.on_grid(values.astype(np.float32), grid), work, patient_to_standard).array
 
-        occ_sub, int_sub = onto_sub(occ), onto_sub(recon[0])
+        spread = None if std is None else Volume.on_grid(onto_work(std) if len(inside) else
+                                                          np.zeros(work.shape, np.float32), work)
+        if len(inside) == 0:
+            return ct.with_array(labelmap), ct.with_array(intensity), spread
+        shape = tuple((hi - lo + 1)[::-1])
+        occ_sub = upsample_linear(onto_work(occ), factors[::-1], shape)
+        int_sub = upsample_linear(onto_work(recon[0]), factors[::-1], shape)
         label_sub = occ_sub >= 0.5
         hu_sub = np.full(label_sub.shape, round(lo_hu), np.int16)
         hu_sub[label_sub] = np.rint(lo_hu + np.clip(int_sub[label_sub] / occ_sub[label_sub], 0, 1) * (hi_hu - lo_hu))
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
         labelmap[sl] = label_sub
         intensity[sl] = hu_sub
-        if std is None:
-            return ct.with_array(labelmap), ct.with_array(intensity), None
-        spread[sl] = onto_sub(std)
-        return ct.with_array(labelmap), ct.with_array(intensity), ct.with_array(spread)
+        return ct.with_array(labelmap), ct.with_array(intensity), spread
+
+    def _reach(self, inside: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[np.ndarray, np.ndarray]:
+        """The CT index box (lo, hi inclusive, (i, j, k)) holding the canonical voxels ``inside`` ((k, j, i), standard
+        coordinates) plus two model voxels, clipped to the CT."""
+        grid: Grid = self.bundle.grid
+        box_std = np.array([inside.min(0), inside.max(0)])[:, ::-1].astype(float)  # (i, j, k) corners
+        corners = np.array([[box_std[a, 0], box_std[b, 1], box_std[c, 2]] for a in (0, 1) for b in (0, 1)
+                            for c in (0, 1)])
+        ijk = ct.physical_to_index(apply_affine(invert_affine(patient_to_standard), grid.index_to_physical(corners)))
+        margin = np.ceil(2.0 * grid.spacing.max() / ct.spacing) + 1
+        lo = np.clip(np.floor(ijk.min(0) - margin), 0, np.array(ct.grid.size) - 1).astype(int)
+        hi = np.clip(np.ceil(ijk.max(0) + margin), 0, np.array(ct.grid.size) - 1).astype(int)
+        return lo, hi
 
     def _surface_uncertainty_mm(self, occ: np.ndarray, std: np.ndarray, points_std: np.ndarray) -> np.ndarray:
         """Standard deviation (mm) of the surface position at ``points_std`` (standard coordinates, mm): the

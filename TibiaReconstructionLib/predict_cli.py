@@ -8,11 +8,18 @@ from .errors import InputError, OutputExistsError
 from .io import check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json, write_volume
 from .surface import write_stl, write_vtp
 
+UNCERTAINTY_GRID = ("the posterior standard deviation of the predicted occupancy (0-1) as float32 in the CT's format, "
+                    "on a grid along the CT's axes through CT voxel centres, every n-th CT voxel (n the most that "
+                    "keeps the spacing at or below half the model's, 1 mm for the default bundle; 1 for coarser CTs), "
+                    "over the region the prediction reaches; interpolated linearly it gives the values on the CT's "
+                    "voxels (the model resolves nothing finer).")
+
 
 def output_paths(out: Path, suffix: str, auto_tibia: bool = False) -> dict:
     """The files predict writes into ``out`` (volumes in the input's format): labelmap, intensity, the occupancy's
-    posterior standard deviation, STL in LPS and RAS, the LPS surface as VTK XML with its per-vertex uncertainty
-    (mm), the report; with ``auto_tibia`` also the automatically segmented tibia mask it used."""
+    posterior standard deviation (on the coarser work grid, see :data:`UNCERTAINTY_GRID`), STL in LPS and RAS, the
+    LPS surface as VTK XML with its per-vertex uncertainty (mm), the report; with ``auto_tibia`` also the
+    automatically segmented tibia mask it used."""
     suffix = suffix or ".nrrd"
     paths = {"label": out / f"predicted_tibia_label{suffix}", "intensity": out / f"predicted_tibia_intensity{suffix}",
              "uncertainty": out / f"predicted_tibia_uncertainty{suffix}",
@@ -86,8 +93,10 @@ def register_cli(sub) -> None:
 
     p = sub.add_parser("predict", help="predict the healthy tibia from a fractured CT",
                        description="Predict the healthy tibia in the CT's own grid. Writes the labelmap and the "
-                                   "intensity volume (same format as the CT), the surface as STL in LPS (ITK, DICOM) "
-                                   "and RAS (3D Slicer) coordinates, and report.json (transforms, timings, volumes).")
+                                   "intensity volume (same format and grid as the CT), the surface as STL in LPS (ITK, "
+                                   "DICOM) and RAS (3D Slicer) coordinates and as VTK XML (LPS) with its per-point "
+                                   "uncertainty (mm), report.json (transforms, timings, volumes) and, for a PCA "
+                                   f"bundle, the uncertainty volume: {UNCERTAINTY_GRID}")
     add_case_arguments(p, "fractured CT (NRRD, NIfTI, MHA or DICOM folder)",
                        "tibia mask or label map on the CT grid, all fragments (default: segment the tibia "
                        "automatically and save the mask)", tibia_required=False)
