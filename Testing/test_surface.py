@@ -33,6 +33,8 @@ def test_labelmap_surface_lies_on_the_sphere(direction):
     assert surf.GetNumberOfPolys() > 100
     assert abs(r.mean() - 12.0) < 0.6 and r.std() < 0.5  # vertices on the boundary, in physical LPS
     assert abs(_signed_volume(surf) - 4 / 3 * np.pi * 12.0 ** 3) / (4 / 3 * np.pi * 12.0 ** 3) < 0.08
+    names = [surf.GetPointData().GetArrayName(i) for i in range(surf.GetPointData().GetNumberOfArrays())]
+    assert names == ["Normals"]  # no unnamed iso-value array for writers to store under a random name
 
 
 def test_reflection_keeps_outward_orientation():

@@ -85,6 +85,7 @@ def isosurface(array: np.ndarray, grid: Grid, level: float) -> vtk.vtkPolyData:
     fe.SetInputData(image)
     fe.SetValue(0, float(level))
     fe.ComputeNormalsOff()
+    fe.ComputeScalarsOff()  # else every point carries the iso-value in an unnamed array that writers store
     fe.Update()
     return transform_polydata(fe.GetOutput(), grid.ijk_to_lps)
 
