@@ -43,7 +43,7 @@ METHODS = {"model": "model", "prototype": "prototype only", "rigid": "mean shape
 ACCURACY_FILES = {"md": "accuracy.md", "csv": "accuracy.csv", "boxplots": "accuracy_boxplots.png",
                   "worst": "accuracy_worst_case.png"}
 SPEED_FILES = {"md": "speed.md", "csv": "speed.csv", "training_csv": "speed_training.csv", "plot": "speed.png"}
-PREDICT_STAGES = ("read", "load", "check", "model", "resample", "surface", "write")
+PREDICT_STAGES = ("start", "read", "load", "check", "model", "resample", "surface", "write")
 TRAINING_STEPS = {"step1": "step 1: LocNet + prototype (D-SSIM at 1/2 resolution)",
                   "step3-vae": "step 3: VAE (masked MSE + KL)"}
 
@@ -547,11 +547,12 @@ def _set_threads(n: int) -> None:
 
 
 def _measure_predict(job: dict) -> dict:
-    """Read, load the bundle, predict and write the outputs, timing each stage."""
+    """Read, load the bundle, predict and write the outputs, timing each stage; ``start`` is the time from launching
+    the process to the command's code imported (``job['ready'] - job['launched']``, wall-clock seconds)."""
     from .io import read_mask, read_volume
     from .predict_cli import _write_outputs, output_paths
 
-    t = {}
+    t = {"start": job["ready"] - job["launched"]}
     t0 = time.perf_counter()
     ct = read_volume(job["ct"])
     tibia = read_mask(job["tibia"], ct, "tibia mask")
@@ -636,9 +637,10 @@ def _measure_training(job: dict) -> dict:
             "grid": "x".join(map(str, bundle.grid.size)), "model": description}
 
 
-def _worker(job_json: str) -> None:
-    """Entry point of a measurement process: run one job, print its result as JSON on the last line."""
-    job = json.loads(job_json)
+def _worker(job_json: str, ready: float) -> None:
+    """Entry point of a measurement process: run one job, print its result as JSON on the last line. ``ready``: the
+    wall-clock time when the process had imported what `tibia-recon predict` imports."""
+    job = {**json.loads(job_json), "ready": ready}
     _set_threads(job["threads"])
     before = _peak_rss_mib()
     result = _measure_predict(job) if job["kind"] == "predict" else _measure_training(job)
@@ -651,8 +653,11 @@ def run_measurement(job: dict) -> dict:
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": n,
            "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    code = "import sys; from TibiaReconstructionLib.bench import _worker; _worker(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True, env=env)
+    code = ("import sys, time; from TibiaReconstructionLib.cli import build_parser; build_parser('predict'); "
+            "import TibiaReconstructionLib.predict; ready = time.time(); "
+            "from TibiaReconstructionLib.bench import _worker; _worker(sys.argv[1], ready)")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps({**job, "launched": time.time()})],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = " ".join(proc.stderr.strip().splitlines()[-3:])
         raise TibiaReconError(f"The {job['kind']} measurement with {n} thread(s) failed (exit {proc.returncode}): "
@@ -691,7 +696,8 @@ def speed_markdown(rows: list[dict], train_rows: list[dict], setup: dict) -> str
                   f"field of view (int16 NRRD, uncompressed); outputs as `tibia-recon predict` writes them "
                   "(compressed NRRD labelmap, intensity and uncertainty, two STL, a VTP, report.json). Side: automatic "
                   "(from the fibula's position; the model runs for both sides only when no fibula is found). Median "
-                  "of the runs, in seconds; *read*: CT and masks; *load*: model bundle; "
+                  "of the runs, in seconds; *start*: from launching Python to the code of `tibia-recon predict` "
+                  "imported (torch, SimpleITK, VTK...); *read*: CT and masks; *load*: model bundle; "
                   "*check*, *model*, *resample*, *surface*: `Prediction.timings`; *write*: all outputs.", "",
                   md_table(["CT size", "spacing (mm)", "threads", *PREDICT_STAGES, "total", "peak RSS (MiB)", "runs"],
                            [[r["size"], spacing[r["size"]], r["threads"],
