@@ -149,13 +149,13 @@ def test_upsample_linear_matches_trilinear_interpolation(rng):
     from TibiaReconstructionLib.geometry import upsample_linear
 
     array = rng.random((4, 5, 6)).astype(np.float32)
-    factors, shape = (1, 3, 2), (4, 13, 11)
-    out = upsample_linear(array, factors, shape)
-    positions = np.meshgrid(*(np.arange(n) / f for n, f in zip(shape, factors)),
-                            indexing="ij")
-    expected = ndimage.map_coordinates(array, positions, order=1)
-    assert out.shape == shape
-    np.testing.assert_allclose(out, expected, atol=1e-6)
+    for factors, shape in (((1, 3, 2), (4, 13, 11)), ((2, 1, 3), (7, 5, 16)), ((2, 2, 2), (7, 9, 11))):
+        out = upsample_linear(array, factors, shape)
+        positions = np.meshgrid(*(np.arange(n) / f for n, f in zip(shape, factors)),
+                                indexing="ij")
+        expected = ndimage.map_coordinates(array, positions, order=1)
+        assert out.shape == shape
+        np.testing.assert_allclose(out, expected, atol=1e-6)
     np.testing.assert_array_equal(upsample_linear(array, (1, 1, 1), array.shape), array)
     with pytest.raises(InputError, match="larger"):
-        upsample_linear(array, factors, (4, 14, 11))
+        upsample_linear(array, (1, 3, 2), (4, 14, 11))

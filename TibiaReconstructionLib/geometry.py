@@ -278,7 +278,7 @@ def upsample_linear(array: np.ndarray, factors, shape) -> np.ndarray:
     """Linear interpolation of ``array`` (k, j, i) onto a grid ``factors`` (k, j, i) times finer along each axis
     that starts at the same first voxel: output voxel n sits at input index n / factor. ``shape``: the output
     size, at most (input size - 1) * factor + 1 per axis. Separable and multi-threaded (torch), so much cheaper
-    than a general resample."""
+    than a general resample; axes with factor 1 are not interpolated (they go to torch as channels)."""
     import torch  # only the prediction needs it; the Slicer module imports this file without torch
     import torch.nn.functional as F
 
@@ -286,8 +286,15 @@ def upsample_linear(array: np.ndarray, factors, shape) -> np.ndarray:
     if any(s > n for s, n in zip(shape, full)):
         raise InputError(f"upsample_linear: output {tuple(shape)} is larger than {full}, the most that input "
                          f"{array.shape} with factors {tuple(factors)} covers.")
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-    out = F.interpolate(x, size=full, mode="trilinear", align_corners=True)[0, 0]
+    order = sorted(range(3), key=lambda a: factors[a] > 1)  # axes kept as they are first, then the interpolated
+    moving = [a for a in order if factors[a] > 1]
+    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(order)
+    if moving:
+        kept = x.shape[:3 - len(moving)]
+        x = F.interpolate(x.reshape(1, -1, *x.shape[3 - len(moving):]), size=[full[a] for a in moving],
+                          mode=("linear", "bilinear", "trilinear")[len(moving) - 1], align_corners=True)
+        x = x.reshape(*kept, *x.shape[2:])
+    out = x.permute(np.argsort(order).tolist())
     return out[:shape[0], :shape[1], :shape[2]].numpy()
 
 
