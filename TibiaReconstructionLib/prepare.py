@@ -119,8 +119,8 @@ def smoothed_crops(ct: Volume, tibia: Volume, spacing: np.ndarray, fracture: Vol
 
     def prepared(volume: Volume, binary: bool) -> Volume:
         box = crop_to_mask(volume, tibia, margin_mm)
-        arr = (box.array != 0) if binary else box.array
-        return _antialias(box.with_array(arr.astype(np.float32)), spacing)
+        arr = (box.array != 0).view(np.uint8) if binary else box.array  # _antialias makes them float32
+        return _antialias(box.with_array(arr), spacing)
 
     return SmoothedCrops(prepared(ct, False), prepared(tibia, True),
                          None if fracture is None else prepared(fracture, True))
