@@ -4,7 +4,8 @@ coarse fracture mask.
 Pipeline (paper step 4): mirror a right leg -> align the long axis and crop (P, patient ->
 canonical) -> resample to the bundle's canonical grid -> y * m_tibia * (1 - m_fracture) ->
 mask-robust LocNet -> theta (standard -> canonical) -> aligned -> autoencoder -> reconstruction in
-standard coordinates -> back through theta and P -> the CT grid. All points are LPS mm.
+standard coordinates [-> fragments reduced onto the proximal main fragment and reconstructed again, refine.py]
+-> back through theta and P -> the CT grid. All points are LPS mm.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, 
     resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
+from .refine import reduce_and_reconstruct
 from .surface import UNCERTAINTY_ARRAY, add_point_array, isosurface, polydata_points, smooth_and_decimate, \
     transform_polydata
 
@@ -74,13 +76,14 @@ class Prediction:
     bundle_name: str = ""
     device: str = "cpu"
     occupancy_std: Volume | None = None  # posterior std of the predicted occupancy on the CT grid (PCA bundles)
+    reduction: dict = field(default_factory=dict)  # the fragment reduction before the final pass (refine.py)
 
     def report(self) -> dict:
         """JSON-ready summary: side, transforms, volumes, timings, warnings."""
         return {"side": self.side, "bundle": self.bundle_name, "device": self.device, "frame": "LPS mm",
                 "theta_standard_to_canonical": self.theta.tolist(), "transforms": self.transforms.to_dict(),
                 "patient_to_standard": self.transforms.matrix().tolist(), "volumes_ml": self.volumes_ml,
-                "timings_s": self.timings, "warnings": self.warnings,
+                "timings_s": self.timings, "warnings": self.warnings, "fragment_reduction": self.reduction,
                 "surface": {"points": self.surface.GetNumberOfPoints(), "triangles": self.surface.GetNumberOfPolys()}}
 
 
@@ -194,8 +197,9 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
 
 @dataclass
 class ModelRun:
-    """One pass of the model for one leg side: P (patient -> canonical), θ (4x4, standard -> canonical), the
-    reconstruction (C, Z, Y, X) in standard coordinates, its misfit, and the model's inputs (x, visible)."""
+    """The model's result for one leg side: P (patient -> canonical), θ (4x4, standard -> canonical), the
+    reconstruction (C, Z, Y, X) in standard coordinates, its misfit, the model's (reduced) inputs (x, visible)
+    and the fragment reduction's report."""
 
     p: np.ndarray
     theta: np.ndarray
@@ -203,13 +207,18 @@ class ModelRun:
     misfit: float
     x: torch.Tensor
     visible: torch.Tensor
+    reduction: dict = field(default_factory=dict)
 
 
 class Predictor:
     """Loads a model bundle once and predicts healthy tibiae from fractured CTs."""
 
-    def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto") -> None:
+    def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto",
+                 reduce_fragments: bool = True) -> None:
+        """``reduce_fragments``: register the fragments onto a first reconstruction, reduce them onto the proximal
+        main fragment and reconstruct again (:mod:`refine`); False gives the paper's single pass."""
         self.device = resolve_device(device)
+        self.reduce_fragments = reduce_fragments
         self.bundle_path = "(in memory)" if isinstance(bundle, Bundle) else str(bundle or DEFAULT_BUNDLE)
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE, self.device)
         self._crop_cache = None
@@ -227,8 +236,12 @@ class Predictor:
         x = torch.from_numpy(case.tensor[None])
         visible = torch.from_numpy(case.visible[None, None].astype(np.float32))
         theta, aligned, recon = self.bundle.align_and_reconstruct(x, visible)
+        report = {}
+        if self.reduce_fragments:
+            theta, recon, x, visible, report = reduce_and_reconstruct(self.bundle, x, visible, theta, recon)
+            aligned = self.bundle.sampler(x.to(self.device), theta)
         return ModelRun(p, theta_to_matrix(theta[0]), recon[0].float().cpu().numpy(), self._misfit(aligned, recon),
-                        x, visible)
+                        x, visible, report)
 
     def _uncertainty(self, run: ModelRun) -> np.ndarray | None:
         """Posterior standard deviation of the reconstruction's occupancy (Z, Y, X) in standard coordinates,
@@ -297,7 +310,7 @@ class Predictor:
                 warnings.append("The leg side was chosen automatically with low margin; pass side='left' or "
                                 "'right' if known.")
         return Prediction(labelmap, intensity, surface, chosen, chain, theta, t, volumes, warnings,
-                          self.bundle_path, str(self.device), occupancy_std)
+                          self.bundle_path, str(self.device), occupancy_std, run.reduction)
 
     def _to_ct_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
                     std: np.ndarray | None = None) -> tuple[Volume, Volume, Volume | None]:

@@ -1,0 +1,112 @@
+"""Fragment reduction before the final reconstruction (refine.py) on small synthetic canonical tensors."""
+
+import numpy as np
+import pytest
+import torch
+
+from TibiaReconstructionLib import refine
+from TibiaReconstructionLib.bundle import load_bundle
+from TibiaReconstructionLib.geometry import Grid, apply_affine
+from TibiaReconstructionLib.models import AffineGridSampler
+from TibiaReconstructionLib.models.sampler import identity_theta, matrix_to_theta, theta_to_matrix
+from TibiaReconstructionLib.prepare import canonical_grid
+from tiny_bundle import make_tiny_bundle
+
+GRID = canonical_grid((24, 24, 64), 2.0)
+GAP = (26, 30)  # k slices of the fracture mask
+
+
+def bone() -> np.ndarray:
+    """An asymmetric rod along z (Z, Y, X): wider at the top (knee), a bump on one side at the bottom (ankle) and
+    an elliptic cross-section, so that every rigid motion of a piece of it changes its surface."""
+    k, j, i = np.meshgrid(*(np.arange(n, dtype=float) for n in GRID.shape), indexing="ij")
+    x, y = i - 11.5, j - 11.5
+    radius = 4.0 + 3.0 * (k > 52) + 0.04 * k
+    rod = (x / 1.3) ** 2 + y ** 2 <= radius ** 2
+    ankle = (k < 12) & ((x - 5) ** 2 + (y - 2) ** 2 <= 9)
+    return ((rod | ankle) & (k > 3) & (k < 60)).astype(np.float32)
+
+
+def motion(angle_deg: float, axis, shift, center) -> np.ndarray:
+    """4x4 rigid map: rotate by ``angle_deg`` about ``axis`` through ``center`` (mm), then shift (mm)."""
+    a = np.asarray(axis, float) / np.linalg.norm(axis)
+    k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+    t = np.deg2rad(angle_deg)
+    r = np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * k @ k
+    m = np.eye(4)
+    m[:3, :3] = r
+    m[:3, 3] = np.asarray(center) - r @ center + np.asarray(shift)
+    return m
+
+
+def fractured(displacement: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The bone with its distal piece (below the gap) moved by ``displacement`` (4x4, canonical mm): input x
+    (1, 2, Z, Y, X) with the gap hidden, visibility (1, 1, Z, Y, X) and the distal piece's healthy mask."""
+    healthy = bone()
+    distal = healthy.copy()
+    distal[GAP[0]:] = 0
+    sampler = AffineGridSampler(GRID)
+    back = matrix_to_theta(np.linalg.inv(displacement))[None]
+    moved = sampler(torch.from_numpy(distal)[None, None], back)[0, 0].numpy()
+    occ = np.maximum(np.where(np.arange(GRID.shape[0])[:, None, None] >= GAP[0], healthy, 0), moved)
+    visible = np.ones(GRID.shape, np.float32)
+    visible[GAP[0]:GAP[1]] = 0
+    occ = occ * visible
+    x = torch.from_numpy(np.stack([0.6 * occ, occ]))[None]
+    return x, torch.from_numpy(visible)[None, None], distal > 0.5
+
+
+def test_fragments_anchor_is_the_knee_piece_and_small_pieces_are_hidden():
+    x, visible, distal = fractured(np.eye(4))
+    occ = x[0, 1].numpy().copy()
+    occ[20, 2, 2] = 1.0  # a one-voxel chip
+    found = refine.find_fragments(occ, visible[0, 0].numpy())
+    assert len(found.ids) == 2
+    assert not np.any((found.labels == found.anchor) & distal)  # the anchor is the proximal piece
+    assert found.small[20, 2, 2] and found.labels[20, 2, 2] == 0
+    whole = bone()
+    assert refine.find_fragments(whole, np.ones_like(whole)) is None  # one piece: nothing to reduce
+
+
+def test_registration_recovers_a_known_displacement():
+    center = GRID.index_to_physical(np.array([11.5, 11.5, 15.0]))
+    displacement = motion(7.0, (1.0, 0.3, 0.0), (2.5, -2.0, -1.5), center)
+    x, visible, distal = fractured(displacement)
+    fragments = refine.find_fragments(x[0, 1].numpy(), visible[0, 0].numpy())
+    healthy = torch.from_numpy(np.stack([0.6 * bone(), bone()]))[None]
+    motions, _, _ = refine.register_fragments(fragments, identity_theta(1), healthy, GRID, visible[0, 0].numpy())
+    reductions = refine.reduction_motions(motions, fragments.ids, fragments.anchor)
+    points = GRID.index_to_physical(np.argwhere(distal)[:, ::-1].astype(float))
+    moved = apply_affine(displacement, points)
+    n = next(i for i, f in enumerate(fragments.ids) if f != fragments.anchor)
+    reduced = apply_affine(theta_to_matrix(reductions[n]), moved)
+    assert np.linalg.norm(moved - points, axis=1).mean() > 3.0  # the displacement is real
+    assert np.linalg.norm(reduced - points, axis=1).mean() < 1.0
+    anchor = theta_to_matrix(reductions[fragments.ids.index(fragments.anchor)])
+    np.testing.assert_allclose(anchor, np.eye(4), atol=1e-6)
+
+
+def test_reduce_input_with_identity_motions_keeps_the_input():
+    x, visible, _ = fractured(np.eye(4))
+    fragments = refine.find_fragments(x[0, 1].numpy(), visible[0, 0].numpy())
+    identity = identity_theta(len(fragments.ids))
+    reduced, seen = refine.reduce_input(x, visible, fragments, identity, identity_theta(1), AffineGridSampler(GRID))
+    torch.testing.assert_close(seen, visible)
+    torch.testing.assert_close(reduced, x * visible, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    return load_bundle(make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "b"))
+
+
+def test_whole_bone_is_left_as_it_was(tiny_bundle):
+    grid: Grid = tiny_bundle.grid
+    occ = np.zeros(grid.shape, np.float32)
+    occ[10:45, 9:15, 9:15] = 1.0
+    x = torch.from_numpy(np.stack([0.5 * occ, occ]))[None]
+    visible = torch.ones_like(x[:, :1])
+    theta, _, recon = tiny_bundle.align_and_reconstruct(x, visible)
+    out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
+    assert out[0] is theta and out[1] is recon and out[2] is x and out[3] is visible
+    assert out[4]["fragments"] == 0

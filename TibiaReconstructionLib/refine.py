@@ -1,0 +1,238 @@
+"""Fragment-wise reduction before the final reconstruction, on the canonical grid (mm).
+
+A displaced fracture shows the model pieces of bone that no single healthy tibia fits, and the LocNet and the
+autoencoder return a compromise between them. This step reads the fragments off the visible input (connected
+pieces of tibia outside the fracture mask), registers each one rigidly onto the model's reconstruction, moves
+every fragment by its motion relative to the proximal main fragment (the anchor, the piece that holds the knee:
+it keeps its place, so the prediction stays in the patient's frame of the knee) and runs the model again on the
+reduced input. The fracture mask travels with every fragment and stays hidden; pieces too small to register
+are hidden too. After ROUNDS rounds the anchor is registered once more and θ corrected by its motion, so the
+prediction lies on the knee fragment. A case whose fragments the first reconstruction already fits is left as
+it was.
+
+θ maps standard points to canonical points (see models/sampler.py); fragment motions are rigid maps of
+standard points. Tensors are (N, C, Z, Y, X) with N = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .geometry import Grid, bounding_box
+from .models.sampler import compose_theta, invert_theta, normalised_to_physical
+
+MIN_FRAGMENT_SHARE = 0.15  # smaller pieces of the visible tibia are hidden (not moved) while others are reduced
+KNEE_ZONE = 0.15  # the anchor is the fragment with the most bone in this top fraction of the tibia's length
+SDF_MARGIN_VOXELS = 12  # the signed distance is computed this far around the reconstruction's bone
+HUBER_MM = 2.0  # surface distances beyond this count linearly in the registration
+MAX_POINTS = 4000  # surface voxels per fragment that drive its registration (random subset)
+STEPS = 80  # Adam steps of the first registration; later ones start from the previous motions
+WARM_STEPS = 30
+ROUNDS = 3
+LR_ROTATION = 0.01  # rad per Adam step
+LR_TRANSLATION = 0.5  # mm per Adam step
+MIN_ROTATION_DEG = 1.0  # a reduction smaller than this (and MIN_TRANSLATION_MM) leaves the case as it was
+MIN_TRANSLATION_MM = 1.0
+
+
+@dataclass
+class Fragments:
+    """Fragment labels (Z, Y, X) int on the canonical grid (0: none), the anchor's label and the hidden small
+    pieces (Z, Y, X) bool."""
+
+    labels: np.ndarray
+    anchor: int
+    small: np.ndarray
+
+    @property
+    def ids(self) -> list[int]:
+        return [int(i) for i in np.unique(self.labels) if i]
+
+
+def find_fragments(occupancy: np.ndarray, visible: np.ndarray) -> Fragments | None:
+    """Fragments of the visible tibia (occupancy > 0.5 outside the fracture mask) on the canonical grid, or
+    None when there are fewer than two of at least MIN_FRAGMENT_SHARE of it."""
+    bone = (occupancy > 0.5) & (visible > 0.5)
+    labels, n = ndimage.label(bone)
+    if n < 2:
+        return None
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    keep = np.flatnonzero(sizes >= MIN_FRAGMENT_SHARE * sizes.sum()) + 1
+    if len(keep) < 2:
+        return None
+    lut = np.zeros(n + 1, np.int64)
+    lut[keep] = keep
+    small = bone & (lut[labels] == 0)
+    labels = lut[labels]
+    k = np.flatnonzero((occupancy > 0.5).any(axis=(1, 2)))
+    knee = labels[max(k[-1] - int(KNEE_ZONE * (k[-1] - k[0] + 1)), 0):k[-1] + 1]
+    in_knee = np.bincount(knee.ravel(), minlength=n + 1)
+    in_knee[0] = 0
+    anchor = int(np.argmax(in_knee)) if in_knee.any() else int(keep[np.argmax(sizes[keep - 1])])
+    return Fragments(labels, anchor, small)
+
+
+def _rotation(w: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices (K, 3, 3) of rotation vectors (K, 3), differentiable."""
+    zero = torch.zeros_like(w[:, 0])
+    skew = torch.stack([torch.stack([zero, -w[:, 2], w[:, 1]], -1), torch.stack([w[:, 2], zero, -w[:, 0]], -1),
+                        torch.stack([-w[:, 1], w[:, 0], zero], -1)], 1)
+    return torch.linalg.matrix_exp(skew)
+
+
+def _motions(w: torch.Tensor, t: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """Rigid maps (K, 3, 4) of standard points: rotate by ``w`` about ``centers`` (K, 3), then shift by ``t``."""
+    r = _rotation(w)
+    return torch.cat([r, (centers - (r @ centers[..., None])[..., 0] + t)[..., None]], dim=2)
+
+
+def signed_distance(occupancy: np.ndarray, spacing: np.ndarray, margin: int = SDF_MARGIN_VOXELS) -> np.ndarray:
+    """Signed distance (mm, negative inside) to the 0.5 level of ``occupancy`` (Z, Y, X), from voxel centres (a
+    boundary voxel lies half a voxel from the level). Computed in the level's bounding box grown by ``margin``
+    voxels; beyond it, a constant above every distance inside (no pull)."""
+    inside = occupancy > 0.5
+    sampling = spacing[::-1]
+    half = 0.5 * float(np.min(spacing))
+    box = bounding_box(inside)
+    if box is None:
+        return np.full(occupancy.shape, 1e3, np.float32)
+    sl = tuple(slice(max(lo - margin, 0), hi + margin + 1) for lo, hi in zip(*box))
+    sub = inside[sl]
+    near = np.where(sub, half - ndimage.distance_transform_edt(sub, sampling),
+                    ndimage.distance_transform_edt(~sub, sampling) - half)
+    out = np.full(occupancy.shape, float(near.max()) + margin * float(np.max(spacing)), np.float32)
+    out[sl] = near
+    return out
+
+
+def _surface_points(fragments: Fragments, visible: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical points (mm) of each fragment's outer surface voxels (bone voxels with a visible empty face
+    neighbour; fracture faces are left out), at most MAX_POINTS per fragment, and their fragment index."""
+    structure = ndimage.generate_binary_structure(3, 1)
+    empty = (visible > 0.5) & (fragments.labels == 0) & ~fragments.small
+    near_empty = ndimage.binary_dilation(empty, structure)
+    rng = np.random.default_rng(0)
+    points, owner = [], []
+    for n, fid in enumerate(fragments.ids):
+        kji = np.argwhere((fragments.labels == fid) & near_empty)
+        if len(kji) > MAX_POINTS:
+            kji = kji[rng.choice(len(kji), MAX_POINTS, replace=False)]
+        points.append(grid.index_to_physical(kji[:, ::-1].astype(float)))
+        owner.append(np.full(len(kji), n))
+    return np.concatenate(points), np.concatenate(owner)
+
+
+def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.Tensor, grid: Grid,
+                       visible: np.ndarray, start: torch.Tensor | None = None, steps: int = STEPS
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rigid motions (K, 3, 4) of standard points, one per fragment (in ``fragments.ids`` order), and the
+    fragments' centres (K, 3) in standard coordinates, and their parameters (K, 6: rotation vector in rad, shift
+    in mm) to ``start`` a later registration from. The motions lay each fragment's outer surface (as θ aligns it)
+    onto the surface of the reconstruction ``recon`` (1, C, Z, Y, X): ``steps`` of Adam on a robust (Huber) loss
+    of the signed distance."""
+    device = recon.device
+    points, owner = _surface_points(fragments, visible, grid)
+    inverse = invert_theta(theta.double()).float()[0]
+    standard = torch.as_tensor(points, dtype=torch.float32, device=device) @ inverse[:, :3].T + inverse[:, 3]
+    k = len(fragments.ids)
+    pieces = [standard[torch.as_tensor(owner == n, device=device)] for n in range(k)]
+    centers = torch.stack([piece.mean(0) for piece in pieces])
+    weight = torch.cat([torch.full((len(piece),), 1.0 / len(piece), device=device) for piece in pieces])
+    sdf = torch.as_tensor(signed_distance(recon[0, -1].float().cpu().numpy(), grid.spacing), device=device)
+    half = 0.5 * float(np.min(grid.spacing))  # a bone voxel on the surface lies half a voxel inside it
+    to_normalised = torch.as_tensor(np.linalg.inv(normalised_to_physical(grid)), dtype=torch.float32,
+                                    device=device)
+    params = torch.zeros(k, 6, device=device) if start is None else start.to(device)
+    w = params[:, :3].clone().requires_grad_(True)
+    t = params[:, 3:].clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([{"params": [w], "lr": LR_ROTATION}, {"params": [t], "lr": LR_TRANSLATION}])
+    with torch.enable_grad():
+        for _ in range(steps):
+            m = to_normalised[:3, :3] @ _motions(w, t, centers)  # standard point -> normalised sampling position
+            flow = torch.cat([piece @ m[n, :, :3].T + m[n, :, 3] for n, piece in enumerate(pieces)]) \
+                + to_normalised[:3, 3]
+            d = F.grid_sample(sdf[None, None], flow.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
+                              align_corners=True).view(-1)
+            loss = torch.sum(weight * F.huber_loss(d, torch.full_like(d, -half), reduction="none", delta=HUBER_MM))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return _motions(w.detach(), t.detach(), centers), centers, torch.cat([w.detach(), t.detach()], dim=1)
+
+
+def reduction_motions(motions: torch.Tensor, ids: list[int], anchor: int) -> torch.Tensor:
+    """Each fragment's motion relative to the anchor's, (K, 3, 4) maps of standard points: the anchor's becomes
+    the identity."""
+    a = motions[ids.index(anchor)][None].expand_as(motions)
+    return compose_theta(invert_theta(a.double()), motions.double()).float()
+
+
+def motion_sizes(reductions: torch.Tensor, centers: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Rotation angle (degrees) of each reduction and how far it moves its fragment's centre (mm)."""
+    r = reductions[:, :, :3].double()
+    angle = torch.rad2deg(torch.arccos(((torch.diagonal(r, dim1=1, dim2=2).sum(-1) - 1) / 2).clamp(-1, 1)))
+    c = centers.double()
+    shift = ((r @ c[..., None])[..., 0] + reductions[:, :, 3].double() - c).norm(dim=1)
+    return angle.cpu().numpy(), shift.cpu().numpy()
+
+
+def reduce_input(x: torch.Tensor, visible: torch.Tensor, fragments: Fragments, reductions: torch.Tensor,
+                 theta: torch.Tensor, sampler) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input with every fragment moved by its reduction: x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X) on
+    the canonical grid. Each standard-frame reduction D becomes θ D θ⁻¹ on the canonical grid; the hidden region
+    (fracture mask and small pieces) is moved with every fragment and stays hidden."""
+    labels = torch.as_tensor(fragments.labels, device=x.device)[None, None]
+    hidden = (1.0 - visible).clamp(0, 1)
+    hidden = torch.maximum(hidden, torch.as_tensor(fragments.small, dtype=x.dtype, device=x.device)[None, None])
+    moved_x = torch.zeros_like(x)
+    moved_hidden = hidden.clone()
+    for n, fid in enumerate(fragments.ids):
+        forward = compose_theta(theta.double(), compose_theta(reductions[n][None].double(),
+                                                              invert_theta(theta.double())))
+        back = invert_theta(forward).float()  # output canonical point -> where the fragment was
+        piece = (labels == fid).to(x.dtype)
+        moved_x = moved_x + sampler(x * piece, back)
+        moved_hidden = torch.maximum(moved_hidden, sampler(hidden, back))
+    seen = (moved_hidden < 0.5).to(x.dtype)
+    return moved_x.clamp(0, 1) * seen, seen
+
+
+def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor,
+                           recon: torch.Tensor, rounds: int = ROUNDS) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor, torch.Tensor, dict]:
+    """Rounds of fragment registration, reduction and reconstruction (module docstring) from the model's first
+    pass (θ, reconstruction) on input x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X); then θ is corrected so that
+    the reconstruction lies on the anchor as registered. Returns θ, the reconstruction, the reduced x and
+    visibility, and a report (number of fragments, the anchor's share of the visible bone, each round's reduction:
+    rotation in degrees and shift of each fragment's centre in mm). Inputs are returned unchanged when the tibia is
+    in one piece or its fragments already fit."""
+    x = x.to(recon.device)
+    visible = visible.to(recon.device)
+    fragments = find_fragments(x[0, -1].cpu().numpy(), visible[0, 0].cpu().numpy())
+    report = {"fragments": 0 if fragments is None else len(fragments.ids), "rounds": []}
+    if fragments is None:
+        return theta, recon, x, visible, report
+    seen = visible[0, 0].cpu().numpy()
+    report["anchor_share"] = round(float((fragments.labels == fragments.anchor).sum() / (fragments.labels > 0).sum()),
+                                   4)
+    x_in, visible_in, params = x, visible, None
+    for _ in range(rounds):
+        motions, centers, params = register_fragments(fragments, theta, recon, bundle.grid, seen, params,
+                                                      STEPS if params is None else WARM_STEPS)
+        reductions = reduction_motions(motions, fragments.ids, fragments.anchor)
+        angle, shift = motion_sizes(reductions, centers)
+        report["rounds"].append({"rotation_deg": np.round(angle, 2).tolist(), "shift_mm": np.round(shift, 2).tolist()})
+        if (angle < MIN_ROTATION_DEG).all() and (shift < MIN_TRANSLATION_MM).all():
+            break
+        x, visible = reduce_input(x_in, visible_in, fragments, reductions, theta, bundle.sampler)
+        theta, _, recon = bundle.align_and_reconstruct(x, visible)
+    if x is x_in:
+        return theta, recon, x, visible, report
+    motions, _, _ = register_fragments(fragments, theta, recon, bundle.grid, seen, params, WARM_STEPS)
+    anchor = motions[fragments.ids.index(fragments.anchor)][None]
+    return compose_theta(theta.double(), invert_theta(anchor.double())).float(), recon, x, visible, report
