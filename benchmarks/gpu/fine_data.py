@@ -19,8 +19,9 @@ three previous Z slices and the occupancy, with least-squares weights per case a
 (interior / boundary voxels), then LZMA: about 4.6 bits per tibia voxel instead of 8. Mask and
 occupancy values go through bzip2. The prediction
 uses only earlier slices, so `unpack` decodes slice by slice, all cases at once (torch; on the GPU
-there). `unpack` writes a canonical data set folder (manifest.json + tensors.safetensors) exactly as
-`tibia-recon prepare` does, with only the 'images' tensor, and prints the voxel counts it decoded.
+there; the first two cases are decoded again on the CPU and must agree exactly). `unpack` writes a
+canonical data set folder (manifest.json + tensors.safetensors) as `tibia-recon prepare` does, with only
+the 'images' tensor.
 """
 
 from __future__ import annotations
@@ -176,8 +177,9 @@ def pack(datasets: list[str], out: str, max_cases: int | None = None, batch: int
     return stats
 
 
-def decode(path: str, device: str = "cpu", batch: int = 64):
-    """(meta, images) with images a float16 tensor (N, 2, Z, Y, X) on the CPU."""
+def decode(path: str, device: str = "cpu", batch: int = 64, check_on_cpu: int = 2):
+    """(meta, images) with images a float16 tensor (N, 2, Z, Y, X) on the CPU. Decoded on ``device``; then,
+    if that is not the CPU, the first ``check_on_cpu`` cases again on the CPU, which must agree exactly."""
     with np.load(path) as z:
         meta = json.loads(z["meta"].tobytes())
         nnz, weights = z["nnz"], torch.from_numpy(z["weights"]).long()
@@ -190,10 +192,8 @@ def decode(path: str, device: str = "cpu", batch: int = 64):
     shape, vox = (nz, ny, nx), nx * ny * nz
     mbytes = (vox + 7) // 8
     starts = np.concatenate([[0], np.cumsum(nnz)])
-    images = torch.empty(len(nnz), 2, *shape, dtype=torch.float16)
-    dev = torch.device(device)
-    for a in range(0, len(nnz), batch):
-        b = min(a + batch, len(nnz))
+
+    def cases(a: int, b: int, dev: torch.device) -> torch.Tensor:
         qo = torch.zeros(b - a, *shape, dtype=torch.int32)
         res = torch.zeros(b - a, *shape, dtype=torch.int32)
         masks = torch.zeros(b - a, *shape, dtype=torch.bool)
@@ -209,8 +209,15 @@ def decode(path: str, device: str = "cpu", batch: int = 64):
         for z in range(nz):
             pred = predict(slice_features(qi, qo, z), w, qo[:, z] == OCCUPANCY_LEVELS)
             qi[:, z] = torch.where(masks[:, z], (pred + res[:, z]) % 256, 0).int()
-        images[a:b, 0] = (qi.float() / INTENSITY_LEVELS).half().cpu()
-        images[a:b, 1] = (qo.float() / OCCUPANCY_LEVELS).half().cpu()
+        return torch.stack([(qi.float() / INTENSITY_LEVELS).half().cpu(),
+                            (qo.float() / OCCUPANCY_LEVELS).half().cpu()], 1)
+
+    images = torch.empty(len(nnz), 2, *shape, dtype=torch.float16)
+    for a in range(0, len(nnz), batch):
+        images[a:a + batch] = cases(a, min(a + batch, len(nnz)), torch.device(device))
+    k = min(check_on_cpu, len(nnz))
+    if torch.device(device).type != "cpu" and k and not torch.equal(cases(0, k, torch.device("cpu")), images[:k]):
+        raise SystemExit(f"unpack: the {device} decoding differs from the CPU's; unpack with --device cpu")
     return meta, images
 
 
