@@ -190,6 +190,8 @@ def read_mask(path: str | os.PathLike, reference: Volume | None = None, name: st
     vol = read_volume(path, label=True)
     if reference is not None:
         check_same_grid(reference, vol, "CT", f"{name} ({path})")
+    if label_value is None and vol.array.dtype == np.uint8 and vol.array.max() <= 1:
+        return vol  # already 0/1 (the usual mask file): no full-size comparison
     arr = vol.array == label_value if label_value is not None else vol.array != 0
     if label_value is not None and not arr.any() and vol.array.any():
         present = np.unique(vol.array)
