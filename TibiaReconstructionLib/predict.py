@@ -343,12 +343,10 @@ class Predictor:
         shape = tuple((hi - lo + 1)[::-1])
         occ_sub = upsample_linear(onto_work(occ), factors[::-1], shape)
         int_sub = upsample_linear(onto_work(recon[0]), factors[::-1], shape)
-        label_sub = occ_sub >= 0.5
-        hu_sub = np.full(label_sub.shape, round(lo_hu), np.int16)
-        hu_sub[label_sub] = np.rint(lo_hu + np.clip(int_sub[label_sub] / occ_sub[label_sub], 0, 1) * (hi_hu - lo_hu))
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
-        labelmap[sl] = label_sub
-        intensity[sl] = hu_sub
+        label_sub = np.greater_equal(occ_sub, 0.5, out=labelmap[sl].view(bool))  # written into the labelmap
+        intensity[sl][label_sub] = np.rint(lo_hu + np.clip(int_sub[label_sub] / occ_sub[label_sub], 0, 1)
+                                           * (hi_hu - lo_hu))
         return ct.with_array(labelmap), ct.with_array(intensity), spread
 
     def _reach(self, inside: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[np.ndarray, np.ndarray]:
