@@ -38,7 +38,8 @@ SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 
 DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ...)
 MASKED_BINS = (0.0, 0.1, 0.2, 0.3, 1.0)  # bins of the fraction of the tibia hidden by the fracture mask
 METRICS = (("dice", "Dice"), ("rmsd_mm", "RMSD (mm)"), ("hd95_mm", "HD95 (mm)"), ("msd_mm", "MSD (mm)"))
-METHODS = {"model": "model", "prototype": "prototype only", "rigid": "mean shape, rigid fit",
+METHODS = {"model": "model", "single": "model, single pass", "prototype": "prototype only",
+           "rigid": "mean shape, rigid fit",
            "contralateral": "mirrored contralateral leg"}
 ACCURACY_FILES = {"md": "accuracy.md", "csv": "accuracy.csv", "boxplots": "accuracy_boxplots.png",
                   "worst": "accuracy_worst_case.png"}
@@ -155,8 +156,16 @@ def _today() -> str:
 # Accuracy: baselines
 
 
-class _BaselinePredictor(Predictor):
-    """A baseline's output is the prototype, which has no posterior: no uncertainty map."""
+class SinglePassPredictor(Predictor):
+    """The paper's pipeline: one pass of the model, without the fragment reduction (refine.py)."""
+
+    def __init__(self, bundle, device="auto"):
+        super().__init__(bundle, device, reduce_fragments=False)
+
+
+class _BaselinePredictor(SinglePassPredictor):
+    """A baseline's output is the prototype, which has no posterior: no uncertainty map. Baselines run a single
+    pass: the fragment reduction needs the autoencoder's reconstructions."""
 
     def _uncertainty(self, run):
         return None
@@ -243,7 +252,8 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
 
     names = [Path(b).name for b in bundles]
     labels = names if len(set(names)) == len(names) else [str(b) for b in bundles]
-    kinds = {"model": Predictor, "prototype": PrototypePredictor, "rigid": RigidFitPredictor}
+    kinds = {"model": Predictor, "single": SinglePassPredictor, "prototype": PrototypePredictor,
+             "rigid": RigidFitPredictor}
     predictors, info = {}, []
     for label, path in zip(labels, bundles):
         bundle = load_bundle(path, resolve_device(device))
@@ -402,8 +412,10 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         "width of the 95% Student-t confidence interval; distances average over non-empty predictions. "
         "'refused': cases the Predictor refused (e.g. more than 60% of the tibia masked); 'wrong side': "
         "predictions that took the leg for the other side; time: prediction without file input/output.",
-        "- Methods: *model* = the bundle's Predictor (mask-robust LocNet + autoencoder); *prototype only* = the "
-        "same pipeline with the bundle's prototype (mean aligned tibia) in place of the reconstruction; "
+        "- Methods: *model* = the bundle's Predictor (LocNet + autoencoder, then displaced fragments reduced onto "
+        "the proximal main fragment and reconstructed again: `TibiaReconstructionLib.refine`); *model, single pass* "
+        "= the paper's pipeline, one pass without the reduction (`--single-pass`); *prototype only* = the "
+        "single pass with the bundle's prototype (mean aligned tibia) in place of the reconstruction; "
         "*mean shape, rigid fit* = the prototype fitted rigidly to the visible tibia (no LocNet, no autoencoder); "
         "*mirrored contralateral leg* = the healthy other tibia mirrored across the sagittal plane and fitted "
         "rigidly to the intact proximal fragment (no model; `tibia-recon contralateral`).",

@@ -28,12 +28,12 @@ from .models.sampler import compose_theta, invert_theta, normalised_to_physical
 
 MIN_FRAGMENT_SHARE = 0.15  # smaller pieces of the visible tibia are hidden (not moved) while others are reduced
 KNEE_ZONE = 0.15  # the anchor is the fragment with the most bone in this top fraction of the tibia's length
-SDF_MARGIN_VOXELS = 12  # the signed distance is computed this far around the reconstruction's bone
+SDF_MARGIN_VOXELS = 8  # the signed distance is computed this far around the reconstruction's bone
 HUBER_MM = 2.0  # surface distances beyond this count linearly in the registration
 MAX_POINTS = 4000  # surface voxels per fragment that drive its registration (random subset)
 STEPS = 80  # Adam steps of the first registration; later ones start from the previous motions
 WARM_STEPS = 30
-ROUNDS = 3
+ROUNDS = 3  # registration + reduction + reconstruction rounds (more rounds pull harder towards the model's shape)
 LR_ROTATION = 0.01  # rad per Adam step
 LR_TRANSLATION = 0.5  # mm per Adam step
 MIN_ROTATION_DEG = 1.0  # a reduction smaller than this (and MIN_TRANSLATION_MM) leaves the case as it was
@@ -42,16 +42,13 @@ MIN_TRANSLATION_MM = 1.0
 
 @dataclass
 class Fragments:
-    """Fragment labels (Z, Y, X) int on the canonical grid (0: none), the anchor's label and the hidden small
-    pieces (Z, Y, X) bool."""
+    """Fragment labels (Z, Y, X) int on the canonical grid (0: none), their ids (ascending), the anchor's id and
+    the hidden small pieces (Z, Y, X) bool."""
 
     labels: np.ndarray
+    ids: list[int]
     anchor: int
     small: np.ndarray
-
-    @property
-    def ids(self) -> list[int]:
-        return [int(i) for i in np.unique(self.labels) if i]
 
 
 def find_fragments(occupancy: np.ndarray, visible: np.ndarray) -> Fragments | None:
@@ -74,7 +71,7 @@ def find_fragments(occupancy: np.ndarray, visible: np.ndarray) -> Fragments | No
     in_knee = np.bincount(knee.ravel(), minlength=n + 1)
     in_knee[0] = 0
     anchor = int(np.argmax(in_knee)) if in_knee.any() else int(keep[np.argmax(sizes[keep - 1])])
-    return Fragments(labels, anchor, small)
+    return Fragments(labels, [int(i) for i in keep], anchor, small)
 
 
 def _rotation(w: torch.Tensor) -> torch.Tensor:
@@ -185,19 +182,21 @@ def reduce_input(x: torch.Tensor, visible: torch.Tensor, fragments: Fragments, r
                  theta: torch.Tensor, sampler) -> tuple[torch.Tensor, torch.Tensor]:
     """The input with every fragment moved by its reduction: x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X) on
     the canonical grid. Each standard-frame reduction D becomes θ D θ⁻¹ on the canonical grid; the hidden region
-    (fracture mask and small pieces) is moved with every fragment and stays hidden."""
+    (fracture mask and small pieces) is moved with every fragment and stays hidden. The anchor stays put."""
     labels = torch.as_tensor(fragments.labels, device=x.device)[None, None]
     hidden = (1.0 - visible).clamp(0, 1)
     hidden = torch.maximum(hidden, torch.as_tensor(fragments.small, dtype=x.dtype, device=x.device)[None, None])
-    moved_x = torch.zeros_like(x)
-    moved_hidden = hidden.clone()
+    moved_x = x * (labels == fragments.anchor).to(x.dtype)
+    moved_hidden = hidden
     for n, fid in enumerate(fragments.ids):
+        if fid == fragments.anchor:
+            continue
         forward = compose_theta(theta.double(), compose_theta(reductions[n][None].double(),
                                                               invert_theta(theta.double())))
         back = invert_theta(forward).float()  # output canonical point -> where the fragment was
-        piece = (labels == fid).to(x.dtype)
-        moved_x = moved_x + sampler(x * piece, back)
-        moved_hidden = torch.maximum(moved_hidden, sampler(hidden, back))
+        moved = sampler(torch.cat([x * (labels == fid).to(x.dtype), hidden], dim=1), back)
+        moved_x = moved_x + moved[:, :-1]
+        moved_hidden = torch.maximum(moved_hidden, moved[:, -1:])
     seen = (moved_hidden < 0.5).to(x.dtype)
     return moved_x.clamp(0, 1) * seen, seen
 
@@ -205,12 +204,12 @@ def reduce_input(x: torch.Tensor, visible: torch.Tensor, fragments: Fragments, r
 def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor,
                            recon: torch.Tensor, rounds: int = ROUNDS) -> tuple[torch.Tensor, torch.Tensor,
                                                                                torch.Tensor, torch.Tensor, dict]:
-    """Rounds of fragment registration, reduction and reconstruction (module docstring) from the model's first
-    pass (θ, reconstruction) on input x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X); then θ is corrected so that
-    the reconstruction lies on the anchor as registered. Returns θ, the reconstruction, the reduced x and
-    visibility, and a report (number of fragments, the anchor's share of the visible bone, each round's reduction:
-    rotation in degrees and shift of each fragment's centre in mm). Inputs are returned unchanged when the tibia is
-    in one piece or its fragments already fit."""
+    """Fragment registration, reduction and reconstruction (module docstring) from the model's first pass (θ,
+    reconstruction) on input x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X); then θ is corrected so that the
+    reconstruction lies on the anchor as registered. Returns θ, the reconstruction, the reduced x and visibility,
+    and a report (number of fragments, the anchor's share of the visible bone, the reduction: rotation in degrees
+    and shift of each fragment's centre in mm). Inputs are returned unchanged when the tibia is in one piece or
+    its fragments already fit."""
     x = x.to(recon.device)
     visible = visible.to(recon.device)
     fragments = find_fragments(x[0, -1].cpu().numpy(), visible[0, 0].cpu().numpy())
