@@ -542,9 +542,12 @@ def test_background_jobs_match_the_library_report_its_errors_and_cancel_at_once(
     ct, tibia, fracture = fractured_case()
     volume_node, seg, tid, fid = add_case(sc, ct, tibia, fracture)
     (tmp_path / "not-a-bundle").mkdir()
-    job = logic.startPrediction(volume_node, seg, tid, fid, bundlePath=tiny_bundle, device="cpu")
+    job = logic.startPrediction(volume_node, seg, tid, fid, bundlePath=tiny_bundle, device="cpu",
+                                reduceFragments=False)
     bad = logic.startPrediction(volume_node, seg, tid, fid, bundlePath=tmp_path / "not-a-bundle", device="cpu")
-    direct = Predictor(tiny_bundle, device="cpu").predict(ct, tibia, fracture)
+    direct = Predictor(tiny_bundle, device="cpu", reduce_fragments=False).predict(ct, tibia, fracture)
+    with open(os.path.join(job.workDir, "inputs.json"), encoding="utf-8") as f:
+        assert json.load(f)["reduce_fragments"] is False  # the GUI's setting reaches the worker
 
     # success: the same labelmap and surface as the library called directly
     seen = []

@@ -84,6 +84,7 @@ class TibiaReconstructionParameterNode:
     tibiaSegmentId, fractureSegmentId - segment IDs in ``segmentation``.
     bundlePath - model bundle folder; empty for the bundled model.
     device - 'auto' (GPU when available), 'cpu' or 'cuda'.
+    reduceFragments - reduce displaced fragments onto the proximal main fragment before the final reconstruction.
     outputSegmentationName, outputModelName - names of the new result nodes.
     createIntensityVolume - also create a volume with the predicted intensities (HU).
     stlCoordinateSystem - frame of exported STL files.
@@ -96,6 +97,7 @@ class TibiaReconstructionParameterNode:
     fractureSegmentId: str = ""
     bundlePath: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    reduceFragments: bool = True
     outputSegmentationName: str = logicPackage.DEFAULT_SEGMENTATION_NAME
     outputModelName: str = logicPackage.DEFAULT_MODEL_NAME
     createIntensityVolume: bool = False
@@ -322,7 +324,7 @@ class TibiaReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             slicer.app.processEvents()
             self._job = self.logic.startPrediction(pn.inputVolume, pn.segmentation, pn.tibiaSegmentId,
                                                    pn.fractureSegmentId, bundlePath=pn.bundlePath or None,
-                                                   device=pn.device)
+                                                   device=pn.device, reduceFragments=pn.reduceFragments)
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.show()
             self.ui.statusLabel.text = _("Starting the prediction...")
