@@ -1,6 +1,7 @@
 """Helpers of benchmarks/gpu/train_fine.sh: write a stage's configuration, and size its epochs to a time budget.
 
-    python benchmarks/gpu/stage.py config SRC DST key=value ...      (key: dotted path, value: JSON)
+    python benchmarks/gpu/stage.py config SRC DST key=value ... -key ...   (key: dotted path, value: JSON;
+                                                                     -key removes that entry)
     python benchmarks/gpu/stage.py epochs LOG_CSV STEPS_PER_EPOCH BUDGET_S MAX_EPOCHS
 
 `epochs` reads the per-step wall times a probe run logged (`seconds` of the training rows, the first
@@ -21,12 +22,16 @@ from pathlib import Path
 def write_config(src: str, dst: str, settings: list[str]) -> None:
     config = json.loads(Path(src).read_text(encoding="utf-8"))
     for item in settings:
-        key, value = item.split("=", 1)
+        remove = item.startswith("-")
+        key, value = (item[1:], None) if remove else item.split("=", 1)
         *path, last = key.split(".")
         node = config
         for part in path:
             node = node[part]
-        node[last] = json.loads(value)
+        if remove:
+            del node[last]
+        else:
+            node[last] = json.loads(value)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     Path(dst).write_text(json.dumps(config, indent=1), encoding="utf-8")
     print(f"config {dst}: {' '.join(settings)}")

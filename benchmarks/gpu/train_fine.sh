@@ -14,6 +14,7 @@
 # VAE first train one epoch as a probe (--max-steps), then resume (runs resume exactly; the number of epochs
 # is not part of a run's fingerprint) with as many epochs as fit their time budget (stage.py epochs). The
 # PCA bundle is exported and packed before the VAE trains further, so a later failure still brings it back.
+# VAE_BUDGET_S=0 leaves the VAE out (step 3 fits the PCA only; no VAE bundle).
 #
 # Files in $OUT (each under 15 MiB; larger ones are split into NAME.part0, NAME.part1, ...):
 #   log.txt                         everything this script printed, with timestamps
@@ -25,8 +26,10 @@
 #
 # Environment (defaults are the GPU run's; the CPU test sets PY, DEVICE, WORK, PACK and small budgets):
 #   OUT (required), PY=python3, DEVICE=cuda, PACK=.gpu/fine-data.npz, WORK=/tmp/fine, THREADS=0 (all cores),
-#   STEP1_BUDGET_S=100 / VAE_BUDGET_S=100 (seconds of training, probe included),
-#   STEP1_MAX_EPOCHS=60 / VAE_MAX_EPOCHS=80, DEADLINE_S=400 (stages shrink their budgets to end by then).
+#   STEP1_BUDGET_S=100 / VAE_BUDGET_S=100 (seconds of training, probe included; VAE_BUDGET_S=0: no VAE),
+#   STEP1_MAX_EPOCHS=60 / VAE_MAX_EPOCHS=80, DEADLINE_S=400 (stages shrink their budgets to end by then),
+#   STEP1_RESERVE_S (seconds step 1's budget leaves before DEADLINE_S for its own start-up and the aligned
+#   set, step 3 and packing: 200 with the VAE, 60 without).
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_WAIT_POLICY=PASSIVE
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -40,6 +43,7 @@ VAE_BUDGET_S=${VAE_BUDGET_S:-100}
 STEP1_MAX_EPOCHS=${STEP1_MAX_EPOCHS:-60}
 VAE_MAX_EPOCHS=${VAE_MAX_EPOCHS:-80}
 DEADLINE_S=${DEADLINE_S:-400}
+STEP1_RESERVE_S=${STEP1_RESERVE_S:-$(( VAE_BUDGET_S > 0 ? 200 : 60 ))}
 RECIPE=Resources/Models/recipe-fine
 T0=$(date +%s)
 
@@ -77,7 +81,7 @@ pack_out() {
   ls -l "$OUT"/"$2".tar.xz*
 }
 
-stamp "start: $(uname -n), DEVICE=$DEVICE, budgets step1 ${STEP1_BUDGET_S}s vae ${VAE_BUDGET_S}s, deadline ${DEADLINE_S}s"
+stamp "start: $(uname -n), DEVICE=$DEVICE, budgets step1 ${STEP1_BUDGET_S}s vae ${VAE_BUDGET_S}s, deadline ${DEADLINE_S}s (step-1 reserve ${STEP1_RESERVE_S}s)"
 git log -1 --format='commit %H %s' 2>/dev/null || true
 if [[ $DEVICE == cuda* ]]; then nvidia-smi -L || true; fi
 mkdir -p /tmp/site
@@ -101,31 +105,41 @@ stamp "step 1 probe: 1 epoch on $N cases"
 SPE1=$("$PY" -c "import json, math, sys; print(math.ceil($N / json.load(open(sys.argv[1]))['batch_size']))" \
   "$WORK/cfg/step1.json")
 recon train step1 --config "$WORK/cfg/step1.json" --data "$WORK/data/train" --out "$S1" --max-steps "$SPE1"
-E1=$("$PY" benchmarks/gpu/stage.py epochs "$S1/log.csv" "$SPE1" "$(budget_for "$STEP1_BUDGET_S" 200)" "$STEP1_MAX_EPOCHS")
+E1=$("$PY" benchmarks/gpu/stage.py epochs "$S1/log.csv" "$SPE1" "$(budget_for "$STEP1_BUDGET_S" "$STEP1_RESERVE_S")" "$STEP1_MAX_EPOCHS")
 stamp "step 1: resume to $E1 epochs"
 "$PY" benchmarks/gpu/stage.py config $RECIPE/step1.json "$WORK/cfg/step1.json" "${common[@]}" "epochs=$E1"
 recon train step1 --config "$WORK/cfg/step1.json" --data "$WORK/data/train" --out "$S1" --resume
 
-stamp "step 3 probe: LocNet from step 1 (evaluated), PCA32 on the 2x-pooled grid, 1 VAE epoch"
-"$PY" benchmarks/gpu/stage.py config $RECIPE/step3.json "$WORK/cfg/step3.json" "${common[@]}" "autoencoders.vae.epochs=$VAE_MAX_EPOCHS"
-SPE3=$("$PY" -c "import json, math, sys; print(math.ceil($N / json.load(open(sys.argv[1]))['autoencoders']['vae']['batch_size']))" \
-  "$WORK/cfg/step3.json")
-recon train step3 --config "$WORK/cfg/step3.json" --data "$S1/aligned" --out "$S3" --step1 "$S1" --max-steps "$SPE3"
+if (( VAE_BUDGET_S > 0 )); then
+  stamp "step 3 probe: LocNet from step 1 (evaluated), PCA32 on the 2x-pooled grid, 1 VAE epoch"
+  "$PY" benchmarks/gpu/stage.py config $RECIPE/step3.json "$WORK/cfg/step3.json" "${common[@]}" "autoencoders.vae.epochs=$VAE_MAX_EPOCHS"
+  SPE3=$("$PY" -c "import json, math, sys; print(math.ceil($N / json.load(open(sys.argv[1]))['autoencoders']['vae']['batch_size']))" \
+    "$WORK/cfg/step3.json")
+  recon train step3 --config "$WORK/cfg/step3.json" --data "$S1/aligned" --out "$S3" --step1 "$S1" --max-steps "$SPE3"
+else
+  stamp "step 3: LocNet from step 1 (evaluated), PCA32 on the 2x-pooled grid (no VAE: VAE_BUDGET_S=0)"
+  "$PY" benchmarks/gpu/stage.py config $RECIPE/step3.json "$WORK/cfg/step3.json" "${common[@]}" -autoencoders.vae
+  recon train step3 --config "$WORK/cfg/step3.json" --data "$S1/aligned" --out "$S3" --step1 "$S1"
+fi
 stamp "export + pack the PCA bundle"
 recon export-bundle --step1 "$S1" --step3 "$S3" --ae pca32x2 --locnet step1 --float16 --out "$WORK/bundles/fine-pca32x2"
 pack_out "$WORK/bundles/fine-pca32x2" bundle-fine-pca32x2
 
-EV=$("$PY" benchmarks/gpu/stage.py epochs "$S3/vae/log.csv" "$SPE3" "$(budget_for "$VAE_BUDGET_S" 60)" "$VAE_MAX_EPOCHS")
-stamp "VAE: resume to $EV epochs"
-"$PY" benchmarks/gpu/stage.py config $RECIPE/step3.json "$WORK/cfg/step3.json" "${common[@]}" "autoencoders.vae.epochs=$EV"
-recon train step3 --config "$WORK/cfg/step3.json" --data "$S1/aligned" --out "$S3" --step1 "$S1" --resume
-stamp "export + pack the VAE bundle"
-recon export-bundle --step1 "$S1" --step3 "$S3" --ae vae --locnet step1 --float16 --out "$WORK/bundles/fine-vae"
-pack_out "$WORK/bundles/fine-vae" bundle-fine-vae
+EV=0
+LOGS=(cfg runs/step1/{log.csv,curves.png,model.json} runs/step3/{locnet,pca32x2}/model.json)
+if (( VAE_BUDGET_S > 0 )); then
+  EV=$("$PY" benchmarks/gpu/stage.py epochs "$S3/vae/log.csv" "$SPE3" "$(budget_for "$VAE_BUDGET_S" 60)" "$VAE_MAX_EPOCHS")
+  stamp "VAE: resume to $EV epochs"
+  "$PY" benchmarks/gpu/stage.py config $RECIPE/step3.json "$WORK/cfg/step3.json" "${common[@]}" "autoencoders.vae.epochs=$EV"
+  recon train step3 --config "$WORK/cfg/step3.json" --data "$S1/aligned" --out "$S3" --step1 "$S1" --resume
+  stamp "export + pack the VAE bundle"
+  recon export-bundle --step1 "$S1" --step3 "$S3" --ae vae --locnet step1 --float16 --out "$WORK/bundles/fine-vae"
+  pack_out "$WORK/bundles/fine-vae" bundle-fine-vae
+  LOGS+=(runs/step3/vae/{model.json,log.csv,curves.png})
+fi
 
 stamp "logs"
-(cd "$WORK" && tar -cf - cfg runs/step1/{log.csv,curves.png,model.json} \
-   runs/step3/{locnet,pca32x2,vae}/model.json runs/step3/vae/{log.csv,curves.png} 2>/dev/null) | xz_fast > "$OUT/logs.tar.xz" || true
+(cd "$WORK" && tar -cf - "${LOGS[@]}" 2>/dev/null) | xz_fast > "$OUT/logs.tar.xz" || true
 (cd "$WORK/bundles" && sha256sum */weights.safetensors */config.json)
 ls -l "$OUT"
 stamp "done: step 1 $E1 epochs, VAE $EV epochs"
