@@ -230,3 +230,19 @@ def test_network_autoencoder_loss_ignores_masked_voxels(rng, kind):
 def test_unknown_autoencoder_type():
     with pytest.raises(InputError, match="Unknown autoencoder type"):
         build_autoencoder({"type": "gan"})
+
+
+def test_locnet_block_is_monai_convolution_with_the_same_names():
+    """The LocNet's plain-torch block (MONAI takes seconds to import) computes what MONAI's Convolution block
+    computes with the same state dict, so bundles trained with MONAI's block load and predict unchanged."""
+    from monai.networks.blocks import Convolution
+
+    from TibiaReconstructionLib.models.locnet import conv_block
+
+    torch.manual_seed(0)
+    ours = conv_block(5, 8)
+    theirs = Convolution(3, 5, 8, strides=2, kernel_size=3, norm="INSTANCE", act="LEAKYRELU")
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 5, 9, 10, 11)
+    torch.testing.assert_close(ours(x), theirs(x))

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import vtk
+from vtk.util import numpy_support
 
 from TibiaReconstructionLib.errors import InputError, OutputExistsError
 from TibiaReconstructionLib.geometry import Volume, euler_rotation, lps_to_ras, reflection
@@ -48,7 +49,7 @@ def test_reflection_keeps_outward_orientation():
     n.AutoOrientNormalsOff()
     n.Update()
     out = n.GetOutput()
-    cell_normals = vtk.util.numpy_support.vtk_to_numpy(out.GetCellData().GetNormals())
+    cell_normals = numpy_support.vtk_to_numpy(out.GetCellData().GetNormals())
     centers_f = vtk.vtkCellCenters()
     centers_f.SetInputData(out)
     centers_f.Update()

@@ -17,8 +17,8 @@ from typing import Callable
 
 import numpy as np
 import torch
-import vtk
 from scipy import ndimage
+from vtkmodules.vtkCommonDataModel import vtkPolyData
 
 from .bundle import Bundle, load_bundle
 from .errors import InputError
@@ -66,7 +66,7 @@ class Prediction:
 
     labelmap: Volume
     intensity: Volume
-    surface: vtk.vtkPolyData
+    surface: vtkPolyData
     side: str
     transforms: TransformChain  # patient -> canonical -> standard
     theta: np.ndarray  # 4x4, standard -> canonical (the sampler's convention)
@@ -75,7 +75,7 @@ class Prediction:
     warnings: list = field(default_factory=list)
     bundle_name: str = ""
     device: str = "cpu"
-    occupancy_std: Volume | None = None  # posterior std of the predicted occupancy on the CT grid (PCA bundles)
+    occupancy_std: Volume | None = None  # posterior std of the predicted occupancy, on the work grid (PCA bundles)
     reduction: dict = field(default_factory=dict)  # the fragment reduction before the final pass (refine.py)
 
     def report(self) -> dict:
@@ -372,7 +372,7 @@ class Predictor:
         ijk = grid.physical_to_index(points_std)
         return ndimage.map_coordinates(field, ijk[:, ::-1].T, order=1, mode="nearest")
 
-    def _surface(self, occ: np.ndarray, standard_to_patient: np.ndarray) -> vtk.vtkPolyData:
+    def _surface(self, occ: np.ndarray, standard_to_patient: np.ndarray) -> vtkPolyData:
         """Iso-surface of the occupancy at 0.5 in standard coordinates, moved into patient LPS, smoothed and
         decimated (vertices within 0.1 mm of the smoothed surface)."""
         grid: Grid = self.bundle.grid

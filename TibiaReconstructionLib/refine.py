@@ -144,22 +144,33 @@ def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.T
     half = 0.5 * float(np.min(grid.spacing))  # a bone voxel on the surface lies half a voxel inside it
     to_normalised = torch.as_tensor(np.linalg.inv(normalised_to_physical(grid)), dtype=torch.float32,
                                     device=device)
-    params = torch.zeros(k, 6, device=device) if start is None else start.to(device)
-    w = params[:, :3].clone().requires_grad_(True)
-    t = params[:, 3:].clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([{"params": [w], "lr": LR_ROTATION}, {"params": [t], "lr": LR_TRANSLATION}])
+    params = (torch.zeros(k, 6, device=device) if start is None else start.to(device)).clone().requires_grad_(True)
+    lr = torch.tensor([LR_ROTATION] * 3 + [LR_TRANSLATION] * 3, device=device)
+    moments = torch.zeros(2, k, 6, device=device)
     with torch.enable_grad():
-        for _ in range(steps):
-            m = to_normalised[:3, :3] @ _motions(w, t, centers)  # standard point -> normalised sampling position
+        for step in range(1, steps + 1):
+            m = to_normalised[:3, :3] @ _motions(params[:, :3], params[:, 3:], centers)  # -> normalised position
             flow = torch.cat([piece @ m[n, :, :3].T + m[n, :, 3] for n, piece in enumerate(pieces)]) \
                 + to_normalised[:3, 3]
             d = F.grid_sample(sdf[None, None], flow.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
                               align_corners=True).view(-1)
             loss = torch.sum(weight * F.huber_loss(d, torch.full_like(d, -half), reduction="none", delta=HUBER_MM))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return _motions(w.detach(), t.detach(), centers), centers, torch.cat([w.detach(), t.detach()], dim=1)
+            (grad,) = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                params -= lr * _adam_direction(moments, grad, step)
+    params = params.detach()
+    return _motions(params[:, :3], params[:, 3:], centers), centers, params
+
+
+def _adam_direction(moments: torch.Tensor, grad: torch.Tensor, step: int, betas=(0.9, 0.999), eps=1e-8
+                    ) -> torch.Tensor:
+    """Adam's update direction (Kingma & Ba), updating the running ``moments`` (2, ...) in place. Written out
+    because the first torch.optim optimizer of a process imports torch._dynamo, about 1 s on 2 CPU cores."""
+    moments[0].mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+    moments[1].mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    mean = moments[0] / (1 - betas[0] ** step)
+    var = moments[1] / (1 - betas[1] ** step)
+    return mean / (var.sqrt() + eps)
 
 
 def reduction_motions(motions: torch.Tensor, ids: list[int], anchor: int) -> torch.Tensor:

@@ -11,8 +11,13 @@ import os
 from pathlib import Path
 
 import numpy as np
-import vtk
-from vtk.util import numpy_support
+from vtkmodules.util import numpy_support
+from vtkmodules.vtkCommonCore import vtkPoints
+from vtkmodules.vtkCommonDataModel import vtkImageData, vtkPolyData
+from vtkmodules.vtkFiltersCore import (vtkDecimatePro, vtkFlyingEdges3D, vtkPolyDataNormals, vtkReverseSense,
+                                       vtkTriangleFilter, vtkWindowedSincPolyDataFilter)
+from vtkmodules.vtkIOGeometry import vtkSTLReader, vtkSTLWriter
+from vtkmodules.vtkIOXML import vtkXMLPolyDataWriter
 
 from .errors import InputError, OutputError
 from .geometry import Grid, Volume, apply_affine, lps_to_ras
@@ -22,14 +27,14 @@ STL_FRAMES = ("LPS", "RAS")
 UNCERTAINTY_ARRAY = "UncertaintyMm"  # point data of a predicted surface: std of the surface position (mm)
 
 
-def polydata_points(polydata: vtk.vtkPolyData) -> np.ndarray:
+def polydata_points(polydata: vtkPolyData) -> np.ndarray:
     """The points of a polydata as an (n, 3) float64 array (a copy)."""
     if polydata.GetPoints() is None:
         return np.zeros((0, 3))
     return numpy_support.vtk_to_numpy(polydata.GetPoints().GetData()).astype(float)
 
 
-def add_point_array(polydata: vtk.vtkPolyData, name: str, values: np.ndarray, active: bool = True,
+def add_point_array(polydata: vtkPolyData, name: str, values: np.ndarray, active: bool = True,
                     dtype=np.float32) -> None:
     """Attach one value per point (as ``dtype``) as the point-data array ``name``; ``active`` makes it the scalars
     that viewers colour by."""
@@ -44,7 +49,7 @@ def add_point_array(polydata: vtk.vtkPolyData, name: str, values: np.ndarray, ac
         polydata.GetPointData().SetActiveScalars(name)
 
 
-def point_array(polydata: vtk.vtkPolyData, name: str) -> np.ndarray:
+def point_array(polydata: vtkPolyData, name: str) -> np.ndarray:
     """The point-data array ``name`` as numpy (a copy)."""
     array = polydata.GetPointData().GetArray(name)
     if array is None:
@@ -52,36 +57,36 @@ def point_array(polydata: vtk.vtkPolyData, name: str) -> np.ndarray:
     return numpy_support.vtk_to_numpy(array).copy()
 
 
-def _set_points(polydata: vtk.vtkPolyData, points: np.ndarray) -> vtk.vtkPolyData:
-    out = vtk.vtkPolyData()
+def _set_points(polydata: vtkPolyData, points: np.ndarray) -> vtkPolyData:
+    out = vtkPolyData()
     out.DeepCopy(polydata)
-    vpts = vtk.vtkPoints()
+    vpts = vtkPoints()
     vpts.SetData(numpy_support.numpy_to_vtk(np.ascontiguousarray(points, dtype=np.float64), deep=True))
     out.SetPoints(vpts)
     return out
 
 
-def transform_polydata(polydata: vtk.vtkPolyData, matrix: np.ndarray) -> vtk.vtkPolyData:
+def transform_polydata(polydata: vtkPolyData, matrix: np.ndarray) -> vtkPolyData:
     """A copy with points moved by the 4x4 affine; triangles are re-oriented if it reflects space."""
     out = _set_points(polydata, apply_affine(matrix, polydata_points(polydata)))
     if np.linalg.det(matrix[:3, :3]) < 0:
-        rev = vtk.vtkReverseSense()
+        rev = vtkReverseSense()
         rev.SetInputData(out)
         rev.Update()
         out = rev.GetOutput()
     return out
 
 
-def isosurface(array: np.ndarray, grid: Grid, level: float) -> vtk.vtkPolyData:
+def isosurface(array: np.ndarray, grid: Grid, level: float) -> vtkPolyData:
     """Flying-edges iso-surface of ``array`` (k, j, i) on ``grid`` at ``level``, points in LPS mm."""
     if array.shape != grid.shape:
         raise InputError(f"Array shape {array.shape} does not match the grid {grid.shape}.")
-    image = vtk.vtkImageData()
+    image = vtkImageData()
     image.SetDimensions(*grid.size)
     image.SetSpacing(1.0, 1.0, 1.0)  # work in index space, then map with the full index->LPS matrix
     image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
         np.ascontiguousarray(array, dtype=np.float32).reshape(-1), deep=True))
-    fe = vtk.vtkFlyingEdges3D()
+    fe = vtkFlyingEdges3D()
     fe.SetInputData(image)
     fe.SetValue(0, float(level))
     fe.ComputeNormalsOff()
@@ -90,13 +95,13 @@ def isosurface(array: np.ndarray, grid: Grid, level: float) -> vtk.vtkPolyData:
     return transform_polydata(fe.GetOutput(), grid.ijk_to_lps)
 
 
-def smooth_and_decimate(polydata: vtk.vtkPolyData, iterations: int = 15, pass_band: float = 0.1,
-                        target_reduction: float = 0.5, max_error_mm: float = 0.1) -> vtk.vtkPolyData:
+def smooth_and_decimate(polydata: vtkPolyData, iterations: int = 15, pass_band: float = 0.1,
+                        target_reduction: float = 0.5, max_error_mm: float = 0.1) -> vtkPolyData:
     """Windowed-sinc smoothing, then decimation that removes up to ``target_reduction`` of the
     triangles while keeping every vertex within ``max_error_mm`` of the smoothed surface; with normals."""
     out = polydata
     if iterations > 0 and out.GetNumberOfPoints() > 0:
-        sm = vtk.vtkWindowedSincPolyDataFilter()
+        sm = vtkWindowedSincPolyDataFilter()
         sm.SetInputData(out)
         sm.SetNumberOfIterations(iterations)
         sm.SetPassBand(pass_band)
@@ -107,7 +112,7 @@ def smooth_and_decimate(polydata: vtk.vtkPolyData, iterations: int = 15, pass_ba
         sm.Update()
         out = sm.GetOutput()
     if target_reduction > 0 and out.GetNumberOfPolys() > 0:
-        dec = vtk.vtkDecimatePro()
+        dec = vtkDecimatePro()
         dec.SetInputData(out)
         dec.SetTargetReduction(target_reduction)
         dec.PreserveTopologyOn()
@@ -116,7 +121,7 @@ def smooth_and_decimate(polydata: vtk.vtkPolyData, iterations: int = 15, pass_ba
         dec.SetAbsoluteError(max_error_mm)
         dec.Update()
         out = dec.GetOutput()
-    normals = vtk.vtkPolyDataNormals()
+    normals = vtkPolyDataNormals()
     normals.SetInputData(out)
     normals.ConsistencyOn()
     normals.SplittingOff()
@@ -125,7 +130,7 @@ def smooth_and_decimate(polydata: vtk.vtkPolyData, iterations: int = 15, pass_ba
 
 
 def labelmap_surface(labelmap: Volume, smoothing_iterations: int = 15, target_reduction: float = 0.5,
-                     max_error_mm: float = 0.1) -> vtk.vtkPolyData:
+                     max_error_mm: float = 0.1) -> vtkPolyData:
     """Closed, smoothed surface (LPS mm) of the nonzero voxels of a labelmap."""
     mask = np.pad((labelmap.array != 0).astype(np.float32), 1)  # closed even where the mask touches the border
     grid = labelmap.grid
@@ -134,7 +139,7 @@ def labelmap_surface(labelmap: Volume, smoothing_iterations: int = 15, target_re
                                target_reduction=target_reduction, max_error_mm=max_error_mm)
 
 
-def write_stl(polydata: vtk.vtkPolyData, path: str | os.PathLike, frame: str = "LPS", overwrite: bool = False) -> Path:
+def write_stl(polydata: vtkPolyData, path: str | os.PathLike, frame: str = "LPS", overwrite: bool = False) -> Path:
     """Write an LPS polydata as binary STL with points in ``frame`` ('LPS' or 'RAS')."""
     if frame not in STL_FRAMES:
         raise InputError(f"Unknown STL frame {frame!r}; use 'LPS' (ITK, DICOM) or 'RAS' (3D Slicer).")
@@ -142,11 +147,11 @@ def write_stl(polydata: vtk.vtkPolyData, path: str | os.PathLike, frame: str = "
         raise InputError("The surface is empty, so there is nothing to write to STL.")
     # LPS -> RAS flips two axes (a rotation by 180 degrees), so triangle orientation is kept
     out = polydata if frame == "LPS" else _set_points(polydata, lps_to_ras(polydata_points(polydata)))
-    tri = vtk.vtkTriangleFilter()
+    tri = vtkTriangleFilter()
     tri.SetInputData(out)
     tri.Update()
     with atomic_path(path, overwrite) as tmp:
-        writer = vtk.vtkSTLWriter()
+        writer = vtkSTLWriter()
         writer.SetFileName(str(tmp))
         writer.SetInputData(tri.GetOutput())
         writer.SetFileTypeToBinary()
@@ -157,12 +162,12 @@ def write_stl(polydata: vtk.vtkPolyData, path: str | os.PathLike, frame: str = "
     return Path(path)
 
 
-def write_vtp(polydata: vtk.vtkPolyData, path: str | os.PathLike, overwrite: bool = False) -> Path:
+def write_vtp(polydata: vtkPolyData, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a polydata as VTK XML PolyData (points as they are, LPS mm here, with their point data, e.g.
     per-vertex uncertainty or distances, which STL cannot hold); atomic, never overwrites unless asked."""
     path = Path(path)
     with atomic_path(path, overwrite) as tmp:
-        writer = vtk.vtkXMLPolyDataWriter()
+        writer = vtkXMLPolyDataWriter()
         writer.SetFileName(str(tmp))
         writer.SetInputData(polydata)
         if not writer.Write():
@@ -170,11 +175,11 @@ def write_vtp(polydata: vtk.vtkPolyData, path: str | os.PathLike, overwrite: boo
     return path
 
 
-def read_stl(path: str | os.PathLike) -> vtk.vtkPolyData:
+def read_stl(path: str | os.PathLike) -> vtkPolyData:
     """Read an STL file (points in whatever frame it was written in)."""
     if not Path(path).is_file():
         raise InputError(f"STL file not found: {path}.")
-    reader = vtk.vtkSTLReader()
+    reader = vtkSTLReader()
     reader.SetFileName(str(path))
     reader.Update()
     return reader.GetOutput()

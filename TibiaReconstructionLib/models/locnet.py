@@ -6,10 +6,10 @@ moved into standard coordinates. At initialisation θ is the identity for every 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
-from monai.networks.blocks import Convolution
 from torch import nn
 
 from ..errors import InputError
@@ -29,6 +29,13 @@ class LocNetConfig(ArchConfig):
     coord_channels: bool = True        # append normalised (x, y, z) coordinate channels to the input
 
 
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    """Strided 3x3x3 convolution -> instance norm -> leaky ReLU, named as MONAI's Convolution block names them
+    (conv, adn.N, adn.A), so bundles trained with that block load unchanged."""
+    adn = nn.Sequential(OrderedDict(N=nn.InstanceNorm3d(cout), A=nn.LeakyReLU(0.01)))
+    return nn.Sequential(OrderedDict(conv=nn.Conv3d(cin, cout, 3, stride=2, padding=1), adn=adn))
+
+
 class LocNet(nn.Module):
     """Strided 3D conv blocks -> adaptive average pool -> MLP -> 12 affine parameters (identity at init)."""
 
@@ -39,7 +46,7 @@ class LocNet(nn.Module):
         self.downsample = nn.AvgPool3d(cfg.input_downsample) if cfg.input_downsample > 1 else nn.Identity()
         blocks, prev = [], cfg.in_channels + (3 if cfg.coord_channels else 0)
         for ch in cfg.channels:
-            blocks.append(Convolution(3, prev, ch, strides=2, kernel_size=3, norm="INSTANCE", act="LEAKYRELU"))
+            blocks.append(conv_block(prev, ch))
             prev = ch
         self.features = nn.Sequential(*blocks)
         self.pool = nn.AdaptiveAvgPool3d(tuple(cfg.pool_size))
@@ -49,7 +56,7 @@ class LocNet(nn.Module):
         last = self.head[-1]
         nn.init.zeros_(last.weight)
         with torch.no_grad():
-            last.bias.copy_(torch.cat([torch.eye(3).reshape(-1), torch.zeros(3)]))  # θ = [I | 0]
+            last.bias.copy_(torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0]))  # θ = [I | 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """θ (N, 3, 4) in canonical mm for x (N, C, Z, Y, X)."""
