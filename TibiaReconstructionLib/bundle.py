@@ -61,9 +61,9 @@ class Bundle:
         """
         x = x.to(self.device, torch.float32)
         theta = self.locnet(x)
-        aligned = self.sampler(x, theta)
         vis = torch.ones_like(x[:, :1]) if visible is None else visible.to(self.device, torch.float32)
-        vis_aligned = (self.sampler(vis, theta) > 0.5).float()
+        both = self.sampler(torch.cat([x, vis], dim=1), theta)  # one resampling for the image and its visibility
+        aligned, vis_aligned = both[:, :-1], (both[:, -1:] > 0.5).float()
         return theta, aligned, self.autoencoder.reconstruct(aligned, vis_aligned)
 
     @torch.no_grad()

@@ -300,10 +300,12 @@ class Predictor:
         t["surface"] = time.perf_counter() - t0
         report(1.0, "Done")
         voxel_ml = float(np.prod(ct.spacing)) / 1000.0
-        tib = tibia_mask.array != 0
-        volumes = {"predicted_tibia": float(labelmap.array.sum()) * voxel_ml,
-                   "input_tibia": float(tib.sum()) * voxel_ml,
-                   "fracture_mask_in_tibia": float((tib & (fracture_mask.array != 0)).sum()) * voxel_ml}
+        lo, hi = bounding_box(tibia_mask.array)  # counted in the tibia's box: a CT can have 10^8 voxels
+        box = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+        tib = tibia_mask.array[box] != 0
+        volumes = {"predicted_tibia": float(np.count_nonzero(labelmap.array)) * voxel_ml,
+                   "input_tibia": float(np.count_nonzero(tib)) * voxel_ml,
+                   "fracture_mask_in_tibia": float(np.count_nonzero(tib & (fracture_mask.array[box] != 0))) * voxel_ml}
         if side == "auto" and len(candidates) == 2:
             fits = sorted(c.misfit for c in candidates.values())
             if fits[1] < 1.2 * fits[0]:
