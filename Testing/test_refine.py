@@ -110,3 +110,24 @@ def test_whole_bone_is_left_as_it_was(tiny_bundle):
     out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
     assert out[0] is theta and out[1] is recon and out[2] is x and out[3] is visible
     assert out[4]["fragments"] == 0
+
+
+def test_an_implausible_reduction_keeps_the_single_pass(tiny_bundle, monkeypatch):
+    occ = np.zeros(tiny_bundle.grid.shape, np.float32)
+    occ[5:25, 9:15, 9:15] = occ[30:50, 9:15, 9:15] = 1.0  # two pieces of a bar
+    seen = np.ones_like(occ)
+    seen[25:30] = 0.0  # the fracture gap
+    x = torch.from_numpy(np.stack([0.5 * occ, occ]))[None]
+    visible = torch.from_numpy(seen)[None, None]
+    theta, _, recon = tiny_bundle.align_and_reconstruct(x, visible)
+    flipped = motion(90.0, (1.0, 0.0, 0.0), (0.0, 0.0, 0.0), np.zeros(3))  # a fragment turned over: a failed fit
+    fake = torch.stack([torch.eye(3, 4), matrix_to_theta(flipped)])
+
+    def register(fragments, *args, **kwargs):
+        motions = fake if fragments.ids[0] != fragments.anchor else fake.flip(0)
+        return motions, torch.zeros(2, 3), torch.zeros(2, 6)
+
+    monkeypatch.setattr(refine, "register_fragments", register)
+    out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
+    assert out[0] is theta and out[1] is recon and out[2] is x and out[3] is visible
+    assert "single-pass" in out[4]["refused"]

@@ -36,6 +36,8 @@ WARM_STEPS = 20
 ROUNDS = 3  # registration + reduction + reconstruction rounds (more rounds pull harder towards the model's shape)
 LR_ROTATION = 0.01  # rad per Adam step
 LR_TRANSLATION = 0.5  # mm per Adam step
+MAX_ROTATION_DEG = 45.0  # a reduction beyond this (or MAX_SHIFT_MM) is implausible: the single pass is kept
+MAX_SHIFT_MM = 50.0
 MIN_ROTATION_DEG = 1.0  # a reduction smaller than this (and MIN_TRANSLATION_MM) leaves the case as it was
 MIN_TRANSLATION_MM = 1.0
 
@@ -219,8 +221,8 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
     reconstruction) on input x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X); then θ is corrected so that the
     reconstruction lies on the anchor as registered. Returns θ, the reconstruction, the reduced x and visibility,
     and a report (number of fragments, the anchor's share of the visible bone, the reduction: rotation in degrees
-    and shift of each fragment's centre in mm). Inputs are returned unchanged when the tibia is in one piece or
-    its fragments already fit."""
+    and shift of each fragment's centre in mm). Inputs are returned unchanged when the tibia is in one piece, its
+    fragments already fit, or a reduction is implausibly large (then the report says so under "refused")."""
     x = x.to(recon.device)
     visible = visible.to(recon.device)
     fragments = find_fragments(x[0, -1].cpu().numpy(), visible[0, 0].cpu().numpy())
@@ -230,7 +232,7 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
     seen = visible[0, 0].cpu().numpy()
     report["anchor_share"] = round(float((fragments.labels == fragments.anchor).sum() / (fragments.labels > 0).sum()),
                                    4)
-    x_in, visible_in, params = x, visible, None
+    x_in, visible_in, theta_in, recon_in, params = x, visible, theta, recon, None
     for _ in range(rounds):
         motions, centers, params = register_fragments(fragments, theta, recon, bundle.grid, seen, params,
                                                       STEPS if params is None else WARM_STEPS)
@@ -239,6 +241,10 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
         report["rounds"].append({"rotation_deg": np.round(angle, 2).tolist(), "shift_mm": np.round(shift, 2).tolist()})
         if (angle < MIN_ROTATION_DEG).all() and (shift < MIN_TRANSLATION_MM).all():
             break
+        if (angle > MAX_ROTATION_DEG).any() or (shift > MAX_SHIFT_MM).any():
+            report["refused"] = (f"a fragment would move by {angle.max():.0f} deg / {shift.max():.0f} mm, beyond "
+                                 f"{MAX_ROTATION_DEG:g} deg / {MAX_SHIFT_MM:g} mm: the single-pass result is kept")
+            return theta_in, recon_in, x_in, visible_in, report
         x, visible = reduce_input(x_in, visible_in, fragments, reductions, theta, bundle.sampler)
         theta, _, recon = bundle.align_and_reconstruct(x, visible)
     if x is x_in:
