@@ -557,16 +557,16 @@ def test_full_disk_on_the_last_output_keeps_the_old_outputs(tmp_path, files, bun
 
 
 def test_stl_writer_failure_is_an_output_error(tmp_path, monkeypatch):
-    import vtk
-
+    from TibiaReconstructionLib import surface as surface_module
     from TibiaReconstructionLib.surface import labelmap_surface, write_stl
 
     surface = labelmap_surface(bone_case(size=(10, 10, 12), spacing=(6.0, 6.0, 8.0))[1], 0, 0.0)
-    class FailingWriter(vtk.vtkSTLWriter):
+
+    class FailingWriter(surface_module.vtkSTLWriter):
         def Write(self):
             return 0
 
-    monkeypatch.setattr(vtk, "vtkSTLWriter", FailingWriter)
+    monkeypatch.setattr(surface_module, "vtkSTLWriter", FailingWriter)
     with pytest.raises(OutputError, match="Could not write STL .*disk is not full"):
         write_stl(surface, tmp_path / "t.stl")
     assert list(tmp_path.iterdir()) == []
