@@ -65,7 +65,9 @@ def test_fragments_anchor_is_the_knee_piece_and_small_pieces_are_hidden():
     assert not np.any((found.labels == found.anchor) & distal)  # the anchor is the proximal piece
     assert found.small[20, 2, 2] and found.labels[20, 2, 2] == 0
     whole = bone()
-    assert refine.find_fragments(whole, np.ones_like(whole)) is None  # one piece: nothing to reduce
+    one = refine.find_fragments(whole, np.ones_like(whole))  # one piece: nothing to reduce, only to place
+    assert one.ids == [one.anchor] and np.array_equal(one.labels > 0, whole > 0.5)
+    assert refine.find_fragments(whole, np.zeros_like(whole)) is None
 
 
 def test_registration_recovers_a_known_displacement():
@@ -100,16 +102,22 @@ def tiny_bundle(tmp_path_factory):
     return load_bundle(make_tiny_bundle(tmp_path_factory.mktemp("bundle") / "b"))
 
 
-def test_whole_bone_is_left_as_it_was(tiny_bundle):
+def test_a_bone_in_one_piece_is_only_placed_onto_itself(tiny_bundle):
     grid: Grid = tiny_bundle.grid
     occ = np.zeros(grid.shape, np.float32)
     occ[10:45, 9:15, 9:15] = 1.0
     x = torch.from_numpy(np.stack([0.5 * occ, occ]))[None]
     visible = torch.ones_like(x[:, :1])
-    theta, _, recon = tiny_bundle.align_and_reconstruct(x, visible)
+    shift = np.eye(4)
+    shift[:3, 3] = (0.0, 3.0, 0.0)  # the reconstruction lies 3 mm off the input, along y
+    recon = AffineGridSampler(grid)(x, matrix_to_theta(np.linalg.inv(shift))[None])
+    theta = identity_theta(1)
     out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
-    assert out[0] is theta and out[1] is recon and out[2] is x and out[3] is visible
-    assert out[4]["fragments"] == 0
+    assert out[1] is recon and out[2] is x and out[3] is visible
+    assert out[4]["fragments"] == 1 and out[4]["rounds"] == []
+    # θ now maps the reconstruction back onto the input: a standard point p is read at p - 3 mm along y
+    np.testing.assert_allclose(theta_to_matrix(out[0][0])[:3, 3], (0.0, -3.0, 0.0), atol=0.6)
+    np.testing.assert_allclose(theta_to_matrix(out[0][0])[:3, :3], np.eye(3), atol=0.02)
 
 
 def test_an_implausible_reduction_keeps_the_single_pass(tiny_bundle, monkeypatch):

@@ -6,9 +6,9 @@ pieces of tibia outside the fracture mask), registers each one rigidly onto the 
 every fragment by its motion relative to the proximal main fragment (the anchor, the piece that holds the knee:
 it keeps its place, so the prediction stays in the patient's frame of the knee) and runs the model again on the
 reduced input. The fracture mask travels with every fragment and stays hidden; pieces too small to register
-are hidden too. After ROUNDS rounds the anchor is registered once more and θ corrected by its motion, so the
-prediction lies on the knee fragment. A case whose fragments the first reconstruction already fits is left as
-it was.
+are hidden too. After ROUNDS rounds (none when the tibia is in one piece or the first reconstruction already
+fits its fragments) the anchor is registered once more and θ corrected by its motion, so the prediction lies on
+the knee fragment.
 
 θ maps standard points to canonical points (see models/sampler.py); fragment motions are rigid maps of
 standard points. Tensors are (N, C, Z, Y, X) with N = 1.
@@ -54,16 +54,14 @@ class Fragments:
 
 
 def find_fragments(occupancy: np.ndarray, visible: np.ndarray) -> Fragments | None:
-    """Fragments of the visible tibia (occupancy > 0.5 outside the fracture mask) on the canonical grid, or
-    None when there are fewer than two of at least MIN_FRAGMENT_SHARE of it."""
+    """Fragments of the visible tibia (occupancy > 0.5 outside the fracture mask) on the canonical grid: the
+    pieces of at least MIN_FRAGMENT_SHARE of it (at least the largest piece), or None when no bone is visible."""
     bone = (occupancy > 0.5) & (visible > 0.5)
     labels, n = ndimage.label(bone)
-    if n < 2:
+    if n == 0:
         return None
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    keep = np.flatnonzero(sizes >= MIN_FRAGMENT_SHARE * sizes.sum()) + 1
-    if len(keep) < 2:
-        return None
+    keep = np.flatnonzero(sizes >= min(MIN_FRAGMENT_SHARE * sizes.sum(), sizes.max())) + 1
     lut = np.zeros(n + 1, np.int64)
     lut[keep] = keep
     small = bone & (lut[labels] == 0)
@@ -219,10 +217,11 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
                                                                                torch.Tensor, torch.Tensor, dict]:
     """Fragment registration, reduction and reconstruction (module docstring) from the model's first pass (θ,
     reconstruction) on input x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X); then θ is corrected so that the
-    reconstruction lies on the anchor as registered. Returns θ, the reconstruction, the reduced x and visibility,
-    and a report (number of fragments, the anchor's share of the visible bone, the reduction: rotation in degrees
-    and shift of each fragment's centre in mm). Inputs are returned unchanged when the tibia is in one piece, its
-    fragments already fit, or a reduction is implausibly large (then the report says so under "refused")."""
+    reconstruction lies on the anchor as registered (also when the tibia is in one piece). Returns θ, the
+    reconstruction, the reduced x and visibility, and a report (number of fragments, the anchor's share of the
+    visible bone, each round's reduction and the final placement: rotation in degrees and shift of each
+    fragment's centre in mm). The inputs come back unchanged when no bone is visible and the single pass when a
+    reduction is implausibly large (the report says so under "refused")."""
     x = x.to(recon.device)
     visible = visible.to(recon.device)
     fragments = find_fragments(x[0, -1].cpu().numpy(), visible[0, 0].cpu().numpy())
@@ -233,7 +232,7 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
     report["anchor_share"] = round(float((fragments.labels == fragments.anchor).sum() / (fragments.labels > 0).sum()),
                                    4)
     x_in, visible_in, theta_in, recon_in, params = x, visible, theta, recon, None
-    for _ in range(rounds):
+    for _ in range(rounds if len(fragments.ids) > 1 else 0):
         motions, centers, params = register_fragments(fragments, theta, recon, bundle.grid, seen, params,
                                                       STEPS if params is None else WARM_STEPS)
         reductions = reduction_motions(motions, fragments.ids, fragments.anchor)
@@ -247,8 +246,12 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
             return theta_in, recon_in, x_in, visible_in, report
         x, visible = reduce_input(x_in, visible_in, fragments, reductions, theta, bundle.sampler)
         theta, _, recon = bundle.align_and_reconstruct(x, visible)
-    if x is x_in:
+    motions, centers, _ = register_fragments(fragments, theta, recon, bundle.grid, seen, params,
+                                             STEPS if params is None else WARM_STEPS)
+    n = fragments.ids.index(fragments.anchor)
+    angle, shift = motion_sizes(motions[n:n + 1], centers[n:n + 1])
+    report["placement"] = {"rotation_deg": round(float(angle[0]), 2), "shift_mm": round(float(shift[0]), 2)}
+    if angle[0] > MAX_ROTATION_DEG or shift[0] > MAX_SHIFT_MM:
+        report["refused"] = "the reconstruction's placement on the anchor fragment is implausibly large: not applied"
         return theta, recon, x, visible, report
-    motions, _, _ = register_fragments(fragments, theta, recon, bundle.grid, seen, params, WARM_STEPS)
-    anchor = motions[fragments.ids.index(fragments.anchor)][None]
-    return compose_theta(theta.double(), invert_theta(anchor.double())).float(), recon, x, visible, report
+    return compose_theta(theta.double(), invert_theta(motions[n:n + 1].double())).float(), recon, x, visible, report
