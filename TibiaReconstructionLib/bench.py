@@ -32,6 +32,7 @@ from . import __version__
 from .errors import InputError, OutputExistsError, TibiaReconError
 from .geometry import Grid, Volume, bounding_box, resample
 from .io import atomic_path
+from .models.sampler import rotation_matrices
 from .predict import ModelRun, Predictor
 
 SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 mm in-plane, up to 480 mm long
@@ -216,11 +217,7 @@ class RigidFitPredictor(_BaselinePredictor):
 
 def _rigid_theta(params: torch.Tensor) -> torch.Tensor:
     """θ (1, 3, 4) of a rotation vector params[:3] (rad) and a translation params[3:] (10 mm units)."""
-    w = params[:3]
-    zero = torch.zeros((), dtype=params.dtype)
-    skew = torch.stack([torch.stack([zero, -w[2], w[1]]), torch.stack([w[2], zero, -w[0]]),
-                        torch.stack([-w[1], w[0], zero])])
-    return torch.cat([torch.linalg.matrix_exp(skew), 10.0 * params[3:, None]], dim=1)[None]
+    return torch.cat([rotation_matrices(params[None, :3])[0], 10.0 * params[3:, None]], dim=1)[None]
 
 
 class ContralateralBaseline:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .geometry import Grid, bounding_box
-from .models.sampler import compose_theta, invert_theta, normalised_to_physical
+from .models.sampler import compose_theta, invert_theta, normalised_to_physical, rotation_matrices
 
 MIN_FRAGMENT_SHARE = 0.15  # smaller pieces of the visible tibia are hidden (not moved) while others are reduced
 KNEE_ZONE = 0.15  # the anchor is the fragment with the most bone in this top fraction of the tibia's length
@@ -74,17 +74,9 @@ def find_fragments(occupancy: np.ndarray, visible: np.ndarray) -> Fragments | No
     return Fragments(labels, [int(i) for i in keep], anchor, small)
 
 
-def _rotation(w: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices (K, 3, 3) of rotation vectors (K, 3), differentiable."""
-    zero = torch.zeros_like(w[:, 0])
-    skew = torch.stack([torch.stack([zero, -w[:, 2], w[:, 1]], -1), torch.stack([w[:, 2], zero, -w[:, 0]], -1),
-                        torch.stack([-w[:, 1], w[:, 0], zero], -1)], 1)
-    return torch.linalg.matrix_exp(skew)
-
-
 def _motions(w: torch.Tensor, t: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     """Rigid maps (K, 3, 4) of standard points: rotate by ``w`` about ``centers`` (K, 3), then shift by ``t``."""
-    r = _rotation(w)
+    r = rotation_matrices(w)
     return torch.cat([r, (centers - (r @ centers[..., None])[..., 0] + t)[..., None]], dim=2)
 
 

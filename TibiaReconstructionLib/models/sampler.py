@@ -69,6 +69,14 @@ def invert_theta(theta: torch.Tensor) -> torch.Tensor:
     return torch.cat([lin, -lin @ theta[:, :, 3:]], dim=2)
 
 
+def rotation_matrices(w: torch.Tensor) -> torch.Tensor:
+    """Rotation matrices (K, 3, 3) of rotation vectors (K, 3) in rad (exponential map), differentiable."""
+    zero = torch.zeros_like(w[:, 0])
+    skew = torch.stack([torch.stack([zero, -w[:, 2], w[:, 1]], -1), torch.stack([w[:, 2], zero, -w[:, 0]], -1),
+                        torch.stack([-w[:, 1], w[:, 0], zero], -1)], 1)
+    return torch.linalg.matrix_exp(skew)
+
+
 def compose_theta(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """θ of the point map p -> first(second(p)), each (N, 3, 4)."""
     lin = first[:, :, :3] @ second[:, :, :3]
