@@ -76,7 +76,7 @@ def test_registration_recovers_a_known_displacement():
     x, visible, distal = fractured(displacement)
     fragments = refine.find_fragments(x[0, 1].numpy(), visible[0, 0].numpy())
     healthy = torch.from_numpy(np.stack([0.6 * bone(), bone()]))[None]
-    motions, _, _ = refine.register_fragments(fragments, identity_theta(1), healthy, GRID, visible[0, 0].numpy())
+    motions, _, _ = refine.register_fragments(fragments, identity_theta(1), healthy, GRID)
     reductions = refine.reduction_motions(motions, fragments.ids, fragments.anchor)
     points = GRID.index_to_physical(np.argwhere(distal)[:, ::-1].astype(float))
     moved = apply_affine(displacement, points)

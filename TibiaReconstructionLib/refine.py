@@ -44,13 +44,16 @@ MIN_TRANSLATION_MM = 1.0
 
 @dataclass
 class Fragments:
-    """Fragment labels (Z, Y, X) int on the canonical grid (0: none), their ids (ascending), the anchor's id and
-    the hidden small pieces (Z, Y, X) bool."""
+    """Fragment labels (Z, Y, X) int on the canonical grid (0: none), their ids (ascending), the anchor's id, the
+    hidden small pieces (Z, Y, X) bool, and the outer-surface voxels that drive the registration: indices
+    (n, 3) in (k, j, i) order and each one's fragment (index into ``ids``)."""
 
     labels: np.ndarray
     ids: list[int]
     anchor: int
     small: np.ndarray
+    surface: np.ndarray
+    surface_owner: np.ndarray
 
 
 def find_fragments(occupancy: np.ndarray, visible: np.ndarray) -> Fragments | None:
@@ -71,7 +74,8 @@ def find_fragments(occupancy: np.ndarray, visible: np.ndarray) -> Fragments | No
     in_knee = np.bincount(knee.ravel(), minlength=n + 1)
     in_knee[0] = 0
     anchor = int(np.argmax(in_knee)) if in_knee.any() else int(keep[np.argmax(sizes[keep - 1])])
-    return Fragments(labels, [int(i) for i in keep], anchor, small)
+    ids = [int(i) for i in keep]
+    return Fragments(labels, ids, anchor, small, *_surface_voxels(labels, ids, small, visible))
 
 
 def _motions(w: torch.Tensor, t: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
@@ -99,25 +103,25 @@ def signed_distance(occupancy: np.ndarray, spacing: np.ndarray, margin: int = SD
     return out
 
 
-def _surface_points(fragments: Fragments, visible: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical points (mm) of each fragment's outer surface voxels (bone voxels with a visible empty face
-    neighbour; fracture faces are left out), at most MAX_POINTS per fragment, and their fragment index."""
+def _surface_voxels(labels: np.ndarray, ids: list[int], small: np.ndarray, visible: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (n, 3) in (k, j, i) order of each fragment's outer surface voxels (bone voxels with a visible empty
+    face neighbour; fracture faces are left out), at most MAX_POINTS per fragment, and their fragment index."""
     structure = ndimage.generate_binary_structure(3, 1)
-    empty = (visible > 0.5) & (fragments.labels == 0) & ~fragments.small
-    near_empty = ndimage.binary_dilation(empty, structure)
+    near_empty = ndimage.binary_dilation((visible > 0.5) & (labels == 0) & ~small, structure)
     rng = np.random.default_rng(0)
-    points, owner = [], []
-    for n, fid in enumerate(fragments.ids):
-        kji = np.argwhere((fragments.labels == fid) & near_empty)
+    voxels, owner = [], []
+    for n, fid in enumerate(ids):
+        kji = np.argwhere((labels == fid) & near_empty)
         if len(kji) > MAX_POINTS:
             kji = kji[rng.choice(len(kji), MAX_POINTS, replace=False)]
-        points.append(grid.index_to_physical(kji[:, ::-1].astype(float)))
+        voxels.append(kji)
         owner.append(np.full(len(kji), n))
-    return np.concatenate(points), np.concatenate(owner)
+    return np.concatenate(voxels), np.concatenate(owner)
 
 
 def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.Tensor, grid: Grid,
-                       visible: np.ndarray, start: torch.Tensor | None = None, steps: int = STEPS
+                       start: torch.Tensor | None = None, steps: int = STEPS
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rigid motions (K, 3, 4) of standard points, one per fragment (in ``fragments.ids`` order), and the
     fragments' centres (K, 3) in standard coordinates, and their parameters (K, 6: rotation vector in rad, shift
@@ -125,7 +129,8 @@ def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.T
     onto the surface of the reconstruction ``recon`` (1, C, Z, Y, X): ``steps`` of Adam on a robust (Huber) loss
     of the signed distance."""
     device = recon.device
-    points, owner = _surface_points(fragments, visible, grid)
+    points = grid.index_to_physical(fragments.surface[:, ::-1].astype(float))
+    owner = fragments.surface_owner
     inverse = invert_theta(theta.double()).float()[0]
     standard = torch.as_tensor(points, dtype=torch.float32, device=device) @ inverse[:, :3].T + inverse[:, 3]
     k = len(fragments.ids)
@@ -181,6 +186,12 @@ def motion_sizes(reductions: torch.Tensor, centers: torch.Tensor) -> tuple[np.nd
     return angle.cpu().numpy(), shift.cpu().numpy()
 
 
+def _implausible(angle: np.ndarray, shift: np.ndarray) -> bool:
+    """Whether any motion turns by more than MAX_ROTATION_DEG or moves its fragment's centre by more than
+    MAX_SHIFT_MM (a failed fit rather than a fracture's displacement)."""
+    return bool((angle > MAX_ROTATION_DEG).any() or (shift > MAX_SHIFT_MM).any())
+
+
 def reduce_input(x: torch.Tensor, visible: torch.Tensor, fragments: Fragments, reductions: torch.Tensor,
                  theta: torch.Tensor, sampler) -> tuple[torch.Tensor, torch.Tensor]:
     """The input with every fragment moved by its reduction: x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X) on
@@ -220,30 +231,29 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
     report = {"fragments": 0 if fragments is None else len(fragments.ids), "rounds": []}
     if fragments is None:
         return theta, recon, x, visible, report
-    seen = visible[0, 0].cpu().numpy()
     report["anchor_share"] = round(float((fragments.labels == fragments.anchor).sum() / (fragments.labels > 0).sum()),
                                    4)
     x_in, visible_in, theta_in, recon_in, params = x, visible, theta, recon, None
     for _ in range(rounds if len(fragments.ids) > 1 else 0):
-        motions, centers, params = register_fragments(fragments, theta, recon, bundle.grid, seen, params,
+        motions, centers, params = register_fragments(fragments, theta, recon, bundle.grid, params,
                                                       STEPS if params is None else WARM_STEPS)
         reductions = reduction_motions(motions, fragments.ids, fragments.anchor)
         angle, shift = motion_sizes(reductions, centers)
         report["rounds"].append({"rotation_deg": np.round(angle, 2).tolist(), "shift_mm": np.round(shift, 2).tolist()})
         if (angle < MIN_ROTATION_DEG).all() and (shift < MIN_TRANSLATION_MM).all():
             break
-        if (angle > MAX_ROTATION_DEG).any() or (shift > MAX_SHIFT_MM).any():
+        if _implausible(angle, shift):
             report["refused"] = (f"a fragment would move by {angle.max():.0f} deg / {shift.max():.0f} mm, beyond "
                                  f"{MAX_ROTATION_DEG:g} deg / {MAX_SHIFT_MM:g} mm: the single-pass result is kept")
             return theta_in, recon_in, x_in, visible_in, report
         x, visible = reduce_input(x_in, visible_in, fragments, reductions, theta, bundle.sampler)
         theta, _, recon = bundle.align_and_reconstruct(x, visible)
-    motions, centers, _ = register_fragments(fragments, theta, recon, bundle.grid, seen, params,
+    motions, centers, _ = register_fragments(fragments, theta, recon, bundle.grid, params,
                                              STEPS if params is None else WARM_STEPS)
     n = fragments.ids.index(fragments.anchor)
     angle, shift = motion_sizes(motions[n:n + 1], centers[n:n + 1])
     report["placement"] = {"rotation_deg": round(float(angle[0]), 2), "shift_mm": round(float(shift[0]), 2)}
-    if angle[0] > MAX_ROTATION_DEG or shift[0] > MAX_SHIFT_MM:
+    if _implausible(angle, shift):
         report["refused"] = "the reconstruction's placement on the anchor fragment is implausibly large: not applied"
         return theta, recon, x, visible, report
     return compose_theta(theta.double(), invert_theta(motions[n:n + 1].double())).float(), recon, x, visible, report
