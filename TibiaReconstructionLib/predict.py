@@ -87,9 +87,10 @@ class Prediction:
                 "surface": {"points": self.surface.GetNumberOfPoints(), "triangles": self.surface.GetNumberOfPolys()}}
 
 
-def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> None:
-    """Check the three inputs; raises InputError naming the problem. The masks are only scanned in full to find the
-    tibia's box and whether the fracture mask is empty; the rest is counted inside the box."""
+def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> tuple[tuple[np.ndarray, np.ndarray], int, int]:
+    """Check the three inputs; raises InputError naming the problem. Returns the tibia's index box (lo, hi
+    inclusive, (k, j, i)), its voxel count and the count of its voxels under the fracture mask. The masks are only
+    scanned in full to find the box and whether the fracture mask is empty; the rest is counted inside the box."""
     check_same_grid(ct, tibia, "CT", "tibia mask")
     check_same_grid(ct, fracture, "CT", "fracture mask")
     size = np.asarray(ct.grid.size)
@@ -134,23 +135,23 @@ def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> None:
     if hidden_voxels == 0:
         raise InputError("The fracture mask does not overlap the tibia mask at all; it must cover the fracture "
                          "zone of the tibia. Check that the right segments were chosen.")
-    hidden = hidden_voxels / np.count_nonzero(tib)
+    tibia_voxels = np.count_nonzero(tib)
+    hidden = hidden_voxels / tibia_voxels
     if hidden > MAX_FRACTURE_FRACTION:
         raise InputError(f"The fracture mask hides {hidden:.0%} of the tibia; at most {MAX_FRACTURE_FRACTION:.0%} "
                          "can be predicted reliably. Paint only the fracture zone.")
+    return box, int(tibia_voxels), int(hidden_voxels)
 
 
-def input_warnings(ct: Volume, tibia: Volume) -> list[str]:
+def input_warnings(ct: Volume, box: tuple[np.ndarray, np.ndarray]) -> list[str]:
     """Problems that do not stop a prediction but make it less reliable: coarse voxels, a tibia cut off by the
-    field of view (its mask touches the first or last slice along an axis)."""
+    field of view (its index ``box``, lo and hi in (k, j, i) as :func:`validate_inputs` returns it, touches the
+    first or last slice along an axis)."""
     warnings = []
     if ct.spacing.max() > WARN_SPACING_MM:
         warnings.append(f"The CT's voxels are ({', '.join(f'{v:.3g}' for v in ct.spacing)}) mm, coarser than "
                         f"{WARN_SPACING_MM:g} mm: the fracture zone and the tibial plateau are coarsely resolved and "
                         "the prediction is less precise. Use thinner slices if available.")
-    box = bounding_box(tibia.array)
-    if box is None:
-        return warnings
     superior = int(np.argmax(np.abs(ct.direction[2])))  # the (i, j, k) axis closest to the body's long axis
     for axis in range(3):
         n = ct.grid.size[axis]
@@ -267,8 +268,8 @@ class Predictor:
         report(0.0, "Checking inputs")
         if side not in ("auto", "left", "right"):
             raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
-        validate_inputs(ct, tibia_mask, fracture_mask)
-        warnings = input_warnings(ct, tibia_mask)
+        box, tibia_voxels, hidden_voxels = validate_inputs(ct, tibia_mask, fracture_mask)
+        warnings = input_warnings(ct, box)
         t["check"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         report(0.1, "Aligning and reconstructing")
@@ -300,12 +301,8 @@ class Predictor:
         t["surface"] = time.perf_counter() - t0
         report(1.0, "Done")
         voxel_ml = float(np.prod(ct.spacing)) / 1000.0
-        lo, hi = bounding_box(tibia_mask.array)  # counted in the tibia's box: a CT can have 10^8 voxels
-        box = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
-        tib = tibia_mask.array[box] != 0
         volumes = {"predicted_tibia": float(np.count_nonzero(labelmap.array)) * voxel_ml,
-                   "input_tibia": float(np.count_nonzero(tib)) * voxel_ml,
-                   "fracture_mask_in_tibia": float(np.count_nonzero(tib & (fracture_mask.array[box] != 0))) * voxel_ml}
+                   "input_tibia": tibia_voxels * voxel_ml, "fracture_mask_in_tibia": hidden_voxels * voxel_ml}
         if side == "auto" and len(candidates) == 2:
             fits = sorted(c.misfit for c in candidates.values())
             if fits[1] < 1.2 * fits[0]:
