@@ -76,7 +76,7 @@ def test_registration_recovers_a_known_displacement():
     x, visible, distal = fractured(displacement)
     fragments = refine.find_fragments(x[0, 1].numpy(), visible[0, 0].numpy())
     healthy = torch.from_numpy(np.stack([0.6 * bone(), bone()]))[None]
-    motions, _, _ = refine.register_fragments(fragments, identity_theta(1), healthy, GRID)
+    motions, _, _, misfit = refine.register_fragments(fragments, identity_theta(1), healthy, GRID)
     reductions = refine.reduction_motions(motions, fragments.ids, fragments.anchor)
     points = GRID.index_to_physical(np.argwhere(distal)[:, ::-1].astype(float))
     moved = apply_affine(displacement, points)
@@ -86,6 +86,7 @@ def test_registration_recovers_a_known_displacement():
     assert np.linalg.norm(reduced - points, axis=1).mean() < 1.0
     anchor = theta_to_matrix(reductions[fragments.ids.index(fragments.anchor)])
     np.testing.assert_allclose(anchor, np.eye(4), atol=1e-6)
+    assert misfit.max() < 1.0  # both fragments lie on the healthy bone's surface once registered
 
 
 def test_reduce_input_with_identity_motions_keeps_the_input():
@@ -118,6 +119,10 @@ def test_a_bone_in_one_piece_is_only_placed_onto_itself(tiny_bundle):
     # θ now maps the reconstruction back onto the input: a standard point p is read at p - 3 mm along y
     np.testing.assert_allclose(theta_to_matrix(out[0][0])[:3, 3], (0.0, -3.0, 0.0), atol=0.6)
     np.testing.assert_allclose(theta_to_matrix(out[0][0])[:3, :3], np.eye(3), atol=0.02)
+    placement = out[5]  # the one fragment stays where it is, and lies on the reconstruction once it is placed
+    assert placement.ids == [placement.anchor]
+    np.testing.assert_allclose(placement.moves[0], np.eye(4), atol=1e-5)
+    assert placement.misfit_mm[0] < 1.0
 
 
 def test_an_implausible_reduction_keeps_the_single_pass(tiny_bundle, monkeypatch):
@@ -133,9 +138,10 @@ def test_an_implausible_reduction_keeps_the_single_pass(tiny_bundle, monkeypatch
 
     def register(fragments, *args, **kwargs):
         motions = fake if fragments.ids[0] != fragments.anchor else fake.flip(0)
-        return motions, torch.zeros(2, 3), torch.zeros(2, 6)
+        return motions, torch.zeros(2, 3), torch.zeros(2, 6), np.zeros(2)
 
     monkeypatch.setattr(refine, "register_fragments", register)
     out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
     assert out[0] is theta and out[1] is recon and out[2] is x and out[3] is visible
     assert "single-pass" in out[4]["refused"]
+    assert out[5] is None  # no placement: the visible bone is not fused into a refused reduction

@@ -85,6 +85,7 @@ class TibiaReconstructionParameterNode:
     bundlePath - model bundle folder; empty for the bundled model.
     device - 'auto' (GPU when available), 'cpu' or 'cuda'.
     reduceFragments - reduce displaced fragments onto the proximal main fragment before the final reconstruction.
+    keepVisibleBone - keep the patient's visible bone outside the fracture mask in the prediction (needs the reduction).
     outputSegmentationName, outputModelName - names of the new result nodes.
     createIntensityVolume - also create a volume with the predicted intensities (HU).
     stlCoordinateSystem - frame of exported STL files.
@@ -98,6 +99,7 @@ class TibiaReconstructionParameterNode:
     bundlePath: str = ""
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     reduceFragments: bool = True
+    keepVisibleBone: bool = True
     outputSegmentationName: str = logicPackage.DEFAULT_SEGMENTATION_NAME
     outputModelName: str = logicPackage.DEFAULT_MODEL_NAME
     createIntensityVolume: bool = False
@@ -324,7 +326,8 @@ class TibiaReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             slicer.app.processEvents()
             self._job = self.logic.startPrediction(pn.inputVolume, pn.segmentation, pn.tibiaSegmentId,
                                                    pn.fractureSegmentId, bundlePath=pn.bundlePath or None,
-                                                   device=pn.device, reduceFragments=pn.reduceFragments)
+                                                   device=pn.device, reduceFragments=pn.reduceFragments,
+                                                   keepVisibleBone=pn.keepVisibleBone)
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.show()
             self.ui.statusLabel.text = _("Starting the prediction...")

@@ -26,9 +26,10 @@ from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, 
     resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
-from .refine import reduce_and_reconstruct
-from .surface import UNCERTAINTY_ARRAY, add_point_array, isosurface, polydata_points, smooth_and_decimate, \
-    transform_polydata
+from .fusion import Fused, fuse_visible_bone
+from .refine import Placement, reduce_and_reconstruct
+from .surface import UNCERTAINTY_ARRAY, add_point_array, isosurface, level_surface, polydata_points, \
+    smooth_and_decimate, transform_polydata
 
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "default"
 MAX_FRACTURE_FRACTION = 0.6  # refuse when more of the tibia than this is hidden by the fracture mask
@@ -77,6 +78,7 @@ class Prediction:
     device: str = "cpu"
     occupancy_std: Volume | None = None  # posterior std of the predicted occupancy, on the work grid (PCA bundles)
     reduction: dict = field(default_factory=dict)  # the fragment reduction before the final pass (refine.py)
+    fusion: dict = field(default_factory=dict)  # the patient's visible bone kept in the prediction (fusion.py)
 
     def report(self) -> dict:
         """JSON-ready summary: side, transforms, volumes, timings, warnings."""
@@ -84,6 +86,7 @@ class Prediction:
                 "theta_standard_to_canonical": self.theta.tolist(), "transforms": self.transforms.to_dict(),
                 "patient_to_standard": self.transforms.matrix().tolist(), "volumes_ml": self.volumes_ml,
                 "timings_s": self.timings, "warnings": self.warnings, "fragment_reduction": self.reduction,
+                "visible_bone": self.fusion,
                 "surface": {"points": self.surface.GetNumberOfPoints(), "triangles": self.surface.GetNumberOfPolys()}}
 
 
@@ -199,8 +202,8 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
 @dataclass
 class ModelRun:
     """The model's result for one leg side: P (patient -> canonical), θ (4x4, standard -> canonical), the
-    reconstruction (C, Z, Y, X) in standard coordinates, its misfit, the model's (reduced) inputs (x, visible)
-    and the fragment reduction's report."""
+    reconstruction (C, Z, Y, X) in standard coordinates, its misfit, the model's (reduced) inputs (x, visible),
+    the fragment reduction's report and where it placed the fragments (None without a reduction)."""
 
     p: np.ndarray
     theta: np.ndarray
@@ -209,17 +212,22 @@ class ModelRun:
     x: torch.Tensor
     visible: torch.Tensor
     reduction: dict = field(default_factory=dict)
+    placement: Placement | None = None
 
 
 class Predictor:
     """Loads a model bundle once and predicts healthy tibiae from fractured CTs."""
 
     def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto",
-                 reduce_fragments: bool = True) -> None:
+                 reduce_fragments: bool = True, keep_visible_bone: bool = True) -> None:
         """``reduce_fragments``: register the fragments onto a first reconstruction, reduce them onto the proximal
-        main fragment and reconstruct again (:mod:`refine`); False gives the paper's single pass."""
+        main fragment and reconstruct again (:mod:`refine`); False gives the paper's single pass.
+        ``keep_visible_bone``: where the CT shows the tibia outside the fracture mask, the prediction keeps the
+        patient's own bone, moved where the reduction placed it (:mod:`fusion`; needs ``reduce_fragments``); False
+        gives the model's reconstruction everywhere."""
         self.device = resolve_device(device)
         self.reduce_fragments = reduce_fragments
+        self.keep_visible_bone = keep_visible_bone
         self.bundle_path = "(in memory)" if isinstance(bundle, Bundle) else str(bundle or DEFAULT_BUNDLE)
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE, self.device)
         self._crop_cache = None
@@ -237,12 +245,12 @@ class Predictor:
         x = torch.from_numpy(case.tensor[None])
         visible = torch.from_numpy(case.visible[None, None].astype(np.float32))
         theta, aligned, recon = self.bundle.align_and_reconstruct(x, visible)
-        report = {}
+        report, placement = {}, None
         if self.reduce_fragments:
-            theta, recon, x, visible, report = reduce_and_reconstruct(self.bundle, x, visible, theta, recon)
+            theta, recon, x, visible, report, placement = reduce_and_reconstruct(self.bundle, x, visible, theta, recon)
             aligned = self.bundle.sampler(x.to(self.device), theta)
         return ModelRun(p, theta_to_matrix(theta[0]), recon[0].float().cpu().numpy(), self._misfit(aligned, recon),
-                        x, visible, report)
+                        x, visible, report, placement)
 
     def _uncertainty(self, run: ModelRun) -> np.ndarray | None:
         """Posterior standard deviation of the reconstruction's occupancy (Z, Y, X) in standard coordinates,
@@ -289,15 +297,27 @@ class Predictor:
         t0 = time.perf_counter()
         chain = TransformChain().then("mirror, align long axis, centre", p, "canonical") \
             .then("inverse theta (LocNet)", invert_affine(theta), "standard")
-        labelmap, intensity, occupancy_std = self._to_ct_grid(recon, chain.matrix(), ct, std)
+        fuse = None
+        if self.keep_visible_bone and run.placement is not None:
+            fuse = lambda occ, grid: fuse_visible_bone(occ, grid, ct, tibia_mask, fracture_mask, box,  # noqa: E731
+                                                       run.placement, self.bundle.grid, p)
+        labelmap, intensity, occupancy_std, fused = self._to_ct_grid(recon, chain.matrix(), ct, std, fuse)
         t["resample"] = time.perf_counter() - t0
 
         report(0.8, "Building the surface")
         t0 = time.perf_counter()
-        surface = self._surface(recon[-1], invert_affine(chain.matrix()))
+        if fused is None:
+            surface = self._surface(recon[-1], invert_affine(chain.matrix()))
+        else:
+            surface = level_surface(Volume.on_grid(fused[1].occupancy, fused[0]), 0.5, smoothing_iterations=10)
         if std is not None:
-            add_point_array(surface, UNCERTAINTY_ARRAY, self._surface_uncertainty_mm(
-                recon[-1], std, apply_affine(chain.matrix(), polydata_points(surface))))
+            points = polydata_points(surface)
+            uncertainty = self._surface_uncertainty_mm(recon[-1], std, apply_affine(chain.matrix(), points))
+            if fused is not None:  # the patient's own bone is seen, not predicted
+                ijk = np.rint(fused[0].physical_to_index(points)).astype(int)
+                ijk = np.clip(ijk, 0, np.asarray(fused[0].size) - 1)
+                uncertainty[fused[1].owned[tuple(ijk[:, ::-1].T)]] = 0.0
+            add_point_array(surface, UNCERTAINTY_ARRAY, uncertainty)
         t["surface"] = time.perf_counter() - t0
         report(1.0, "Done")
         voxel_ml = float(np.prod(ct.spacing)) / 1000.0
@@ -309,15 +329,19 @@ class Predictor:
                 warnings.append("The leg side was chosen automatically with low margin; pass side='left' or "
                                 "'right' if known.")
         return Prediction(labelmap, intensity, surface, chosen, chain, theta, t, volumes, warnings,
-                          self.bundle_path, str(self.device), occupancy_std, run.reduction)
+                          self.bundle_path, str(self.device), occupancy_std, run.reduction,
+                          {} if fused is None else fused[1].report)
 
     def _to_ct_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
-                    std: np.ndarray | None = None) -> tuple[Volume, Volume, Volume | None]:
+                    std: np.ndarray | None = None, fuse: Callable[[np.ndarray, Grid], Fused] | None = None
+                    ) -> tuple[Volume, Volume, Volume | None, tuple[Grid, Fused] | None]:
         """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the CT grid: labelmap (uint8) and
         intensity (int16 HU), computed only in the CT box that the predicted tibia can reach. With ``std`` (Z, Y, X)
         also the occupancy's standard deviation (float32) on the work grid: along the CT's axes through CT voxel
         centres, every few CT voxels (about half the model's spacing), over that box; it is as smooth as the model,
-        so interpolating it linearly gives the values on the CT's voxels."""
+        so interpolating it linearly gives the values on the CT's voxels (0 where the patient's bone is kept).
+        ``fuse`` (occupancy, its grid: that box) puts the patient's visible bone into the occupancy; then the box's
+        grid and the fusion come back too (else None)."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
         lo_hu, hi_hu = self.bundle.window_hu
@@ -338,15 +362,24 @@ class Predictor:
         spread = None if std is None else Volume.on_grid(onto_work(std) if len(inside) else
                                                           np.zeros(work.shape, np.float32), work)
         if len(inside) == 0:
-            return ct.with_array(labelmap), ct.with_array(intensity), spread
+            return ct.with_array(labelmap), ct.with_array(intensity), spread, None
         shape = tuple((hi - lo + 1)[::-1])
         occ_sub = upsample_linear(onto_work(occ), factors[::-1], shape)
         int_sub = upsample_linear(onto_work(recon[0]), factors[::-1], shape)
+        hu_sub = lo_hu + np.clip(int_sub / np.maximum(occ_sub, 1e-6), 0, 1) * (hi_hu - lo_hu)
+        fused = None
+        if fuse is not None:
+            box = Grid(tuple(hi - lo + 1), ct.spacing, ct.index_to_physical(lo.astype(float)), ct.direction)
+            fused = (box, fuse(occ_sub, box))
+            occ_sub = fused[1].occupancy
+            hu_sub = np.where(fused[1].owned, fused[1].hu, hu_sub)
+            if spread is not None:
+                owned = fused[1].owned[::factors[2], ::factors[1], ::factors[0]]
+                spread.array[tuple(slice(0, n) for n in owned.shape)][owned] = 0.0
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
         label_sub = np.greater_equal(occ_sub, 0.5, out=labelmap[sl].view(bool))  # written into the labelmap
-        intensity[sl][label_sub] = np.rint(lo_hu + np.clip(int_sub[label_sub] / occ_sub[label_sub], 0, 1)
-                                           * (hi_hu - lo_hu))
-        return ct.with_array(labelmap), ct.with_array(intensity), spread
+        intensity[sl][label_sub] = np.rint(hu_sub[label_sub])
+        return ct.with_array(labelmap), ct.with_array(intensity), spread, fused
 
     def _reach(self, inside: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[np.ndarray, np.ndarray]:
         """The CT index box (lo, hi inclusive, (i, j, k)) holding the canonical voxels ``inside`` ((k, j, i), standard

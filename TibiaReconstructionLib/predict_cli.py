@@ -31,9 +31,10 @@ def output_paths(out: Path, suffix: str, auto_tibia: bool = False) -> dict:
 
 
 def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="auto", side="auto",
-                overwrite=False, tibia_label=None, progress=None, reduce_fragments=True):
+                overwrite=False, tibia_label=None, progress=None, reduce_fragments=True, keep_visible_bone=True):
     """Read inputs, predict, write all outputs; returns (Prediction, paths). Without ``tibia_path`` the tibia is
-    segmented automatically first and the mask used is saved beside the outputs. ``reduce_fragments``: see
+    segmented automatically first and the mask used is saved beside the outputs. ``reduce_fragments``,
+    ``keep_visible_bone``: see
     :class:`~TibiaReconstructionLib.predict.Predictor`. All or nothing: nothing is
     written if any output exists and ``overwrite`` is false, if an input is bad, or if writing fails (the
     outputs are written into a hidden staging folder inside ``out`` and renamed into place once complete)."""
@@ -60,7 +61,8 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
             side = segmentation.side  # found from the fibula's position, more reliable than the model's fit
     else:
         tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
-    result = Predictor(bundle, device, reduce_fragments).predict(ct, tibia, fracture, side=side, progress=progress)
+    result = Predictor(bundle, device, reduce_fragments, keep_visible_bone).predict(ct, tibia, fracture, side=side,
+                                                                                 progress=progress)
     if result.occupancy_std is None:  # the bundle's autoencoder has no posterior
         paths.pop("uncertainty")
     report = result.report()
@@ -106,7 +108,10 @@ def register_cli(sub) -> None:
     p.add_argument("--side", default="auto", choices=("auto", "left", "right"), help="which leg (default: auto)")
     p.add_argument("--single-pass", action="store_true",
                    help="one pass of the model, as in the paper: no reduction of displaced fragments onto the "
-                        "proximal main fragment before the final reconstruction")
+                        "proximal main fragment before the final reconstruction (and so no visible bone kept)")
+    p.add_argument("--model-only", action="store_true",
+                   help="the model's reconstruction everywhere: do not keep the patient's visible bone outside the "
+                        "fracture mask in the prediction")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -116,7 +121,7 @@ def register_cli(sub) -> None:
         progress = tqdm_progress("predict")
         try:
             result, paths = run_predict(a.ct, a.tibia_mask, a.fracture_mask, a.out, a.bundle, a.device, a.side,
-                                        a.overwrite, a.tibia_label, progress, not a.single_pass)
+                                        a.overwrite, a.tibia_label, progress, not a.single_pass, not a.model_only)
         except BaseException:
             progress.bar.leave = False
             progress.bar.close()

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .geometry import Grid, bounding_box
-from .models.sampler import compose_theta, invert_theta, normalised_to_physical, rotation_matrices
+from .models.sampler import (compose_theta, invert_theta, normalised_to_physical, rotation_matrices,
+                             theta_to_matrix)
 
 MIN_FRAGMENT_SHARE = 0.15  # smaller pieces of the visible tibia are hidden (not moved) while others are reduced
 KNEE_ZONE = 0.15  # the anchor is the fragment with the most bone in this top fraction of the tibia's length
@@ -40,6 +41,20 @@ MAX_ROTATION_DEG = 45.0  # a reduction beyond this (or MAX_SHIFT_MM) is implausi
 MAX_SHIFT_MM = 50.0
 MIN_ROTATION_DEG = 1.0  # a reduction smaller than this (and MIN_TRANSLATION_MM) leaves the case as it was
 MIN_TRANSLATION_MM = 1.0
+
+
+@dataclass
+class Placement:
+    """Where the visible fragments lie in the prediction: their labels (Z, Y, X) on the canonical grid (0: none),
+    ids (ascending) and the anchor's id as in :class:`Fragments`, each one's rigid move (K, 4, 4) of canonical
+    points from the input to its place in the prediction (the anchor's is the identity), and how well each fits
+    the final reconstruction there (K,): the mean distance in mm of its outer surface from the reconstruction's."""
+
+    labels: np.ndarray
+    ids: list[int]
+    anchor: int
+    moves: np.ndarray
+    misfit_mm: np.ndarray
 
 
 @dataclass
@@ -122,12 +137,13 @@ def _surface_voxels(labels: np.ndarray, ids: list[int], small: np.ndarray, visib
 
 def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.Tensor, grid: Grid,
                        start: torch.Tensor | None = None, steps: int = STEPS
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rigid motions (K, 3, 4) of standard points, one per fragment (in ``fragments.ids`` order), and the
-    fragments' centres (K, 3) in standard coordinates, and their parameters (K, 6: rotation vector in rad, shift
-    in mm) to ``start`` a later registration from. The motions lay each fragment's outer surface (as θ aligns it)
-    onto the surface of the reconstruction ``recon`` (1, C, Z, Y, X): ``steps`` of Adam on a robust (Huber) loss
-    of the signed distance."""
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Rigid motions (K, 3, 4) of standard points, one per fragment (in ``fragments.ids`` order), the fragments'
+    centres (K, 3) in standard coordinates, their parameters (K, 6: rotation vector in rad, shift in mm) to
+    ``start`` a later registration from, and how well each fits (K,): the mean distance (mm) of its moved surface
+    voxels from the reconstruction's surface. The motions lay each fragment's outer surface (as θ aligns it) onto
+    the surface of the reconstruction ``recon`` (1, C, Z, Y, X): ``steps`` of Adam on a robust (Huber) loss of the
+    signed distance."""
     device = recon.device
     points = grid.index_to_physical(fragments.surface[:, ::-1].astype(float))
     owner = fragments.surface_owner
@@ -144,19 +160,26 @@ def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.T
     params = (torch.zeros(k, 6, device=device) if start is None else start.to(device)).clone().requires_grad_(True)
     lr = torch.tensor([LR_ROTATION] * 3 + [LR_TRANSLATION] * 3, device=device)
     moments = torch.zeros(2, k, 6, device=device)
+
+    def surface_distances(params: torch.Tensor) -> torch.Tensor:
+        """Signed distance (mm) of every moved surface voxel from the reconstruction's surface, minus its own."""
+        m = to_normalised[:3, :3] @ _motions(params[:, :3], params[:, 3:], centers)  # -> normalised position
+        flow = torch.cat([piece @ m[n, :, :3].T + m[n, :, 3] for n, piece in enumerate(pieces)]) \
+            + to_normalised[:3, 3]
+        return F.grid_sample(sdf[None, None], flow.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
+                             align_corners=True).view(-1) + half
+
     with torch.enable_grad():
         for step in range(1, steps + 1):
-            m = to_normalised[:3, :3] @ _motions(params[:, :3], params[:, 3:], centers)  # -> normalised position
-            flow = torch.cat([piece @ m[n, :, :3].T + m[n, :, 3] for n, piece in enumerate(pieces)]) \
-                + to_normalised[:3, 3]
-            d = F.grid_sample(sdf[None, None], flow.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
-                              align_corners=True).view(-1)
-            loss = torch.sum(weight * F.huber_loss(d, torch.full_like(d, -half), reduction="none", delta=HUBER_MM))
+            d = surface_distances(params)
+            loss = torch.sum(weight * F.huber_loss(d, torch.zeros_like(d), reduction="none", delta=HUBER_MM))
             (grad,) = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 params -= lr * _adam_direction(moments, grad, step)
     params = params.detach()
-    return _motions(params[:, :3], params[:, 3:], centers), centers, params
+    misfit = torch.zeros(k, dtype=torch.float64, device=device).index_add_(
+        0, torch.as_tensor(owner, device=device), (weight * surface_distances(params).abs()).double())
+    return _motions(params[:, :3], params[:, 3:], centers), centers, params, misfit.cpu().numpy()
 
 
 def _adam_direction(moments: torch.Tensor, grad: torch.Tensor, step: int, betas=(0.9, 0.999), eps=1e-8
@@ -216,27 +239,28 @@ def reduce_input(x: torch.Tensor, visible: torch.Tensor, fragments: Fragments, r
 
 
 def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor,
-                           recon: torch.Tensor, rounds: int = ROUNDS) -> tuple[torch.Tensor, torch.Tensor,
-                                                                               torch.Tensor, torch.Tensor, dict]:
+                           recon: torch.Tensor, rounds: int = ROUNDS
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict, Placement | None]:
     """Fragment registration, reduction and reconstruction (module docstring) from the model's first pass (θ,
     reconstruction) on input x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X); then θ is corrected so that the
     reconstruction lies on the anchor as registered (also when the tibia is in one piece). Returns θ, the
-    reconstruction, the reduced x and visibility, and a report (number of fragments, the anchor's share of the
+    reconstruction, the reduced x and visibility, a report (number of fragments, the anchor's share of the
     visible bone, each round's reduction and the final placement: rotation in degrees and shift of each
-    fragment's centre in mm). The inputs come back unchanged when no bone is visible and the single pass when a
-    reduction is implausibly large (the report says so under "refused")."""
+    fragment's centre in mm) and where the fragments lie in the prediction (:class:`Placement`). The inputs come
+    back unchanged, with no placement, when no bone is visible, and the single pass when a reduction is implausibly
+    large (the report says so under "refused")."""
     x = x.to(recon.device)
     visible = visible.to(recon.device)
     fragments = find_fragments(x[0, -1].cpu().numpy(), visible[0, 0].cpu().numpy())
     report = {"fragments": 0 if fragments is None else len(fragments.ids), "rounds": []}
     if fragments is None:
-        return theta, recon, x, visible, report
+        return theta, recon, x, visible, report, None
     report["anchor_share"] = round(float((fragments.labels == fragments.anchor).sum() / (fragments.labels > 0).sum()),
                                    4)
     x_in, visible_in, theta_in, recon_in, params = x, visible, theta, recon, None
     for _ in range(rounds if len(fragments.ids) > 1 else 0):
-        motions, centers, params = register_fragments(fragments, theta, recon, bundle.grid, params,
-                                                      STEPS if params is None else WARM_STEPS)
+        motions, centers, params, _ = register_fragments(fragments, theta, recon, bundle.grid, params,
+                                                         STEPS if params is None else WARM_STEPS)
         reductions = reduction_motions(motions, fragments.ids, fragments.anchor)
         angle, shift = motion_sizes(reductions, centers)
         report["rounds"].append({"rotation_deg": np.round(angle, 2).tolist(), "shift_mm": np.round(shift, 2).tolist()})
@@ -245,15 +269,21 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
         if _implausible(angle, shift):
             report["refused"] = (f"a fragment would move by {angle.max():.0f} deg / {shift.max():.0f} mm, beyond "
                                  f"{MAX_ROTATION_DEG:g} deg / {MAX_SHIFT_MM:g} mm: the single-pass result is kept")
-            return theta_in, recon_in, x_in, visible_in, report
+            return theta_in, recon_in, x_in, visible_in, report, None
         x, visible = reduce_input(x_in, visible_in, fragments, reductions, theta, bundle.sampler)
         theta, _, recon = bundle.align_and_reconstruct(x, visible)
-    motions, centers, _ = register_fragments(fragments, theta, recon, bundle.grid, params,
-                                             STEPS if params is None else WARM_STEPS)
+    motions, centers, _, misfit = register_fragments(fragments, theta, recon, bundle.grid, params,
+                                                     STEPS if params is None else WARM_STEPS)
     n = fragments.ids.index(fragments.anchor)
     angle, shift = motion_sizes(motions[n:n + 1], centers[n:n + 1])
     report["placement"] = {"rotation_deg": round(float(angle[0]), 2), "shift_mm": round(float(shift[0]), 2)}
     if _implausible(angle, shift):
         report["refused"] = "the reconstruction's placement on the anchor fragment is implausibly large: not applied"
-        return theta, recon, x, visible, report
-    return compose_theta(theta.double(), invert_theta(motions[n:n + 1].double())).float(), recon, x, visible, report
+        return theta, recon, x, visible, report, None
+    placed = compose_theta(theta.double(), invert_theta(motions[n:n + 1].double()))
+    # fragment point c (canonical) -> standard θ⁻¹c -> onto the reconstruction M c' -> canonical by the placed θ
+    moves = compose_theta(placed.expand(len(fragments.ids), -1, -1),
+                          compose_theta(motions.double(), invert_theta(theta.double()).expand(len(fragments.ids), -1, -1)))
+    placement = Placement(fragments.labels, fragments.ids, fragments.anchor,
+                          theta_to_matrix(moves), misfit)
+    return placed.float(), recon, x, visible, report, placement

@@ -132,10 +132,18 @@ def smooth_and_decimate(polydata: vtkPolyData, iterations: int = 15, pass_band: 
 def labelmap_surface(labelmap: Volume, smoothing_iterations: int = 15, target_reduction: float = 0.5,
                      max_error_mm: float = 0.1) -> vtkPolyData:
     """Closed, smoothed surface (LPS mm) of the nonzero voxels of a labelmap."""
-    mask = np.pad((labelmap.array != 0).astype(np.float32), 1)  # closed even where the mask touches the border
-    grid = labelmap.grid
+    return level_surface(labelmap.with_array((labelmap.array != 0).astype(np.float32)), 0.5, smoothing_iterations,
+                         target_reduction, max_error_mm)
+
+
+def level_surface(values: Volume, level: float, smoothing_iterations: int = 15, target_reduction: float = 0.5,
+                  max_error_mm: float = 0.1) -> vtkPolyData:
+    """Closed, smoothed surface (LPS mm) around the voxels of ``values`` (e.g. an occupancy in [0, 1]) at or above
+    ``level``, which must be above 0 (the volume is closed by a border of zeros)."""
+    padded_values = np.pad(values.array.astype(np.float32, copy=False), 1)  # closed where it touches the border
+    grid = values.grid
     padded = Grid(tuple(np.asarray(grid.size) + 2), grid.spacing, grid.index_to_physical(-np.ones(3)), grid.direction)
-    return smooth_and_decimate(isosurface(mask, padded, 0.5), smoothing_iterations,
+    return smooth_and_decimate(isosurface(padded_values, padded, level), smoothing_iterations,
                                target_reduction=target_reduction, max_error_mm=max_error_mm)
 
 

@@ -1,0 +1,73 @@
+"""The patient's visible bone in the prediction (fusion.py): pasted where the reduction puts it, the fracture zone
+left to the model, badly fitting fragments left out."""
+
+import numpy as np
+import pytest
+
+from TibiaReconstructionLib import fusion
+from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, translation
+from TibiaReconstructionLib.refine import Placement
+
+GRID = Grid((24, 24, 40), (1.0, 1.0, 1.0), (-12.0, -12.0, -20.0))  # patient = canonical here (P = identity)
+SHIFT_MM = 3.0  # the distal fragment lies 3 mm off along x in the fractured CT
+
+
+def bar() -> np.ndarray:
+    b = np.zeros(GRID.shape, bool)
+    b[4:36, 8:16, 8:16] = True
+    return b
+
+
+@pytest.fixture
+def case():
+    """The healthy bar, a fractured CT of it (distal piece k < 18 moved SHIFT_MM along x, fracture zone k 18..21
+    masked), the fragment labels on the canonical grid and the model's occupancy: the healthy bar 2 mm off along y."""
+    healthy = bar()
+    fracture = np.zeros(GRID.shape, np.uint8)
+    fracture[18:22] = 1
+    moved = np.zeros_like(healthy)
+    moved[:18, :, int(SHIFT_MM):] = healthy[:18, :, :-int(SHIFT_MM)]
+    tibia = np.where(np.arange(40)[:, None, None] < 18, moved, healthy)
+    labels = np.zeros(GRID.shape, np.int64)
+    labels[:18][tibia[:18] & (fracture[:18] == 0)] = 1
+    labels[22:][tibia[22:] & (fracture[22:] == 0)] = 2
+    model = np.roll(healthy, 2, axis=1).astype(np.float32)
+    ct = np.where(tibia, 1200, -50).astype(np.int16)
+    return healthy, Volume.on_grid(ct, GRID), Volume.on_grid(tibia.astype(np.uint8), GRID), \
+        Volume.on_grid(fracture, GRID), labels, model
+
+
+def placement(labels, distal_misfit=0.8):
+    back = translation((-SHIFT_MM, 0.0, 0.0))  # where the reduction puts the distal fragment: back by 3 mm along x
+    return Placement(labels, [1, 2], 2, np.stack([back, np.eye(4)]), np.array([distal_misfit, 0.7]))
+
+
+def fuse(case, place):
+    _, ct, tibia, fracture, _, model = case
+    return fusion.fuse_visible_bone(model, GRID, ct, tibia, fracture, bounding_box(tibia.array), place, GRID,
+                                    np.eye(4))
+
+
+def test_visible_fragments_are_pasted_where_the_reduction_puts_them(case):
+    healthy, ct, tibia, fracture, labels, model = case
+    before = [v.array.copy() for v in (ct, tibia, fracture)] + [labels.copy(), model.copy()]
+    out = fuse(case, placement(labels))
+    kept = out.occupancy >= 0.5
+    outside = np.ones(GRID.shape, bool)
+    outside[18:22] = False  # the fracture zone, where the model stays
+    assert (kept[outside] == healthy[outside]).all()  # the model's 2 mm error is gone outside the fracture zone
+    assert (kept[18:22] == (model[18:22] >= 0.5)).all()
+    assert not out.owned[18:22].any() and out.owned[healthy & outside].all()
+    assert abs(out.hu[kept & out.owned].mean() - 1200) < 1  # the pasted bone keeps the patient's HU
+    assert [f["pasted"] for f in out.report["fragments"]] == [True, True]
+    for a, b in zip(before, [ct.array, tibia.array, fracture.array, labels, model]):
+        np.testing.assert_array_equal(a, b)  # inputs untouched
+
+
+def test_a_fragment_that_fits_badly_is_left_to_the_model(case):
+    healthy, *_, labels, model = case
+    out = fuse(case, placement(labels, distal_misfit=fusion.MAX_MISFIT_MM + 1.0))
+    assert [f["pasted"] for f in out.report["fragments"]] == [False, True]
+    kept = out.occupancy >= 0.5
+    assert (kept[:14] == (model[:14] >= 0.5)).all()  # far from the anchor: the model
+    assert (kept[22:] == healthy[22:]).all()  # the anchor: the patient's bone

@@ -1,0 +1,117 @@
+"""Keep the patient's own bone where the CT shows it: fuse the visible fragments into the model's prediction.
+
+The model reconstructs the whole tibia at its own resolution (2 mm), smoothly and with an error of about a
+millimetre even where the bone is plainly visible. Outside the fracture mask the CT shows the real surface. Here
+each visible piece of the tibia (6-connected, outside the fracture mask, on the CT grid) is matched to the
+fragment of the model's reduction (:class:`refine.Placement`) that holds it, moved rigidly to where the reduction
+put that fragment (the anchor stays put) and pasted into the prediction: within OWN_MM of a pasted piece, and
+outside the fracture mask (moved with its fragment), the prediction becomes the patient's bone; elsewhere, above
+all in the fracture zone, it stays the model's. Pieces of fragments that fit the reconstruction worse than
+MAX_MISFIT_MM, or too small to match, are left to the model.
+
+All arrays are (k, j, i) on CT-aligned grids; moves are 4x4 LPS maps of patient points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from .geometry import Grid, Volume, crop, invert_affine, resample
+from .refine import Placement
+
+OWN_MM = 5.0  # the prediction becomes the patient's bone this close to a pasted piece
+MAX_MISFIT_MM = 3.0  # fragments whose surface lies farther than this (mean) from the reconstruction are not pasted
+MIN_PIECE_ML = 0.2  # smaller visible pieces are left to the model
+VOTES = 400  # voxels per piece looked up on the canonical grid to find its fragment
+
+
+@dataclass
+class Fused:
+    """The prediction with the patient's bone in it, on the destination grid: occupancy in [0, 1], HU of the pasted
+    bone (valid where ``owned`` and occupancy >= 0.5), the voxels taken from the patient (``owned``), and a report
+    (per fragment: id, anchor, misfit in mm, visible volume in ml, whether it was pasted)."""
+
+    occupancy: np.ndarray
+    hu: np.ndarray
+    owned: np.ndarray
+    report: dict
+
+
+def patient_moves(placement: Placement, patient_to_canonical: np.ndarray) -> dict[int, np.ndarray]:
+    """Each fragment's move (fragment id -> 4x4) as a map of patient LPS points: P⁻¹ M P."""
+    back = invert_affine(patient_to_canonical)
+    return {fid: back @ move @ patient_to_canonical for fid, move in zip(placement.ids, placement.moves)}
+
+
+def _fragment_of_pieces(pieces: np.ndarray, n: int, source: Grid, placement: Placement, canonical: Grid,
+                        patient_to_canonical: np.ndarray) -> np.ndarray:
+    """For each piece 1..n (labels on ``source``), the placement's fragment id that most of a sample of its voxels
+    falls in on the canonical grid (0: none)."""
+    owner = np.zeros(n + 1, np.int64)
+    rng = np.random.default_rng(0)
+    objects = ndimage.find_objects(pieces)
+    for label, where in enumerate(objects, start=1):
+        kji = np.argwhere(pieces[where] == label) + [s.start for s in where]
+        if len(kji) > VOTES:
+            kji = kji[rng.choice(len(kji), VOTES, replace=False)]
+        points = source.index_to_physical(kji[:, ::-1].astype(float))
+        ijk = np.rint(canonical.physical_to_index(points @ patient_to_canonical[:3, :3].T
+                                                  + patient_to_canonical[:3, 3])).astype(int)
+        inside = np.all((ijk >= 0) & (ijk < canonical.size), axis=1)
+        votes = np.bincount(placement.labels[tuple(ijk[inside][:, ::-1].T)], minlength=1)
+        votes[0] = 0
+        owner[label] = int(np.argmax(votes)) if votes.any() else 0
+    return owner
+
+
+def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume, tibia: Volume, fracture: Volume,
+                      tibia_box: tuple[np.ndarray, np.ndarray], placement: Placement, canonical: Grid,
+                      patient_to_canonical: np.ndarray) -> Fused:
+    """Fuse the visible fragments (module docstring) into ``model_occupancy`` (on ``destination``, a box of the CT's
+    voxels). ``tibia_box``: the tibia mask's index box (lo, hi inclusive, (k, j, i)) on the CT; ``canonical``: the
+    grid of ``placement.labels``; ``patient_to_canonical``: the 4x4 LPS map P. Inputs are not modified."""
+    start = np.rint(ct.grid.physical_to_index(destination.origin)[::-1]).astype(int)
+    lo = np.maximum(np.minimum(tibia_box[0] - 1, start), 0)
+    hi = np.maximum(tibia_box[1] + 1, start + np.asarray(destination.shape) - 1)
+    tib = crop(tibia, lo, hi)
+    source = tib.grid
+    hidden = crop(fracture, lo, hi).array != 0
+    pieces, n = ndimage.label((tib.array != 0) & ~hidden)
+    sizes = np.bincount(pieces.ravel(), minlength=n + 1)
+    owner = _fragment_of_pieces(pieces, n, source, placement, canonical, patient_to_canonical)
+    owner[sizes * np.prod(ct.spacing) / 1000.0 < MIN_PIECE_ML] = 0
+    moves = patient_moves(placement, patient_to_canonical)
+    hu_source = crop(ct, lo, hi).array.astype(np.float32)
+    pasted = np.zeros(destination.shape, np.float32)
+    hu = np.zeros(destination.shape, np.float32)
+    covered = np.zeros(destination.shape, bool)
+    fragments = []
+    for fid, misfit in zip(placement.ids, placement.misfit_mm):
+        piece = np.isin(pieces, np.flatnonzero(owner == fid))
+        keep = bool(piece.any()) and misfit <= MAX_MISFIT_MM
+        fragments.append({"id": fid, "anchor": fid == placement.anchor, "misfit_mm": round(float(misfit), 2),
+                          "visible_ml": round(float(piece.sum() * np.prod(ct.spacing) / 1000.0), 2), "pasted": keep})
+        if not keep:
+            continue
+        back = invert_affine(moves[fid])  # a point of the prediction -> where the fragment shows it on the CT
+
+        def moved(values: np.ndarray, interpolation: str = "linear") -> np.ndarray:
+            return resample(Volume.on_grid(values, source), destination, back, interpolation,
+                            dtype=np.float32).array
+
+        occ = moved(piece.astype(np.float32))
+        better = occ > pasted
+        pasted[better] = occ[better]
+        hu[better] = (moved(hu_source * piece) / np.maximum(occ, 1e-3))[better]
+        covered |= moved(hidden.astype(np.uint8), "nearest") > 0
+    owned = np.zeros(destination.shape, bool)
+    if any(f["pasted"] for f in fragments):
+        near = ndimage.distance_transform_edt(pasted < 0.5, destination.spacing[::-1]) <= OWN_MM
+        owned = near & ~covered
+    occupancy = np.where(owned, pasted, model_occupancy).astype(np.float32)
+    kept = occupancy >= 0.5
+    report = {"fragments": fragments, "patient_bone_share": round(float((kept & owned).sum() / max(kept.sum(), 1)), 4)}
+    return Fused(occupancy, hu, owned, report)
