@@ -70,21 +70,30 @@ def _fragment_of_pieces(pieces: np.ndarray, n: int, source: Grid, placement: Pla
 def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume, tibia: Volume, fracture: Volume,
                       tibia_box: tuple[np.ndarray, np.ndarray], placement: Placement, canonical: Grid,
                       patient_to_canonical: np.ndarray) -> Fused:
-    """Fuse the visible fragments (module docstring) into ``model_occupancy`` (on ``destination``, a box of the CT's
-    voxels). ``tibia_box``: the tibia mask's index box (lo, hi inclusive, (k, j, i)) on the CT; ``canonical``: the
-    grid of ``placement.labels``; ``patient_to_canonical``: the 4x4 LPS map P. Inputs are not modified."""
-    start = np.rint(ct.grid.physical_to_index(destination.origin)[::-1]).astype(int)
-    lo = np.maximum(np.minimum(tibia_box[0] - 1, start), 0)
-    hi = np.maximum(tibia_box[1] + 1, start + np.asarray(destination.shape) - 1)
-    tib = crop(tibia, lo, hi)
+    """Fuse the visible fragments (module docstring) into ``model_occupancy`` (on ``destination``: along the CT's
+    axes through CT voxel centres, every n-th voxel along each axis). The masks are read on that lattice too.
+    ``tibia_box``: the tibia mask's index box (lo, hi inclusive, (k, j, i)) on the CT; ``canonical``: the grid of
+    ``placement.labels``; ``patient_to_canonical``: the 4x4 LPS map P. Inputs are not modified."""
+    step = np.maximum(np.rint(destination.spacing / ct.spacing), 1).astype(int)[::-1]  # (k, j, i)
+    corners = np.rint(ct.grid.physical_to_index(destination.corners())[:, ::-1]).astype(int)
+    lo = np.maximum(np.minimum(tibia_box[0] - step, corners.min(0)), 0)
+    hi = np.maximum(tibia_box[1] + step, corners.max(0))
+
+    def source_volume(volume: Volume) -> Volume:
+        part = crop(volume, lo, hi)
+        return Volume(part.array[::step[0], ::step[1], ::step[2]], part.spacing * step[::-1], part.origin,
+                      part.direction)
+
+    tib = source_volume(tibia)
     source = tib.grid
-    hidden = crop(fracture, lo, hi).array != 0
+    hidden = source_volume(fracture).array != 0
     pieces, n = ndimage.label((tib.array != 0) & ~hidden)
     sizes = np.bincount(pieces.ravel(), minlength=n + 1)
     owner = _fragment_of_pieces(pieces, n, source, placement, canonical, patient_to_canonical)
-    owner[sizes * np.prod(ct.spacing) / 1000.0 < MIN_PIECE_ML] = 0
+    voxel_ml = float(np.prod(source.spacing)) / 1000.0
+    owner[sizes * voxel_ml < MIN_PIECE_ML] = 0
     moves = patient_moves(placement, patient_to_canonical)
-    hu_source = crop(ct, lo, hi).array.astype(np.float32)
+    hu_source = source_volume(ct).array.astype(np.float32)
     pasted = np.zeros(destination.shape, np.float32)
     hu = np.zeros(destination.shape, np.float32)
     covered = np.zeros(destination.shape, bool)
@@ -93,7 +102,7 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
         piece = np.isin(pieces, np.flatnonzero(owner == fid))
         keep = bool(piece.any()) and misfit <= MAX_MISFIT_MM
         fragments.append({"id": fid, "anchor": fid == placement.anchor, "misfit_mm": round(float(misfit), 2),
-                          "visible_ml": round(float(piece.sum() * np.prod(ct.spacing) / 1000.0), 2), "pasted": keep})
+                          "visible_ml": round(float(piece.sum() * voxel_ml), 2), "pasted": keep})
         if not keep:
             continue
         back = invert_affine(moves[fid])  # a point of the prediction -> where the fragment shows it on the CT

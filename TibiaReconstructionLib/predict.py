@@ -340,8 +340,8 @@ class Predictor:
         also the occupancy's standard deviation (float32) on the work grid: along the CT's axes through CT voxel
         centres, every few CT voxels (about half the model's spacing), over that box; it is as smooth as the model,
         so interpolating it linearly gives the values on the CT's voxels (0 where the patient's bone is kept).
-        ``fuse`` (occupancy, its grid: that box) puts the patient's visible bone into the occupancy; then the box's
-        grid and the fusion come back too (else None)."""
+        ``fuse`` (occupancy, its grid: the work grid) puts the patient's visible bone into the occupancy; then the
+        work grid and the fusion come back too (else None)."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
         lo_hu, hi_hu = self.bundle.window_hu
@@ -364,21 +364,21 @@ class Predictor:
         if len(inside) == 0:
             return ct.with_array(labelmap), ct.with_array(intensity), spread, None
         shape = tuple((hi - lo + 1)[::-1])
-        occ_sub = upsample_linear(onto_work(occ), factors[::-1], shape)
-        int_sub = upsample_linear(onto_work(recon[0]), factors[::-1], shape)
-        hu_sub = lo_hu + np.clip(int_sub / np.maximum(occ_sub, 1e-6), 0, 1) * (hi_hu - lo_hu)
+        occ_work, int_work = onto_work(occ), onto_work(recon[0])  # intensity channel: window-mapped HU x occupancy
         fused = None
         if fuse is not None:
-            box = Grid(tuple(hi - lo + 1), ct.spacing, ct.index_to_physical(lo.astype(float)), ct.direction)
-            fused = (box, fuse(occ_sub, box))
-            occ_sub = fused[1].occupancy
-            hu_sub = np.where(fused[1].owned, fused[1].hu, hu_sub)
+            fused = (work, fuse(occ_work, work))
+            occ_work = fused[1].occupancy
+            int_work = np.where(fused[1].owned, np.clip((fused[1].hu - lo_hu) / (hi_hu - lo_hu), 0, 1) * occ_work,
+                                int_work)
             if spread is not None:
-                owned = fused[1].owned[::factors[2], ::factors[1], ::factors[0]]
-                spread.array[tuple(slice(0, n) for n in owned.shape)][owned] = 0.0
+                spread.array[fused[1].owned] = 0.0
+        occ_sub = upsample_linear(occ_work, factors[::-1], shape)
+        int_sub = upsample_linear(int_work, factors[::-1], shape)
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
         label_sub = np.greater_equal(occ_sub, 0.5, out=labelmap[sl].view(bool))  # written into the labelmap
-        intensity[sl][label_sub] = np.rint(hu_sub[label_sub])
+        intensity[sl][label_sub] = np.rint(lo_hu + np.clip(int_sub[label_sub] / occ_sub[label_sub], 0, 1)
+                                           * (hi_hu - lo_hu))
         return ct.with_array(labelmap), ct.with_array(intensity), spread, fused
 
     def _reach(self, inside: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[np.ndarray, np.ndarray]:
