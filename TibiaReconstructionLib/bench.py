@@ -410,8 +410,10 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         "'refused': cases the Predictor refused (e.g. more than 60% of the tibia masked); 'wrong side': "
         "predictions that took the leg for the other side; time: prediction without file input/output.",
         "- Methods: *model* = the bundle's Predictor (LocNet + autoencoder, then displaced fragments reduced onto "
-        "the proximal main fragment and reconstructed again: `TibiaReconstructionLib.refine`); *model, single pass* "
-        "= the paper's pipeline, one pass without the reduction (`--single-pass`); *prototype only* = the "
+        "the proximal main fragment and reconstructed again: `TibiaReconstructionLib.refine`; the visible fragments "
+        "outside the fracture mask kept where the reduction placed them: `TibiaReconstructionLib.fusion`); *model, "
+        "single pass* = the paper's pipeline, one pass without the reduction and without the visible bone "
+        "(`--single-pass`); *prototype only* = the "
         "single pass with the bundle's prototype (mean aligned tibia) in place of the reconstruction; "
         "*mean shape, rigid fit* = the prototype fitted rigidly to the visible tibia (no LocNet, no autoencoder); "
         "*mirrored contralateral leg* = the healthy other tibia mirrored across the sagittal plane and fitted "
