@@ -39,7 +39,7 @@ SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 
 DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ...)
 MASKED_BINS = (0.0, 0.1, 0.2, 0.3, 1.0)  # bins of the fraction of the tibia hidden by the fracture mask
 METRICS = (("dice", "Dice"), ("rmsd_mm", "RMSD (mm)"), ("hd95_mm", "HD95 (mm)"), ("msd_mm", "MSD (mm)"))
-METHODS = {"model": "model", "single": "model, single pass", "prototype": "prototype only",
+METHODS = {"model": "model", "model-only": "model, no visible bone", "single": "model, single pass", "prototype": "prototype only",
            "rigid": "mean shape, rigid fit",
            "contralateral": "mirrored contralateral leg"}
 ACCURACY_FILES = {"md": "accuracy.md", "csv": "accuracy.csv", "boxplots": "accuracy_boxplots.png",
@@ -164,6 +164,13 @@ class SinglePassPredictor(Predictor):
         super().__init__(bundle, device, reduce_fragments=False)
 
 
+class ModelOnlyPredictor(Predictor):
+    """The Predictor with the fragment reduction but without the patient's visible bone (fusion.py)."""
+
+    def __init__(self, bundle, device="auto"):
+        super().__init__(bundle, device, keep_visible_bone=False)
+
+
 class _BaselinePredictor(SinglePassPredictor):
     """A baseline's output is the prototype, which has no posterior: no uncertainty map. Baselines run a single
     pass: the fragment reduction needs the autoencoder's reconstructions."""
@@ -249,7 +256,7 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
 
     names = [Path(b).name for b in bundles]
     labels = names if len(set(names)) == len(names) else [str(b) for b in bundles]
-    kinds = {"model": Predictor, "single": SinglePassPredictor, "prototype": PrototypePredictor,
+    kinds = {"model": Predictor, "model-only": ModelOnlyPredictor, "single": SinglePassPredictor, "prototype": PrototypePredictor,
              "rigid": RigidFitPredictor}
     predictors, info = {}, []
     for label, path in zip(labels, bundles):
@@ -412,9 +419,9 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         "- Methods: *model* = the bundle's Predictor (LocNet + autoencoder, then displaced fragments reduced onto "
         "the proximal main fragment and reconstructed again: `TibiaReconstructionLib.refine`; the visible fragments "
         "outside the fracture mask kept where the reduction placed them: `TibiaReconstructionLib.fusion`); *model, "
-        "single pass* = the paper's pipeline, one pass without the reduction and without the visible bone "
-        "(`--single-pass`); *prototype only* = the "
-        "single pass with the bundle's prototype (mean aligned tibia) in place of the reconstruction; "
+        "no visible bone* = the same without that last step (`--model-only`); *model, single pass* = the paper's "
+        "pipeline, one pass without the reduction and without the visible bone (`--single-pass`); *prototype only* "
+        "= the single pass with the bundle's prototype (mean aligned tibia) in place of the reconstruction; "
         "*mean shape, rigid fit* = the prototype fitted rigidly to the visible tibia (no LocNet, no autoencoder); "
         "*mirrored contralateral leg* = the healthy other tibia mirrored across the sagittal plane and fitted "
         "rigidly to the intact proximal fragment (no model; `tibia-recon contralateral`).",
