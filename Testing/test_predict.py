@@ -75,7 +75,8 @@ def test_right_leg_equals_mirrored_left_leg(predictor, case, result):
     res = predictor.predict(*mirrored, side="right")
     expected = mirror(result.labelmap)[0]
     assert metrics.dice(res.labelmap.array, expected.array) > 0.98
-    np.testing.assert_allclose(surface_centroid(res.surface), apply_affine(h, surface_centroid(result.surface)), atol=0.3)
+    np.testing.assert_allclose(surface_centroid(res.surface), apply_affine(h, surface_centroid(result.surface)),
+                               atol=0.3)
 
 
 def test_auto_side_finds_the_mirrored_leg(predictor, case):

@@ -39,7 +39,8 @@ SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 
 DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ...)
 MASKED_BINS = (0.0, 0.1, 0.2, 0.3, 1.0)  # bins of the fraction of the tibia hidden by the fracture mask
 METRICS = (("dice", "Dice"), ("rmsd_mm", "RMSD (mm)"), ("hd95_mm", "HD95 (mm)"), ("msd_mm", "MSD (mm)"))
-METHODS = {"model": "model", "model-only": "model, no visible bone", "single": "model, single pass", "prototype": "prototype only",
+METHODS = {"model": "model", "model-only": "model, no visible bone", "single": "model, single pass",
+           "prototype": "prototype only",
            "rigid": "mean shape, rigid fit",
            "contralateral": "mirrored contralateral leg"}
 ACCURACY_FILES = {"md": "accuracy.md", "csv": "accuracy.csv", "boxplots": "accuracy_boxplots.png",
@@ -256,8 +257,8 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
 
     names = [Path(b).name for b in bundles]
     labels = names if len(set(names)) == len(names) else [str(b) for b in bundles]
-    kinds = {"model": Predictor, "model-only": ModelOnlyPredictor, "single": SinglePassPredictor, "prototype": PrototypePredictor,
-             "rigid": RigidFitPredictor}
+    kinds = {"model": Predictor, "model-only": ModelOnlyPredictor, "single": SinglePassPredictor,
+             "prototype": PrototypePredictor, "rigid": RigidFitPredictor}
     predictors, info = {}, []
     for label, path in zip(labels, bundles):
         bundle = load_bundle(path, resolve_device(device))

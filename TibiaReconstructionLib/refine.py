@@ -282,8 +282,8 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
         return theta, recon, x, visible, report, None
     placed = compose_theta(theta.double(), invert_theta(motions[n:n + 1].double()))
     # fragment point c (canonical) -> standard θ⁻¹c -> onto the reconstruction M c' -> canonical by the placed θ
-    moves = compose_theta(placed.expand(len(fragments.ids), -1, -1),
-                          compose_theta(motions.double(), invert_theta(theta.double()).expand(len(fragments.ids), -1, -1)))
-    placement = Placement(fragments.labels, fragments.ids, fragments.anchor,
-                          theta_to_matrix(moves), misfit)
+    k = len(fragments.ids)
+    moves = compose_theta(placed.expand(k, -1, -1), compose_theta(motions.double(),
+                                                                  invert_theta(theta.double()).expand(k, -1, -1)))
+    placement = Placement(fragments.labels, fragments.ids, fragments.anchor, theta_to_matrix(moves), misfit)
     return placed.float(), recon, x, visible, report, placement
