@@ -59,6 +59,9 @@ def test_visible_fragments_are_pasted_where_the_reduction_puts_them(case):
     assert (kept[18:22] == (model[18:22] >= 0.5)).all()
     assert not out.owned[18:22].any() and out.owned[healthy & outside].all()
     assert abs(out.hu[kept & out.owned].mean() - 1200) < 1  # the pasted bone keeps the patient's HU
+    # seen where it lies: the anchor's bone; the distal piece is where the reduction put it, not seen there
+    assert not (out.fixed & ~out.owned).any()
+    assert out.fixed[22:][healthy[22:]].all() and not out.fixed[:18][healthy[:18]].any()
     assert [f["pasted"] for f in out.report["fragments"]] == [True, True]
     for a, b in zip(before, [ct.array, tibia.array, fracture.array, labels, model]):
         np.testing.assert_array_equal(a, b)  # inputs untouched

@@ -31,12 +31,14 @@ VOTES = 400  # voxels per piece looked up on the canonical grid to find its frag
 @dataclass
 class Fused:
     """The prediction with the patient's bone in it, on the destination grid: occupancy in [0, 1], HU of the pasted
-    bone (valid where ``owned`` and occupancy >= 0.5), the voxels taken from the patient (``owned``), and a report
-    (per fragment: id, anchor, misfit in mm, visible volume in ml, whether it was pasted)."""
+    bone (valid where ``owned`` and occupancy >= 0.5), the voxels taken from the patient (``owned``), those of them
+    from the fragment that stays put (``fixed``: the patient's bone where it is, not placed by the reduction), and
+    a report (per fragment: id, anchor, misfit in mm, visible volume in ml, whether it was pasted)."""
 
     occupancy: np.ndarray
     hu: np.ndarray
     owned: np.ndarray
+    fixed: np.ndarray
     report: dict
 
 
@@ -123,6 +125,7 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     pasted = np.zeros(destination.shape, np.float32)
     hu = np.zeros(destination.shape, np.float32)
     covered = np.zeros(destination.shape, bool)
+    still = np.zeros(destination.shape, bool)  # where the pasted bone comes from a fragment that stays put
     fragments = []
     for fid, misfit in zip(placement.ids, placement.misfit_mm):
         piece = np.isin(pieces, np.flatnonzero(owner == fid))
@@ -131,7 +134,8 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
                           "visible_ml": round(float(piece.sum() * voxel_ml), 2), "pasted": keep})
         if not keep:
             continue
-        if np.allclose(moves[fid], np.eye(4), atol=1e-4):  # stays put (the anchor): copied, not resampled
+        stays = bool(np.allclose(moves[fid], np.eye(4), atol=1e-4))
+        if stays:  # the anchor: copied, not resampled
             occ = _on_lattice(piece.astype(np.float32), offset, destination.shape)
             values = _on_lattice(hu_source, offset, destination.shape).astype(np.float32)
             hidden_here = _on_lattice(hidden, offset, destination.shape)
@@ -148,6 +152,7 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
         better = occ > pasted
         pasted[better] = occ[better]
         hu[better] = values[better]
+        still[better] = stays
         covered |= hidden_here
     owned = np.zeros(destination.shape, bool)
     if any(f["pasted"] for f in fragments):
@@ -155,4 +160,4 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     occupancy = np.where(owned, pasted, model_occupancy).astype(np.float32)
     kept = occupancy >= 0.5
     report = {"fragments": fragments, "patient_bone_share": round(float((kept & owned).sum() / max(kept.sum(), 1)), 4)}
-    return Fused(occupancy, hu, owned, report)
+    return Fused(occupancy, hu, owned, owned & still, report)

@@ -313,10 +313,10 @@ class Predictor:
         if std is not None:
             points = polydata_points(surface)
             uncertainty = self._surface_uncertainty_mm(recon[-1], std, apply_affine(chain.matrix(), points))
-            if fused is not None:  # the patient's own bone is seen, not predicted
+            if fused is not None:  # the patient's bone where it lies is seen, not predicted
                 ijk = np.rint(fused[0].physical_to_index(points)).astype(int)
                 ijk = np.clip(ijk, 0, np.asarray(fused[0].size) - 1)
-                uncertainty[fused[1].owned[tuple(ijk[:, ::-1].T)]] = 0.0
+                uncertainty[fused[1].fixed[tuple(ijk[:, ::-1].T)]] = 0.0
             add_point_array(surface, UNCERTAINTY_ARRAY, uncertainty)
         t["surface"] = time.perf_counter() - t0
         report(1.0, "Done")
@@ -339,7 +339,8 @@ class Predictor:
         intensity (int16 HU), computed only in the CT box that the predicted tibia can reach. With ``std`` (Z, Y, X)
         also the occupancy's standard deviation (float32) on the work grid: along the CT's axes through CT voxel
         centres, every few CT voxels (about half the model's spacing), over that box; it is as smooth as the model,
-        so interpolating it linearly gives the values on the CT's voxels (0 where the patient's bone is kept).
+        so interpolating it linearly gives the values on the CT's voxels (0 where the patient's bone is kept where it
+        lies).
         ``fuse`` (occupancy, its grid: the work grid) puts the patient's visible bone into the occupancy; then the
         work grid and the fusion come back too (else None)."""
         grid: Grid = self.bundle.grid
@@ -372,7 +373,7 @@ class Predictor:
             int_work = np.where(fused[1].owned, np.clip((fused[1].hu - lo_hu) / (hi_hu - lo_hu), 0, 1) * occ_work,
                                 int_work)
             if spread is not None:
-                spread.array[fused[1].owned] = 0.0
+                spread.array[fused[1].fixed] = 0.0
         occ_sub = upsample_linear(occ_work, factors[::-1], shape)
         int_sub = upsample_linear(int_work, factors[::-1], shape)
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))

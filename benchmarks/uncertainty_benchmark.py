@@ -105,9 +105,10 @@ def write_report(rows, bins, case_rho, setup, out: Path, overwrite: bool) -> dic
         f"- Mean uncertainty {np.mean([r['mean_uncertainty_mm'] for r in rows]):.3f} mm vs mean RMS error "
         f"{np.mean([r['rms_error_mm'] for r in rows]):.2f} mm: the posterior covers the shape model's own "
         "uncertainty only, not registration errors or displaced fragments that the model mistakes for shape, so "
-        "it is far smaller than the actual error. Read it as a relative flag, not as a calibrated error bar: "
-        "it ranks cases (which predictions to check first) better than it ranks the points within a case "
-        "(compare the two correlations above).", "",
+        "it is far smaller than the actual error. Read it as a relative flag, not as a calibrated error bar "
+        "(compare the two correlations above: how well it ranks the points within a case, and the cases). Where "
+        "the prediction keeps the patient's bone where it lies (the fragment that stays put), the uncertainty is 0: "
+        "those points are seen, not predicted; equal values share a quintile.", "",
         "| uncertainty quintile (upper bound, mm) | mean uncertainty (mm) | mean error (mm) |", "|---|---|---|",
         *[f"| {b[0]:.3f} | {b[1]:.3f} | {b[2]:.2f} |" for b in bins], "",
         "| seed | fracture type | points | Spearman (points) | mean uncertainty (mm) | RMS error (mm) |",
