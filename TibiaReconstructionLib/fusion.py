@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .geometry import Grid, Volume, crop, invert_affine, resample
+from .geometry import Grid, Volume, apply_affine, bounding_box, crop, invert_affine, resample
 from .refine import Placement
 
 OWN_MM = 5.0  # the prediction becomes the patient's bone this close to a pasted piece
@@ -91,6 +91,33 @@ def _on_lattice(values: np.ndarray, offset: np.ndarray, shape: tuple[int, int, i
     return out
 
 
+def _moved_piece(piece: np.ndarray, hu: np.ndarray, hidden: np.ndarray, source: Grid, destination: Grid,
+                 move: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """A piece (bool on ``source``) moved by ``move`` (4x4 LPS) onto the part of ``destination`` it reaches (grown
+    by OWN_MM): that part's slices, the piece's occupancy there, its HU and the fracture mask moved with it."""
+    margin = np.ceil(OWN_MM / source.spacing[::-1]).astype(int) + 1  # (k, j, i)
+    lo, hi = bounding_box(piece)
+    lo, hi = np.maximum(lo - margin, 0), np.minimum(hi + margin, np.asarray(piece.shape) - 1)
+    part = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+    origin = source.index_to_physical(lo[::-1].astype(float))
+    box = Grid(tuple((hi - lo + 1)[::-1]), source.spacing, origin, source.direction)
+    corners = destination.physical_to_index(apply_affine(move, box.corners()))[:, ::-1]  # (k, j, i)
+    size = np.asarray(destination.shape)
+    d_lo = np.clip(np.floor(corners.min(0)).astype(int) - 1, 0, size - 1)
+    d_hi = np.clip(np.ceil(corners.max(0)).astype(int) + 1, 0, size - 1)
+    reach = Grid(tuple((d_hi - d_lo + 1)[::-1]), destination.spacing,
+                 destination.index_to_physical(d_lo[::-1].astype(float)), destination.direction)
+    back = invert_affine(move)  # a point of the prediction -> where the fragment shows it on the CT
+
+    def moved(values: np.ndarray, interpolation: str = "linear") -> np.ndarray:
+        return resample(Volume.on_grid(values, box), reach, back, interpolation, dtype=np.float32).array
+
+    occ = moved(piece[part].astype(np.float32))
+    values = moved(np.where(piece[part], hu[part], 0).astype(np.float32)) / np.maximum(occ, 1e-3)
+    return (tuple(slice(a, b + 1) for a, b in zip(d_lo, d_hi)), occ, values,
+            moved(hidden[part].astype(np.uint8), "nearest") > 0)
+
+
 def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume, tibia: Volume, fracture: Volume,
                       tibia_box: tuple[np.ndarray, np.ndarray], placement: Placement, canonical: Grid,
                       patient_to_canonical: np.ndarray) -> Fused:
@@ -136,24 +163,17 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
             continue
         stays = bool(np.allclose(moves[fid], np.eye(4), atol=1e-4))
         if stays:  # the anchor: copied, not resampled
+            where = (slice(None),) * 3
             occ = _on_lattice(piece.astype(np.float32), offset, destination.shape)
             values = _on_lattice(hu_source, offset, destination.shape).astype(np.float32)
             hidden_here = _on_lattice(hidden, offset, destination.shape)
         else:
-            back = invert_affine(moves[fid])  # a point of the prediction -> where the fragment shows it on the CT
-
-            def moved(values: np.ndarray, interpolation: str = "linear") -> np.ndarray:
-                return resample(Volume.on_grid(values, source), destination, back, interpolation,
-                                dtype=np.float32).array
-
-            occ = moved(piece.astype(np.float32))
-            values = moved(hu_source.astype(np.float32) * piece) / np.maximum(occ, 1e-3)
-            hidden_here = moved(hidden.astype(np.uint8), "nearest") > 0
-        better = occ > pasted
-        pasted[better] = occ[better]
-        hu[better] = values[better]
-        still[better] = stays
-        covered |= hidden_here
+            where, occ, values, hidden_here = _moved_piece(piece, hu_source, hidden, source, destination, moves[fid])
+        better = occ > pasted[where]
+        np.copyto(pasted[where], occ, where=better)
+        np.copyto(hu[where], values, where=better)
+        np.copyto(still[where], stays, where=better)
+        covered[where] |= hidden_here
     owned = np.zeros(destination.shape, bool)
     if any(f["pasted"] for f in fragments):
         owned = _within(pasted >= 0.5, destination.spacing[::-1], OWN_MM) & ~covered

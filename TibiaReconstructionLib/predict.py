@@ -309,7 +309,8 @@ class Predictor:
         if fused is None:
             surface = self._surface(recon[-1], invert_affine(chain.matrix()))
         else:
-            surface = level_surface(Volume.on_grid(fused[1].occupancy, fused[0]), 0.5, smoothing_iterations=10)
+            surface = level_surface(Volume.on_grid(fused[1].occupancy, fused[0]), 0.5, smoothing_iterations=10,
+                                    target_reduction=0.3)
         if std is not None:
             points = polydata_points(surface)
             uncertainty = self._surface_uncertainty_mm(recon[-1], std, apply_affine(chain.matrix(), points))
