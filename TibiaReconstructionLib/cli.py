@@ -104,5 +104,15 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
+def run() -> None:
+    """The console entry point: :func:`main`, then exit without the interpreter's teardown. Unloading torch, VTK and
+    SimpleITK and freeing their memory takes about 0.6 s after a prediction and does nothing for the user: every
+    output is written, closed and renamed into place before :func:`main` returns."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import InputError, OutputExistsError
@@ -38,8 +41,7 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     :class:`~TibiaReconstructionLib.predict.Predictor`. All or nothing: nothing is
     written if any output exists and ``overwrite`` is false, if an input is bad, or if writing fails (the
     outputs are written into a hidden staging folder inside ``out`` and renamed into place once complete)."""
-    from .predict import Predictor
-
+    _import_in_background(f"{__package__}.predict")  # torch loads while the CT is read (reading releases the GIL)
     out = Path(out)
     paths = output_paths(out, volume_suffix(ct_path) if not Path(ct_path).is_dir() else ".nrrd", tibia_path is None)
     clash = [str(p) for p in paths.values() if p.exists()]
@@ -61,6 +63,8 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
             side = segmentation.side  # found from the fibula's position, more reliable than the model's fit
     else:
         tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
+    from .predict import Predictor  # waits for the background import if it is still running
+
     result = Predictor(bundle, device, reduce_fragments, keep_visible_bone).predict(ct, tibia, fracture, side=side,
                                                                                  progress=progress)
     if result.occupancy_std is None:  # the bundle's autoencoder has no posterior
@@ -76,19 +80,34 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     return result, paths
 
 
+def _import_in_background(module: str) -> None:
+    """Start importing ``module`` in a daemon thread; a later import of it waits for that one to finish (and
+    raises, in the caller's thread, whatever the import raises)."""
+    def load():
+        try:
+            importlib.import_module(module)
+        except BaseException:  # noqa: B036 - reported by the caller's own import
+            pass
+
+    threading.Thread(target=load, name=f"import {module}", daemon=True).start()
+
+
 def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibia=None) -> None:
-    """Write every output (and ``auto_tibia``, the segmented mask, if given) all together or not at all."""
-    with staged_outputs(paths, overwrite) as staged:
-        write_volume(result.labelmap, staged["label"], label=True)
-        write_volume(result.intensity, staged["intensity"])
+    """Write every output (and ``auto_tibia``, the segmented mask, if given) all together or not at all. The
+    volumes are compressed in a second thread while the surfaces are written (compression releases the GIL)."""
+    with staged_outputs(paths, overwrite) as staged, ThreadPoolExecutor(max_workers=1) as pool:
+        volumes = [(result.labelmap, "label", True), (result.intensity, "intensity", False)]
         if "uncertainty" in staged:
-            write_volume(result.occupancy_std, staged["uncertainty"])
+            volumes.append((result.occupancy_std, "uncertainty", False))
+        if auto_tibia is not None:
+            volumes.append((auto_tibia, "tibia_mask", True))
+        pending = [pool.submit(write_volume, volume, staged[key], label=label) for volume, key, label in volumes]
         write_stl(result.surface, staged["stl_lps"], "LPS")
         write_vtp(result.surface, staged["vtp_lps"])
         write_stl(result.surface, staged["stl_ras"], "RAS")
-        if auto_tibia is not None:
-            write_volume(auto_tibia, staged["tibia_mask"], label=True)
         write_json(report, staged["report"])
+        for job in pending:
+            job.result()  # raises the first write error here, inside the staging: nothing is kept
 
 
 def register_cli(sub) -> None:
