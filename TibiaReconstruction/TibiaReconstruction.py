@@ -56,7 +56,10 @@ and 3D printing.
 Press <b>Edit masks in Segment Editor</b> to create or correct them: paint the fracture zone (all fracture
 lines and gaps) with Paint or Draw.</li>
 <li>Press <b>Predict</b>. The prediction runs in the background (Cancel stops it). The result is a new
-segmentation on the CT's grid and a surface model, both shown over the CT in 2D and 3D.</li>
+segmentation on the CT's grid and a surface model, both shown over the CT in 2D and 3D. By default displaced
+fragments are first moved back onto the knee fragment (<b>Fragment reduction</b>), and the prediction keeps the
+patient's own bone where the CT shows it outside the fracture mask (<b>Patient's bone</b>); the model fills the
+fracture zone.</li>
 <li>Press <b>Export STL</b> to save the surface (LPS for most printing/CAD tools, RAS for Slicer).</li>
 </ol>
 Console: <code>from TibiaReconstructionLogic import TibiaReconstructionLogic;
