@@ -2,12 +2,13 @@
 
 The model reconstructs the whole tibia at its own resolution (2 mm), smoothly and with an error of about a
 millimetre even where the bone is plainly visible. Outside the fracture mask the CT shows the real surface. Here
-each visible piece of the tibia (6-connected, outside the fracture mask, on the CT grid) is matched to the
-fragment of the model's reduction (:class:`refine.Placement`) that holds it, moved rigidly to where the reduction
-put that fragment (the anchor stays put) and pasted into the prediction: within OWN_MM of a pasted piece, and
-outside the fracture mask (moved with its fragment), the prediction becomes the patient's bone; elsewhere, above
-all in the fracture zone, it stays the model's. Pieces of fragments that fit the reconstruction worse than
-MAX_MISFIT_MM, or too small to match, are left to the model.
+each visible piece of the tibia (6-connected, outside the fracture mask, on the prediction's work grid: along the
+CT's axes at about half the model's spacing) is matched to the fragment of the model's reduction
+(:class:`refine.Placement`) that holds it, moved rigidly to where the reduction put that fragment (the anchor stays
+put) and pasted into the prediction: within OWN_MM of a pasted piece, and outside the fracture mask (moved with its
+fragment), the prediction becomes the patient's bone; elsewhere, above all in the fracture zone, it stays the
+model's. Pieces of fragments that fit the reconstruction worse than MAX_MISFIT_MM, or too small to match, are left
+to the model.
 
 All arrays are (k, j, i) on CT-aligned grids; moves are 4x4 LPS maps of patient points.
 """
@@ -33,7 +34,8 @@ class Fused:
     """The prediction with the patient's bone in it, on the destination grid: occupancy in [0, 1], HU of the pasted
     bone (valid where ``owned`` and occupancy >= 0.5), the voxels taken from the patient (``owned``), those of them
     from the fragment that stays put (``fixed``: the patient's bone where it is, not placed by the reduction), and
-    a report (per fragment: id, anchor, misfit in mm, visible volume in ml, whether it was pasted)."""
+    a report (per fragment: id, anchor, misfit in mm, visible volume in ml, whether it was pasted; and the share of
+    the predicted tibia's voxels that are the patient's bone)."""
 
     occupancy: np.ndarray
     hu: np.ndarray

@@ -5,7 +5,8 @@ Pipeline (paper step 4): mirror a right leg -> align the long axis and crop (P, 
 canonical) -> resample to the bundle's canonical grid -> y * m_tibia * (1 - m_fracture) ->
 mask-robust LocNet -> theta (standard -> canonical) -> aligned -> autoencoder -> reconstruction in
 standard coordinates [-> fragments reduced onto the proximal main fragment and reconstructed again, refine.py]
--> back through theta and P -> the CT grid. All points are LPS mm.
+-> back through theta and P -> the CT grid [-> the visible fragments kept where the reduction placed them, the
+model filling the fracture zone, fusion.py]. All points are LPS mm.
 """
 
 from __future__ import annotations
