@@ -70,6 +70,26 @@ def test_fragments_anchor_is_the_knee_piece_and_small_pieces_are_hidden():
     assert refine.find_fragments(whole, np.zeros_like(whole)) is None
 
 
+def test_the_anchor_is_the_largest_knee_piece_not_the_largest_piece_nor_a_split_condyle():
+    whole = bone()
+    k, j, i = np.meshgrid(*(np.arange(n) for n in GRID.shape), indexing="ij")
+    high = np.ones(GRID.shape, np.float32)
+    high[44:47] = 0.0  # a shaft fracture just below the knee: the distal piece is the larger one
+    found = refine.find_fragments(whole * high, high)
+    sizes = {f: int((found.labels == f).sum()) for f in found.ids}
+    assert len(found.ids) == 2 and sizes[found.anchor] < max(sizes.values())
+    assert (found.labels[50:] == found.anchor).sum() > 0  # the knee piece
+    split = np.ones(GRID.shape, np.float32)
+    split[(k >= 47) & (i >= 9) & (i <= 10)] = 0.0  # a condyle split off the plateau, lateral of i = 10 ...
+    split[(k >= 44) & (k <= 46) & (i > 10)] = 0.0  # ... and below it
+    found = refine.find_fragments(whole * split, split)
+    condyle = (k >= 47) & (i > 10) & (whole > 0.5)
+    in_knee = lambda m: int((m & (k >= 52)).sum())  # noqa: E731 - the top 15 % of the bone
+    main = (found.labels == found.anchor)
+    assert len(found.ids) == 2 and in_knee(condyle) > in_knee(main)  # the condyle holds more of the knee zone
+    assert not (main & condyle).any() and main[10:40].any()  # yet the anchor is the main piece with the shaft
+
+
 def test_registration_recovers_a_known_displacement():
     center = GRID.index_to_physical(np.array([11.5, 11.5, 15.0]))
     displacement = motion(7.0, (1.0, 0.3, 0.0), (2.5, -2.0, -1.5), center)
@@ -143,5 +163,24 @@ def test_an_implausible_reduction_keeps_the_single_pass(tiny_bundle, monkeypatch
     monkeypatch.setattr(refine, "register_fragments", register)
     out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
     assert out[0] is theta and out[1] is recon and out[2] is x and out[3] is visible
-    assert "single-pass" in out[4]["refused"]
+    assert "implausibly large" in out[4]["refused"]  # also placed on the other piece, a flip is refused
     assert out[5] is None  # no placement: the visible bone is not fused into a refused reduction
+
+
+def test_an_implausible_reduction_onto_the_knee_piece_falls_back_to_placing_on_the_largest_fragment(
+        tiny_bundle, monkeypatch):
+    grid: Grid = tiny_bundle.grid
+    occ = np.zeros(grid.shape, np.float32)
+    occ[5:38, 9:15, 9:15] = occ[42:50, 8:16, 8:16] = 1.0  # a long shaft piece and a short knee piece
+    seen = np.ones_like(occ)
+    seen[38:42] = 0.0
+    x = torch.from_numpy(np.stack([0.5 * occ, occ]))[None]
+    visible = torch.from_numpy(seen)[None, None]
+    theta, _, recon = tiny_bundle.align_and_reconstruct(x, visible)
+    verdicts = iter([True])  # the first reduction (onto the knee piece) is implausible, every later one is not
+    monkeypatch.setattr(refine, "_implausible", lambda angle, shift: next(verdicts, False))
+    out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
+    report, placement = out[4], out[5]
+    assert "knee_piece_refused" in report and "refused" not in report and report["rounds"] == []  # placed only
+    assert placement is not None and placement.labels[20, 12, 12] == placement.anchor  # the shaft piece
+    assert refine.find_fragments(occ, seen).anchor == placement.labels[45, 12, 12]  # first tried: the knee piece
