@@ -86,6 +86,27 @@ def _check_even_slices(folder: Path, files: list[str]) -> None:
                          "missing or duplicated; re-export the complete series.")
 
 
+def _check_metaimage_header(path: Path) -> None:
+    """ITK crashes the process (segmentation fault) on a MetaImage header whose NDims is not a small positive
+    number: check NDims and DimSize ourselves first (the header is text up to ElementDataFile)."""
+    with path.open("rb") as f:
+        head = f.read(1 << 16).decode("latin-1")
+    fields = {}
+    for line in head.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            fields[key.strip().lower()] = value.strip()
+        if key.strip().lower() == "elementdatafile":
+            break
+    ndims = fields.get("ndims", "")
+    if not (ndims.isdigit() and 1 <= int(ndims) <= 10):
+        raise RuntimeError(f"MetaImage header has NDims = {ndims or '(missing)'}, not a number from 1 to 10")
+    sizes = fields.get("dimsize", "").split()
+    if len(sizes) != int(ndims) or not all(v.isdigit() and int(v) > 0 for v in sizes):
+        raise RuntimeError(f"MetaImage header has DimSize = {' '.join(sizes) or '(missing)'}, not {ndims} positive "
+                           "whole numbers")
+
+
 def _header(path: Path) -> sitk.ImageFileReader:
     """A reader holding the image information (size, type, geometry) of ``path``; reads no voxels."""
     info = sitk.ImageFileReader()
@@ -139,6 +160,8 @@ def read_volume(path: str | os.PathLike, label: bool = False) -> Volume:
         raise InputError(f"File not found: {p}. Check the path.")
     try:
         if not p.is_dir():
+            if volume_suffix(p) in (".mha", ".mhd"):
+                _check_metaimage_header(p)
             info = _header(p)
             if info.GetDimension() != 3 or info.GetNumberOfComponents() != 1:
                 raise InputError(f"{p} is not a 3D scalar volume (it has {info.GetDimension()} dimensions of size "
