@@ -683,11 +683,15 @@ def time_command(job: dict) -> float:
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, env=_measurement_env(job["threads"]))
     seconds = time.perf_counter() - t0
+    _check_process(proc, f"`tibia-recon predict` with {job['threads']} thread(s)")
+    return seconds
+
+
+def _check_process(proc: subprocess.CompletedProcess, what: str) -> None:
+    """Raise, with the last lines of its stderr, when a measurement process failed."""
     if proc.returncode != 0:
         tail = " ".join(proc.stderr.strip().splitlines()[-3:])
-        raise TibiaReconError(f"`tibia-recon predict` with {job['threads']} thread(s) failed (exit "
-                              f"{proc.returncode}): {tail}")
-    return seconds
+        raise TibiaReconError(f"{what} failed (exit {proc.returncode}): {tail}")
 
 
 def run_measurement(job: dict) -> dict:
@@ -699,10 +703,7 @@ def run_measurement(job: dict) -> dict:
             "from TibiaReconstructionLib.bench import _worker; _worker(sys.argv[1], ready)")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps({**job, "launched": time.time()})],
                           capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = " ".join(proc.stderr.strip().splitlines()[-3:])
-        raise TibiaReconError(f"The {job['kind']} measurement with {n} thread(s) failed (exit {proc.returncode}): "
-                              f"{tail}")
+    _check_process(proc, f"The {job['kind']} measurement with {n} thread(s)")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

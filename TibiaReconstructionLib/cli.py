@@ -74,7 +74,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -104,6 +104,11 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand a command line names: its first argument that is not an option (None without one)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 FAST_EXIT_COMMANDS = ("predict",)  # their outputs are all written, closed and renamed into place by main()
 
 
@@ -112,7 +117,7 @@ def run() -> None:
     teardown (unloading torch, VTK and SimpleITK and freeing their memory takes about 0.6 s after a prediction and
     does nothing for the user). Other commands exit normally, so that nothing they left open is lost."""
     code = main()
-    if next((a for a in sys.argv[1:] if not a.startswith("-")), None) in FAST_EXIT_COMMANDS:
+    if _command(sys.argv[1:]) in FAST_EXIT_COMMANDS:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

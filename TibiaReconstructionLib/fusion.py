@@ -31,12 +31,13 @@ VOTES = 400  # voxels per piece looked up on the canonical grid to find its frag
 
 @dataclass
 class Fused:
-    """The prediction with the patient's bone in it, on the destination grid: occupancy in [0, 1], HU of the pasted
-    bone (valid where ``owned`` and occupancy >= 0.5), the voxels taken from the patient (``owned``), those of them
-    from the fragment that stays put (``fixed``: the patient's bone where it is, not placed by the reduction), and
-    a report (per fragment: id, anchor, misfit in mm, visible volume in ml, whether it was pasted; and the share of
-    the predicted tibia's voxels that are the patient's bone)."""
+    """The prediction with the patient's bone in it, on ``grid`` (the destination): occupancy in [0, 1], HU of the
+    pasted bone (valid where ``owned`` and occupancy >= 0.5), the voxels taken from the patient (``owned``), those of
+    them from the fragment that stays put (``fixed``: the patient's bone where it is, not placed by the reduction),
+    and a report (per fragment: id, anchor, misfit in mm, visible volume in ml, whether it was pasted; and the share
+    of the predicted tibia's voxels that are the patient's bone)."""
 
+    grid: Grid
     occupancy: np.ndarray
     hu: np.ndarray
     owned: np.ndarray
@@ -62,8 +63,7 @@ def _fragment_of_pieces(pieces: np.ndarray, n: int, source: Grid, placement: Pla
         if len(kji) > VOTES:
             kji = kji[rng.choice(len(kji), VOTES, replace=False)]
         points = source.index_to_physical(kji[:, ::-1].astype(float))
-        ijk = np.rint(canonical.physical_to_index(points @ patient_to_canonical[:3, :3].T
-                                                  + patient_to_canonical[:3, 3])).astype(int)
+        ijk = np.rint(canonical.physical_to_index(apply_affine(patient_to_canonical, points))).astype(int)
         inside = np.all((ijk >= 0) & (ijk < canonical.size), axis=1)
         votes = np.bincount(placement.labels[tuple(ijk[inside][:, ::-1].T)], minlength=1)
         votes[0] = 0
@@ -182,4 +182,4 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     occupancy = np.where(owned, pasted, model_occupancy).astype(np.float32)
     kept = occupancy >= 0.5
     report = {"fragments": fragments, "patient_bone_share": round(float((kept & owned).sum() / max(kept.sum(), 1)), 4)}
-    return Fused(occupancy, hu, owned, owned & still, report)
+    return Fused(destination, occupancy, hu, owned, owned & still, report)

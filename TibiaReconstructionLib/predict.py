@@ -310,15 +310,15 @@ class Predictor:
         if fused is None:
             surface = self._surface(recon[-1], invert_affine(chain.matrix()))
         else:
-            surface = level_surface(Volume.on_grid(fused[1].occupancy, fused[0]), 0.5, smoothing_iterations=10,
+            surface = level_surface(Volume.on_grid(fused.occupancy, fused.grid), 0.5, smoothing_iterations=10,
                                     target_reduction=0.3)
         if std is not None:
             points = polydata_points(surface)
             uncertainty = self._surface_uncertainty_mm(recon[-1], std, apply_affine(chain.matrix(), points))
             if fused is not None:  # the patient's bone where it lies is seen, not predicted
-                ijk = np.rint(fused[0].physical_to_index(points)).astype(int)
-                ijk = np.clip(ijk, 0, np.asarray(fused[0].size) - 1)
-                uncertainty[fused[1].fixed[tuple(ijk[:, ::-1].T)]] = 0.0
+                ijk = np.rint(fused.grid.physical_to_index(points)).astype(int)
+                ijk = np.clip(ijk, 0, np.asarray(fused.grid.size) - 1)
+                uncertainty[fused.fixed[tuple(ijk[:, ::-1].T)]] = 0.0
             add_point_array(surface, UNCERTAINTY_ARRAY, uncertainty)
         t["surface"] = time.perf_counter() - t0
         report(1.0, "Done")
@@ -332,11 +332,11 @@ class Predictor:
                                 "'right' if known.")
         return Prediction(labelmap, intensity, surface, chosen, chain, theta, t, volumes, warnings,
                           self.bundle_path, str(self.device), occupancy_std, run.reduction,
-                          {} if fused is None else fused[1].report)
+                          {} if fused is None else fused.report)
 
     def _to_ct_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
                     std: np.ndarray | None = None, fuse: Callable[[np.ndarray, Grid], Fused] | None = None
-                    ) -> tuple[Volume, Volume, Volume | None, tuple[Grid, Fused] | None]:
+                    ) -> tuple[Volume, Volume, Volume | None, Fused | None]:
         """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the CT grid: labelmap (uint8) and
         intensity (int16 HU), computed only in the CT box that the predicted tibia can reach. With ``std`` (Z, Y, X)
         also the occupancy's standard deviation (float32) on the work grid: along the CT's axes through CT voxel
@@ -344,7 +344,7 @@ class Predictor:
         so interpolating it linearly gives the values on the CT's voxels (0 where the patient's bone is kept where it
         lies).
         ``fuse`` (occupancy, its grid: the work grid) puts the patient's visible bone into the occupancy; then the
-        work grid and the fusion come back too (else None)."""
+        fusion comes back too (else None)."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
         lo_hu, hi_hu = self.bundle.window_hu
@@ -370,12 +370,11 @@ class Predictor:
         occ_work, int_work = onto_work(occ), onto_work(recon[0])  # intensity channel: window-mapped HU x occupancy
         fused = None
         if fuse is not None:
-            fused = (work, fuse(occ_work, work))
-            occ_work = fused[1].occupancy
-            int_work = np.where(fused[1].owned, np.clip((fused[1].hu - lo_hu) / (hi_hu - lo_hu), 0, 1) * occ_work,
-                                int_work)
+            fused = fuse(occ_work, work)
+            occ_work = fused.occupancy
+            int_work = np.where(fused.owned, np.clip((fused.hu - lo_hu) / (hi_hu - lo_hu), 0, 1) * occ_work, int_work)
             if spread is not None:
-                spread.array[fused[1].fixed] = 0.0
+                spread.array[fused.fixed] = 0.0
         occ_sub = upsample_linear(occ_work, factors[::-1], shape)
         int_sub = upsample_linear(int_work, factors[::-1], shape)
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))

@@ -1,15 +1,14 @@
 """Fragment-wise reduction before the final reconstruction, on the canonical grid (mm).
 
 A displaced fracture shows the model pieces of bone that no single healthy tibia fits, and the LocNet and the
-autoencoder return a compromise between them. This step reads the fragments off the visible input (connected
-pieces of tibia outside the fracture mask), registers each one rigidly onto the model's reconstruction, moves
-every fragment by its motion relative to the proximal main fragment (the anchor: the largest piece that holds
-much of the knee, so the shaft's piece rather than a split-off condyle; it keeps its place, so the prediction stays
-in the patient's frame of the knee) and runs the model again on the
-reduced input. The fracture mask travels with every fragment and stays hidden; pieces too small to register
-are hidden too. After ROUNDS rounds (none when the tibia is in one piece or the first reconstruction already
-fits its fragments) the anchor is registered once more and θ corrected by its motion, so the prediction lies on
-the knee fragment.
+autoencoder return a compromise between them. This step reads the fragments off the visible input (connected pieces
+of tibia outside the fracture mask), registers each one rigidly onto the model's reconstruction, moves every
+fragment by its motion relative to the proximal main fragment (the anchor: the largest piece that holds much of the
+knee, so the shaft's piece rather than a split-off condyle; it keeps its place, so the prediction stays in the
+patient's frame of the knee) and runs the model again on the reduced input. The fracture mask travels with every
+fragment and stays hidden; pieces too small to register are hidden too. After ROUNDS rounds (none when the tibia is
+in one piece or the first reconstruction already fits its fragments) the anchor is registered once more and θ
+corrected by its motion, so the prediction lies on the knee fragment.
 
 θ maps standard points to canonical points (see models/sampler.py); fragment motions are rigid maps of
 standard points. Tensors are (N, C, Z, Y, X) with N = 1.
