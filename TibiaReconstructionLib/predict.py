@@ -12,6 +12,7 @@ model filling the fracture zone, fusion.py]. All points are LPS mm.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -60,6 +61,24 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device not in ("cpu", "cuda"):
         raise InputError(f"Unknown device {device!r}; use 'auto', 'cpu' or 'cuda'.")
     return torch.device(device)
+
+
+@dataclass
+class WorkGrid:
+    """The prediction on the work grid: along the CT's axes through CT voxel centres, every ``factors`` (i, j, k)
+    CT voxels (about 1/WORK_FRACTION of the model's spacing), over the CT index box ``lo``..``hi`` (inclusive,
+    (i, j, k)) that the predicted tibia can reach. Occupancy in [0, 1] and intensity (window-mapped HU x
+    occupancy), both (k, j, i) and None when nothing was predicted; the occupancy's std (PCA bundles) and the
+    fusion with the patient's bone (:mod:`fusion`), when made."""
+
+    grid: Grid
+    lo: np.ndarray
+    hi: np.ndarray
+    factors: np.ndarray
+    occupancy: np.ndarray | None
+    intensity: np.ndarray | None
+    spread: Volume | None
+    fused: Fused | None
 
 
 @dataclass
@@ -302,25 +321,17 @@ class Predictor:
         if self.keep_visible_bone and run.placement is not None:
             fuse = lambda occ, grid: fuse_visible_bone(occ, grid, ct, tibia_mask, fracture_mask, box,  # noqa: E731
                                                        run.placement, self.bundle.grid, p)
-        labelmap, intensity, occupancy_std, fused = self._to_ct_grid(recon, chain.matrix(), ct, std, fuse)
-        t["resample"] = time.perf_counter() - t0
-
-        report(0.8, "Building the surface")
-        t0 = time.perf_counter()
-        if fused is None:
-            surface = self._surface(recon[-1], invert_affine(chain.matrix()))
-        else:
-            surface = level_surface(Volume.on_grid(fused.occupancy, fused.grid), 0.5, smoothing_iterations=10,
-                                    target_reduction=0.3)
-        if std is not None:
-            points = polydata_points(surface)
-            uncertainty = self._surface_uncertainty_mm(recon[-1], std, apply_affine(chain.matrix(), points))
-            if fused is not None:  # the patient's bone where it lies is seen, not predicted
-                ijk = np.rint(fused.grid.physical_to_index(points)).astype(int)
-                ijk = np.clip(ijk, 0, np.asarray(fused.grid.size) - 1)
-                uncertainty[fused.fixed[tuple(ijk[:, ::-1].T)]] = 0.0
-            add_point_array(surface, UNCERTAINTY_ARRAY, uncertainty)
-        t["surface"] = time.perf_counter() - t0
+        work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse)
+        # the surface (VTK, which releases the GIL) is built while the work grid is interpolated onto the CT
+        with ThreadPoolExecutor(1) as pool:
+            building = pool.submit(self._surface_of, work, recon, chain.matrix(), std)
+            labelmap, intensity = self._work_to_ct(work, ct)
+            t["resample"] = time.perf_counter() - t0
+            report(0.8, "Building the surface")
+            t0 = time.perf_counter()
+            surface = building.result()
+        t["surface"] = time.perf_counter() - t0  # what the surface took beyond the resampling
+        fused, occupancy_std = work.fused, work.spread
         report(1.0, "Done")
         voxel_ml = float(np.prod(ct.spacing)) / 1000.0
         volumes = {"predicted_tibia": float(np.count_nonzero(labelmap.array)) * voxel_ml,
@@ -334,27 +345,40 @@ class Predictor:
                           self.bundle_path, str(self.device), occupancy_std, run.reduction,
                           {} if fused is None else fused.report)
 
-    def _to_ct_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
-                    std: np.ndarray | None = None, fuse: Callable[[np.ndarray, Grid], Fused] | None = None
-                    ) -> tuple[Volume, Volume, Volume | None, Fused | None]:
-        """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the CT grid: labelmap (uint8) and
-        intensity (int16 HU), computed only in the CT box that the predicted tibia can reach. With ``std`` (Z, Y, X)
-        also the occupancy's standard deviation (float32) on the work grid: along the CT's axes through CT voxel
-        centres, every few CT voxels (about half the model's spacing), over that box; it is as smooth as the model,
-        so interpolating it linearly gives the values on the CT's voxels (0 where the patient's bone is kept where it
-        lies).
-        ``fuse`` (occupancy, its grid: the work grid) puts the patient's visible bone into the occupancy; then the
-        fusion comes back too (else None)."""
+    def _surface_of(self, work: WorkGrid, recon: np.ndarray, patient_to_standard: np.ndarray,
+                    std: np.ndarray | None) -> vtkPolyData:
+        """The predicted surface (LPS mm): of the fused occupancy on the work grid, else of the model's
+        reconstruction (C, Z, Y, X; standard coordinates); with a PCA bundle's ``std``, each point's uncertainty (mm;
+        0 on the patient's bone where it lies: seen, not predicted)."""
+        fused = work.fused
+        if fused is None:
+            surface = self._surface(recon[-1], invert_affine(patient_to_standard))
+        else:
+            surface = level_surface(Volume.on_grid(fused.occupancy, fused.grid), 0.5, smoothing_iterations=10,
+                                    target_reduction=0.3)
+        if std is not None:
+            points = polydata_points(surface)
+            uncertainty = self._surface_uncertainty_mm(recon[-1], std, apply_affine(patient_to_standard, points))
+            if fused is not None:
+                ijk = np.rint(fused.grid.physical_to_index(points)).astype(int)
+                ijk = np.clip(ijk, 0, np.asarray(fused.grid.size) - 1)
+                uncertainty[fused.fixed[tuple(ijk[:, ::-1].T)]] = 0.0
+            add_point_array(surface, UNCERTAINTY_ARRAY, uncertainty)
+        return surface
+
+    def _to_work_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
+                      std: np.ndarray | None = None, fuse: Callable[[np.ndarray, Grid], Fused] | None = None
+                      ) -> WorkGrid:
+        """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the work grid (:class:`WorkGrid`),
+        over the CT box that the predicted tibia can reach; with ``std`` (Z, Y, X) also the occupancy's standard
+        deviation, which is as smooth as the model, so interpolating it linearly gives the values on the CT's voxels
+        (0 where the patient's bone is kept where it lies). ``fuse`` (occupancy, its grid: the work grid) puts the
+        patient's visible bone into the occupancy."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
-        lo_hu, hi_hu = self.bundle.window_hu
-        labelmap = np.zeros(ct.array.shape, np.uint8)
-        intensity = np.full(ct.array.shape, round(lo_hu), np.int16)  # HU, window floor outside the tibia
         inside = np.argwhere(occ > 0.25)
         lo, hi = self._reach(inside, patient_to_standard, ct) if len(inside) else (np.zeros(3, int),
                                                                                     np.array(ct.grid.size) - 1)
-        # The reconstruction is smooth at the model's spacing: resample it onto a grid along the CT's axes at about
-        # half that spacing (an integer multiple of the CT's), then interpolate linearly onto the CT voxels.
         factors = np.maximum(1, np.floor(grid.spacing.min() / WORK_FRACTION / ct.spacing)).astype(int)  # (i, j, k)
         work = Grid(tuple((hi - lo) // factors + 2), ct.spacing * factors, ct.index_to_physical(lo.astype(float)),
                     ct.direction)
@@ -365,23 +389,35 @@ class Predictor:
         spread = None if std is None else Volume.on_grid(onto_work(std) if len(inside) else
                                                           np.zeros(work.shape, np.float32), work)
         if len(inside) == 0:
-            return ct.with_array(labelmap), ct.with_array(intensity), spread, None
-        shape = tuple((hi - lo + 1)[::-1])
+            return WorkGrid(work, lo, hi, factors, None, None, spread, None)
         occ_work, int_work = onto_work(occ), onto_work(recon[0])  # intensity channel: window-mapped HU x occupancy
         fused = None
         if fuse is not None:
             fused = fuse(occ_work, work)
             occ_work = fused.occupancy
+            lo_hu, hi_hu = self.bundle.window_hu
             int_work = np.where(fused.owned, np.clip((fused.hu - lo_hu) / (hi_hu - lo_hu), 0, 1) * occ_work, int_work)
             if spread is not None:
                 spread.array[fused.fixed] = 0.0
-        occ_sub = upsample_linear(occ_work, factors[::-1], shape)
-        int_sub = upsample_linear(int_work, factors[::-1], shape)
+        return WorkGrid(work, lo, hi, factors, occ_work, int_work, spread, fused)
+
+    def _work_to_ct(self, work: WorkGrid, ct: Volume) -> tuple[Volume, Volume]:
+        """The labelmap (uint8) and intensity (int16 HU; the window's floor outside the tibia) on the CT grid:
+        the work grid's occupancy and intensity interpolated linearly onto the CT voxels of its box."""
+        lo_hu, hi_hu = self.bundle.window_hu
+        labelmap = np.zeros(ct.array.shape, np.uint8)
+        intensity = np.full(ct.array.shape, round(lo_hu), np.int16)
+        if work.occupancy is None:
+            return ct.with_array(labelmap), ct.with_array(intensity)
+        lo, hi = work.lo, work.hi
+        shape = tuple((hi - lo + 1)[::-1])
+        occ_sub = upsample_linear(work.occupancy, work.factors[::-1], shape)
+        int_sub = upsample_linear(work.intensity, work.factors[::-1], shape)
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
         label_sub = np.greater_equal(occ_sub, 0.5, out=labelmap[sl].view(bool))  # written into the labelmap
         intensity[sl][label_sub] = np.rint(lo_hu + np.clip(int_sub[label_sub] / occ_sub[label_sub], 0, 1)
                                            * (hi_hu - lo_hu))
-        return ct.with_array(labelmap), ct.with_array(intensity), spread, fused
+        return ct.with_array(labelmap), ct.with_array(intensity)
 
     def _reach(self, inside: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[np.ndarray, np.ndarray]:
         """The CT index box (lo, hi inclusive, (i, j, k)) holding the canonical voxels ``inside`` ((k, j, i), standard

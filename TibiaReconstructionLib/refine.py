@@ -19,18 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .geometry import Grid, bounding_box
+from .geometry import Grid
 from .models.sampler import (compose_theta, invert_theta, normalised_to_physical, rotation_matrices,
                              theta_to_matrix)
 
 MIN_FRAGMENT_SHARE = 0.15  # smaller pieces of the visible tibia are hidden (not moved) while others are reduced
 KNEE_ZONE = 0.15  # the anchor holds the knee: much of the bone in this top fraction of the tibia's length
 KNEE_SHARE = 0.5  # of the knee pieces (at least this share of the most knee-zone bone of any piece), the largest
-SDF_MARGIN_VOXELS = 8  # the signed distance is computed this far around the reconstruction's bone
 HUBER_MM = 2.0  # surface distances beyond this count linearly in the registration
 MAX_POINTS = 2500  # surface voxels per fragment that drive its registration (random subset)
 STEPS = 50  # Adam steps of the first registration; later ones start from the previous motions
@@ -103,23 +103,18 @@ def _motions(w: torch.Tensor, t: torch.Tensor, centers: torch.Tensor) -> torch.T
     return torch.cat([r, (centers - (r @ centers[..., None])[..., 0] + t)[..., None]], dim=2)
 
 
-def signed_distance(occupancy: np.ndarray, spacing: np.ndarray, margin: int = SDF_MARGIN_VOXELS) -> np.ndarray:
-    """Signed distance (mm, negative inside) to the 0.5 level of ``occupancy`` (Z, Y, X), from voxel centres (a
-    boundary voxel lies half a voxel from the level). Computed in the level's bounding box grown by ``margin``
-    voxels; beyond it, a constant above every distance inside (no pull)."""
+def signed_distance(occupancy: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Signed distance (mm, negative inside) to the 0.5 level of ``occupancy`` (Z, Y, X; ``spacing`` (i, j, k)),
+    from voxel centres: ITK's signed Maurer distance to the bone's boundary voxels, less half a voxel (a boundary
+    voxel lies half a voxel inside the level, its empty neighbour half a voxel outside)."""
     inside = occupancy > 0.5
-    sampling = spacing[::-1]
-    half = 0.5 * float(np.min(spacing))
-    box = bounding_box(inside)
-    if box is None:
+    if not inside.any():
         return np.full(occupancy.shape, 1e3, np.float32)
-    sl = tuple(slice(max(lo - margin, 0), hi + margin + 1) for lo, hi in zip(*box))
-    sub = inside[sl]
-    near = np.where(sub, half - ndimage.distance_transform_edt(sub, sampling),
-                    ndimage.distance_transform_edt(~sub, sampling) - half)
-    out = np.full(occupancy.shape, float(near.max()) + margin * float(np.max(spacing)), np.float32)
-    out[sl] = near
-    return out
+    image = sitk.GetImageFromArray(inside.view(np.uint8))
+    image.SetSpacing([float(v) for v in spacing])
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
+                                            useImageSpacing=True)
+    return (sitk.GetArrayFromImage(distance) - 0.5 * float(np.min(spacing))).astype(np.float32)
 
 
 def _surface_voxels(labels: np.ndarray, ids: list[int], small: np.ndarray, visible: np.ndarray
@@ -154,9 +149,10 @@ def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.T
     inverse = invert_theta(theta.double()).float()[0]
     standard = torch.as_tensor(points, dtype=torch.float32, device=device) @ inverse[:, :3].T + inverse[:, 3]
     k = len(fragments.ids)
-    pieces = [standard[torch.as_tensor(owner == n, device=device)] for n in range(k)]
-    centers = torch.stack([piece.mean(0) for piece in pieces])
-    weight = torch.cat([torch.full((len(piece),), 1.0 / len(piece), device=device) for piece in pieces])
+    owner_t = torch.as_tensor(owner, device=device)
+    counts = torch.bincount(owner_t, minlength=k).to(standard.dtype)
+    centers = torch.zeros(k, 3, device=device).index_add_(0, owner_t, standard) / counts[:, None]
+    weight = 1.0 / counts[owner_t]
     sdf = torch.as_tensor(signed_distance(recon[0, -1].float().cpu().numpy(), grid.spacing), device=device)
     half = 0.5 * float(np.min(grid.spacing))  # a bone voxel on the surface lies half a voxel inside it
     to_normalised = torch.as_tensor(np.linalg.inv(normalised_to_physical(grid)), dtype=torch.float32,
@@ -167,9 +163,8 @@ def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.T
 
     def surface_distances(params: torch.Tensor) -> torch.Tensor:
         """Signed distance (mm) of every moved surface voxel from the reconstruction's surface, minus its own."""
-        m = to_normalised[:3, :3] @ _motions(params[:, :3], params[:, 3:], centers)  # -> normalised position
-        flow = torch.cat([piece @ m[n, :, :3].T + m[n, :, 3] for n, piece in enumerate(pieces)]) \
-            + to_normalised[:3, 3]
+        m = (to_normalised[:3, :3] @ _motions(params[:, :3], params[:, 3:], centers))[owner_t]  # -> normalised
+        flow = (m[:, :, :3] @ standard[:, :, None])[:, :, 0] + m[:, :, 3] + to_normalised[:3, 3]
         return F.grid_sample(sdf[None, None], flow.view(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border",
                              align_corners=True).view(-1) + half
 
@@ -182,7 +177,7 @@ def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.T
                 params -= lr * _adam_direction(moments, grad, step)
     params = params.detach()
     misfit = torch.zeros(k, dtype=torch.float64, device=device).index_add_(
-        0, torch.as_tensor(owner, device=device), (weight * surface_distances(params).abs()).double())
+        0, owner_t, (weight * surface_distances(params).abs()).double())
     return _motions(params[:, :3], params[:, 3:], centers), centers, params, misfit.cpu().numpy()
 
 
