@@ -5,6 +5,7 @@ from TibiaReconstructionLib import metrics
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
 from TibiaReconstructionLib.geometry import Grid, Volume, apply_affine, euler_rotation, mirror, resample
 from TibiaReconstructionLib.predict import Predictor
+from TibiaReconstructionLib.prepare import smoothed_crops
 from TibiaReconstructionLib.surface import polydata_points
 from synthetic import bone_case
 from tiny_bundle import make_tiny_bundle
@@ -119,6 +120,33 @@ def test_inputs_are_not_modified(predictor, case):
     predictor.predict(*case, side="left")
     for b, v in zip(before, case):
         np.testing.assert_array_equal(b, v.array)
+
+
+def test_crops_made_beforehand_are_used_only_at_the_bundle_spacing(predictor, case, result):
+    ct, tibia, fracture = case
+    spacing = predictor.bundle.grid.spacing
+    ahead = predictor.predict(*case, side="left", crops=smoothed_crops(ct, tibia, spacing,
+                                                                                          fracture))
+    np.testing.assert_array_equal(ahead.labelmap.array, result.labelmap.array)
+    # crops for another spacing would give another canonical input: they are ignored, not used
+    wrong = smoothed_crops(ct, tibia, 2.0 * spacing, fracture)
+    other = predictor.predict(*case, side="left", crops=wrong)
+    np.testing.assert_array_equal(other.labelmap.array, ahead.labelmap.array)
+
+
+def test_the_command_prepares_the_crops_at_the_bundle_spacing(predictor, case, tmp_path):
+    from TibiaReconstructionLib.predict_cli import _crops_ahead
+
+    ct, tibia, fracture = case
+    folder = predictor.bundle_path
+    crops = _crops_ahead(ct, tibia, fracture, folder)
+    np.testing.assert_allclose(crops.spacing, predictor.bundle.grid.spacing)
+    expected = smoothed_crops(ct, tibia, predictor.bundle.grid.spacing, fracture)
+    np.testing.assert_array_equal(crops.ct.array, expected.ct.array)
+    (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
+    assert _crops_ahead(ct, tibia, fracture, tmp_path) is None  # the Predictor then says what is wrong
+    elsewhere = Volume(fracture.array, fracture.spacing, fracture.origin + 3.0, fracture.direction)
+    assert _crops_ahead(ct, tibia, elsewhere, folder) is None  # not on the CT's grid: left to the Predictor
 
 
 def test_mask_on_another_grid_is_a_clear_error(predictor, case):

@@ -6,16 +6,13 @@ import json
 from pathlib import Path
 
 from .errors import InputError
+from .resources import DEFAULT_BUNDLE, SAMPLE_CASE
 
-RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
-SAMPLE_CASE = RESOURCES / "SampleCase"
 SAMPLE_FILES = {"ct": "ct.nrrd", "tibia": "tibia.nrrd", "fracture": "fracture.nrrd", "truth": "healthy_tibia.nrrd"}
 
 
 def missing_parts(bundle: Path | None = None) -> list[str]:
     """What the demo needs but this checkout lacks (empty when it can run)."""
-    from .predict import DEFAULT_BUNDLE
-
     bundle = Path(bundle) if bundle else DEFAULT_BUNDLE
     missing = [f"sample case file {SAMPLE_CASE / f}" for f in SAMPLE_FILES.values() if not (SAMPLE_CASE / f).is_file()]
     for name in ("config.json", "weights.safetensors"):

@@ -30,10 +30,10 @@ from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
 from .fusion import Fused, fuse_visible_bone
 from .refine import Placement, reduce_and_reconstruct
+from .resources import DEFAULT_BUNDLE
 from .surface import UNCERTAINTY_ARRAY, add_point_array, isosurface, level_surface, polydata_points, \
     smooth_and_decimate, transform_polydata
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "default"
 MAX_FRACTURE_FRACTION = 0.6  # refuse when more of the tibia than this is hidden by the fracture mask
 # Voxel size: coarser than MAX_SPACING_MM along any axis (e.g. 10 mm slices) is refused, because the fracture
 # zone and the tibial plateau are then only a few voxels thick; coarser than WARN_SPACING_MM gives a warning.
@@ -259,6 +259,11 @@ class Predictor:
             self._crop_cache = (key, smoothed_crops(ct, tibia, self.bundle.grid.spacing, fracture))
         return self._crop_cache[1]
 
+    def _use_crops(self, crops: SmoothedCrops | None, ct: Volume, tibia: Volume, fracture: Volume) -> None:
+        """Take ``crops`` made beforehand for these inputs, when they were made for the bundle's spacing."""
+        if crops is not None and np.allclose(crops.spacing, self.bundle.grid.spacing):
+            self._crop_cache = ((id(ct), id(tibia), id(fracture)), crops)
+
     def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str) -> ModelRun:
         p = patient_to_canonical(tibia, side)
         case = resample_crops(self._crops(ct, tibia, fracture), self.bundle.grid, p, self.bundle.window_hu)
@@ -286,10 +291,11 @@ class Predictor:
         return float(torch.sum((aligned - ref.to(aligned)) ** 2 * seen) / torch.clamp(seen.sum(), min=1.0))
 
     def predict(self, ct: Volume, tibia_mask: Volume, fracture_mask: Volume, side: str = "auto",
-                progress: Progress | None = None) -> Prediction:
+                progress: Progress | None = None, crops: SmoothedCrops | None = None) -> Prediction:
         """Predict the healthy tibia. ``side``: 'left', 'right' or 'auto' (from the fibula's position, see
         :func:`fibula_side`; without a clear fibula, the side whose mirror image the model aligns better).
-        Inputs are not modified."""
+        ``crops``: :func:`prepare.smoothed_crops` of these three inputs, when made beforehand (the command makes
+        them while torch loads); used only when made for the bundle's spacing. Inputs are not modified."""
         report = progress or (lambda f, m: None)
         t = {}
         t0 = time.perf_counter()
@@ -304,6 +310,7 @@ class Predictor:
         found = fibula_side(ct, tibia_mask) if side == "auto" else side
         sides = (found,) if found else ("left", "right")
         try:
+            self._use_crops(crops, ct, tibia_mask, fracture_mask)
             candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s) for s in sides}
         finally:
             self._crop_cache = None  # never reuse crops across calls (ids can be recycled)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from .errors import InputError, OutputExistsError
 from .io import check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json, write_volume
+from .prepare import SmoothedCrops, smoothed_crops
+from .resources import DEFAULT_BUNDLE
 from .surface import write_stl, write_vtp
 
 UNCERTAINTY_GRID = ("the posterior standard deviation of the predicted occupancy (0-1) as float32 in the CT's format, "
@@ -63,10 +68,11 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
             side = segmentation.side  # found from the fibula's position, more reliable than the model's fit
     else:
         tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
+    crops = _crops_ahead(ct, tibia, fracture, bundle)  # while torch is still loading
     from .predict import Predictor  # waits for the background import if it is still running
 
     result = Predictor(bundle, device, reduce_fragments, keep_visible_bone).predict(ct, tibia, fracture, side=side,
-                                                                                 progress=progress)
+                                                                                 progress=progress, crops=crops)
     if result.occupancy_std is None:  # the bundle's autoencoder has no posterior
         paths.pop("uncertainty")
     report = result.report()
@@ -78,6 +84,20 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     report["outputs"] = {k: str(v) for k, v in paths.items()}
     _write_outputs(result, report, paths, overwrite, tibia if segmentation is not None else None)
     return result, paths
+
+
+def _crops_ahead(ct, tibia, fracture, bundle) -> SmoothedCrops | None:
+    """The Predictor's first step (:func:`prepare.smoothed_crops`), which needs no torch, at the spacing that the
+    bundle's config.json states; None when that cannot be read or the inputs are refused: then the Predictor
+    makes them itself, after its own checks, and says what is wrong."""
+    try:
+        config = json.loads((Path(bundle or DEFAULT_BUNDLE) / "config.json").read_text(encoding="utf-8"))
+        spacing = np.asarray(config["grid"]["spacing"], float)
+        if spacing.shape != (3,) or not np.all(spacing > 0):
+            return None
+        return smoothed_crops(ct, tibia, spacing, fracture)
+    except Exception:  # noqa: BLE001 - only a head start: the Predictor redoes this step and reports any problem
+        return None
 
 
 def _import_in_background(module: str) -> None:

@@ -102,12 +102,13 @@ class CanonicalCase:
 
 @dataclass
 class SmoothedCrops:
-    """CT, tibia and fracture masks (float32) cropped to the tibia box and pre-filtered for one canonical
-    spacing; independent of P, so several candidate transforms can reuse them."""
+    """CT, tibia and fracture masks (float32) cropped to the tibia box and pre-filtered for the canonical
+    ``spacing`` (i, j, k mm); independent of P, so several candidate transforms can reuse them."""
 
     ct: Volume
     tibia: Volume
     fracture: Volume | None
+    spacing: np.ndarray
 
 
 def smoothed_crops(ct: Volume, tibia: Volume, spacing: np.ndarray, fracture: Volume | None = None,
@@ -123,7 +124,7 @@ def smoothed_crops(ct: Volume, tibia: Volume, spacing: np.ndarray, fracture: Vol
         return _antialias(box.with_array(arr), spacing)
 
     return SmoothedCrops(prepared(ct, False), prepared(tibia, True),
-                         None if fracture is None else prepared(fracture, True))
+                         None if fracture is None else prepared(fracture, True), np.asarray(spacing, float))
 
 
 def resample_crops(crops: SmoothedCrops, grid: Grid, transform: np.ndarray,
