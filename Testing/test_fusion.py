@@ -74,3 +74,18 @@ def test_a_fragment_that_fits_badly_is_left_to_the_model(case):
     kept = out.occupancy >= 0.5
     assert (kept[:14] == (model[:14] >= 0.5)).all()  # far from the anchor: the model
     assert (kept[22:] == healthy[22:]).all()  # the anchor: the patient's bone
+
+
+def test_within_reaches_the_distance_up_to_a_block_on_an_anisotropic_grid():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    mask = np.zeros((31, 60, 41), bool)  # odd sizes: the last block is padded
+    mask[tuple(rng.integers(0, n, 4) for n in mask.shape)] = True
+    spacing_kji = np.array([2.5, 0.7, 1.1])
+    distance = ndimage.distance_transform_edt(~mask, spacing_kji)
+    near = fusion._within(mask, spacing_kji, 12.0)
+    block = float(np.linalg.norm(2.0 * spacing_kji))  # how far a block's voxels lie from each other at most
+    assert near.shape == mask.shape
+    assert near[distance <= 12.0 - block].all() and near[mask].all()
+    assert not near[distance > 12.0 + block].any()

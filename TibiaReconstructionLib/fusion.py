@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
 from .geometry import Grid, Volume, apply_affine, bounding_box, crop, invert_affine, resample
@@ -73,12 +74,19 @@ def _fragment_of_pieces(pieces: np.ndarray, n: int, source: Grid, placement: Pla
 
 def _within(mask: np.ndarray, spacing_kji: np.ndarray, distance_mm: float) -> np.ndarray:
     """Voxels within about ``distance_mm`` of ``mask`` (Z, Y, X): the distance is taken on blocks of 2x2x2 voxels
-    (a block counts when any of its voxels does), which is 8 times cheaper and exact to a block."""
+    (a block counts when any of its voxels does), which is 8 times cheaper and exact to a block; ITK's Maurer
+    distance (multi-threaded, exact Euclidean) to the blocks' boundary."""
     padded = np.pad(mask, [(0, n % 2) for n in mask.shape])
-    k, j, i = (n // 2 for n in padded.shape)
-    blocks = padded.reshape(k, 2, j, 2, i, 2).any(axis=(1, 3, 5))
-    near = ndimage.distance_transform_edt(~blocks, 2.0 * spacing_kji) <= distance_mm
-    return near[np.ix_(*(np.arange(n) // 2 for n in mask.shape))]
+    blocks = np.zeros(tuple(n // 2 for n in padded.shape), bool)
+    for corner in np.ndindex(2, 2, 2):
+        blocks |= padded[corner[0]::2, corner[1]::2, corner[2]::2]
+    image = sitk.GetImageFromArray(blocks.view(np.uint8))
+    image.SetSpacing([float(v) for v in 2.0 * spacing_kji[::-1]])
+    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    near = sitk.GetArrayViewFromImage(distance) <= distance_mm
+    k, j, i = near.shape
+    doubled = np.broadcast_to(near[:, None, :, None, :, None], (k, 2, j, 2, i, 2)).reshape(2 * k, 2 * j, 2 * i)
+    return doubled[:mask.shape[0], :mask.shape[1], :mask.shape[2]]
 
 
 def _on_lattice(values: np.ndarray, offset: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

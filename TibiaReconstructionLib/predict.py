@@ -418,12 +418,14 @@ class Predictor:
             return ct.with_array(labelmap), ct.with_array(intensity)
         lo, hi = work.lo, work.hi
         shape = tuple((hi - lo + 1)[::-1])
-        occ_sub = upsample_linear(work.occupancy, work.factors[::-1], shape)
-        int_sub = upsample_linear(work.intensity, work.factors[::-1], shape)
+        occ = torch.from_numpy(upsample_linear(work.occupancy, work.factors[::-1], shape))
+        weighted = torch.from_numpy(upsample_linear(work.intensity, work.factors[::-1], shape))
+        label = occ >= 0.5
+        # HU = window floor + (intensity / occupancy) x window width inside the tibia; torch runs this on all threads
+        hu = torch.round((weighted / occ.clamp_min(1e-6)).clamp_(0, 1).mul_(hi_hu - lo_hu).add_(lo_hu))
         sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
-        label_sub = np.greater_equal(occ_sub, 0.5, out=labelmap[sl].view(bool))  # written into the labelmap
-        intensity[sl][label_sub] = np.rint(lo_hu + np.clip(int_sub[label_sub] / occ_sub[label_sub], 0, 1)
-                                           * (hi_hu - lo_hu))
+        labelmap[sl] = label.numpy()
+        intensity[sl] = torch.where(label, hu, lo_hu).to(torch.int16).numpy()
         return ct.with_array(labelmap), ct.with_array(intensity)
 
     def _reach(self, inside: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[np.ndarray, np.ndarray]:
