@@ -31,8 +31,7 @@ from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smooth
 from .fusion import Fused, fuse_visible_bone
 from .refine import Placement, reduce_and_reconstruct
 from .resources import DEFAULT_BUNDLE
-from .surface import UNCERTAINTY_ARRAY, add_point_array, isosurface, level_surface, polydata_points, \
-    smooth_and_decimate, transform_polydata
+from .surface import UNCERTAINTY_ARRAY, add_point_array, level_surface, polydata_points
 
 MAX_FRACTURE_FRACTION = 0.6  # refuse when more of the tibia than this is hidden by the fracture mask
 # Voxel size: coarser than MAX_SPACING_MM along any axis (e.g. 10 mm slices) is refused, because the fracture
@@ -358,8 +357,9 @@ class Predictor:
         reconstruction (C, Z, Y, X; standard coordinates); with a PCA bundle's ``std``, each point's uncertainty (mm;
         0 on the patient's bone where it lies: seen, not predicted)."""
         fused = work.fused
-        if fused is None:
-            surface = self._surface(recon[-1], invert_affine(patient_to_standard))
+        if fused is None:  # the model's surface, moved from its frame into the patient's (vertices within 0.1 mm)
+            surface = level_surface(Volume.on_grid(recon[-1], self.bundle.grid), 0.5, smoothing_iterations=10,
+                                    target_reduction=0.3, transform=invert_affine(patient_to_standard))
         else:
             surface = level_surface(Volume.on_grid(fused.occupancy, fused.grid), 0.5, smoothing_iterations=10,
                                     target_reduction=0.3)
@@ -450,12 +450,3 @@ class Predictor:
         field = std / np.maximum(slope, std / MAX_UNCERTAINTY_MM + 1e-6)
         ijk = grid.physical_to_index(points_std)
         return ndimage.map_coordinates(field, ijk[:, ::-1].T, order=1, mode="nearest")
-
-    def _surface(self, occ: np.ndarray, standard_to_patient: np.ndarray) -> vtkPolyData:
-        """Iso-surface of the occupancy at 0.5 in standard coordinates, moved into patient LPS, smoothed and
-        decimated (vertices within 0.1 mm of the smoothed surface)."""
-        grid: Grid = self.bundle.grid
-        padded = Grid(tuple(np.asarray(grid.size) + 2), grid.spacing, grid.origin - grid.spacing, grid.direction)
-        surf = isosurface(np.pad(occ, 1), padded, 0.5)
-        return smooth_and_decimate(transform_polydata(surf, standard_to_patient), iterations=10,
-                                   target_reduction=0.3, max_error_mm=0.1)

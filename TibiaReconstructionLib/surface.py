@@ -137,14 +137,18 @@ def labelmap_surface(labelmap: Volume, smoothing_iterations: int = 15, target_re
 
 
 def level_surface(values: Volume, level: float, smoothing_iterations: int = 15, target_reduction: float = 0.5,
-                  max_error_mm: float = 0.1) -> vtkPolyData:
+                  max_error_mm: float = 0.1, transform: np.ndarray | None = None) -> vtkPolyData:
     """Closed, smoothed surface (LPS mm) around the voxels of ``values`` (e.g. an occupancy in [0, 1]) at or above
-    ``level``, which must be above 0 (the volume is closed by a border of zeros)."""
+    ``level``, which must be above 0 (the volume is closed by a border of zeros). ``transform``: a 4x4 map of the
+    iso-surface's points before smoothing (e.g. from a model's frame into the patient's LPS)."""
     padded_values = np.pad(values.array.astype(np.float32, copy=False), 1)  # closed where it touches the border
     grid = values.grid
     padded = Grid(tuple(np.asarray(grid.size) + 2), grid.spacing, grid.index_to_physical(-np.ones(3)), grid.direction)
-    return smooth_and_decimate(isosurface(padded_values, padded, level), smoothing_iterations,
-                               target_reduction=target_reduction, max_error_mm=max_error_mm)
+    surface = isosurface(padded_values, padded, level)
+    if transform is not None:
+        surface = transform_polydata(surface, transform)
+    return smooth_and_decimate(surface, smoothing_iterations, target_reduction=target_reduction,
+                               max_error_mm=max_error_mm)
 
 
 def write_stl(polydata: vtkPolyData, path: str | os.PathLike, frame: str = "LPS", overwrite: bool = False) -> Path:
