@@ -741,10 +741,12 @@ def speed_markdown(rows: list[dict], train_rows: list[dict], setup: dict) -> str
                   "(from the fibula's position; the model runs for both sides only when no fibula is found). Median "
                   "of the runs, in seconds; *start*: from launching Python to the code of `tibia-recon predict` "
                   "imported (torch, SimpleITK, VTK...); *read*: CT and masks; *load*: model bundle; "
-                  "*check*, *model*, *resample*, *surface*: `Prediction.timings`; *write*: all outputs; *total*: "
-                  "their sum. *command*: the same prediction as the command itself runs it (`tibia-recon predict` "
-                  "in its own process, from launch to exit); it imports torch while it reads the CT and compresses "
-                  "the volumes while it writes the surfaces, so it can take less than the stages' sum.", "",
+                  "*check*, *model*, *resample*, *surface*: `Prediction.timings` (the surface is built while the "
+                  "prediction is resampled onto the CT grid: *surface* is only what it takes beyond that); *write*: "
+                  "all outputs; *total*: their sum. *command*: the same prediction as the command itself runs it "
+                  "(`tibia-recon predict` in its own process, from launch to exit); it imports torch while it reads "
+                  "the CT and cuts and smooths the crops, and compresses the volumes while it writes the surfaces, so "
+                  "it can take less than the stages' sum.", "",
                   md_table(["CT size", "spacing (mm)", "threads", *PREDICT_STAGES, "total", "command",
                             "peak RSS (MiB)", "runs"],
                            [[r["size"], spacing[r["size"]], r["threads"],
