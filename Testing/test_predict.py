@@ -135,18 +135,18 @@ def test_crops_made_beforehand_are_used_only_at_the_bundle_spacing(predictor, ca
 
 
 def test_the_command_prepares_the_crops_at_the_bundle_spacing(predictor, case, tmp_path):
-    from TibiaReconstructionLib.predict_cli import _crops_ahead
+    from TibiaReconstructionLib.predict_cli import crops_ahead
 
     ct, tibia, fracture = case
     folder = predictor.bundle_path
-    crops = _crops_ahead(ct, tibia, fracture, folder)
+    crops = crops_ahead(ct, tibia, fracture, folder)
     np.testing.assert_allclose(crops.spacing, predictor.bundle.grid.spacing)
     expected = smoothed_crops(ct, tibia, predictor.bundle.grid.spacing, fracture)
     np.testing.assert_array_equal(crops.ct.array, expected.ct.array)
     (tmp_path / "config.json").write_text("{not json", encoding="utf-8")
-    assert _crops_ahead(ct, tibia, fracture, tmp_path) is None  # the Predictor then says what is wrong
+    assert crops_ahead(ct, tibia, fracture, tmp_path) is None  # the Predictor then says what is wrong
     elsewhere = Volume(fracture.array, fracture.spacing, fracture.origin + 3.0, fracture.direction)
-    assert _crops_ahead(ct, tibia, elsewhere, folder) is None  # not on the CT's grid: left to the Predictor
+    assert crops_ahead(ct, tibia, elsewhere, folder) is None  # not on the CT's grid: left to the Predictor
 
 
 def test_mask_on_another_grid_is_a_clear_error(predictor, case):

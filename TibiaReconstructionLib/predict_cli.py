@@ -46,7 +46,7 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     :class:`~TibiaReconstructionLib.predict.Predictor`. All or nothing: nothing is
     written if any output exists and ``overwrite`` is false, if an input is bad, or if writing fails (the
     outputs are written into a hidden staging folder inside ``out`` and renamed into place once complete)."""
-    _import_in_background(f"{__package__}.predict")  # torch loads while the CT is read (reading releases the GIL)
+    import_in_background(f"{__package__}.predict")  # torch loads while the CT is read (reading releases the GIL)
     out = Path(out)
     paths = output_paths(out, volume_suffix(ct_path) if not Path(ct_path).is_dir() else ".nrrd", tibia_path is None)
     clash = [str(p) for p in paths.values() if p.exists()]
@@ -68,7 +68,7 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
             side = segmentation.side  # found from the fibula's position, more reliable than the model's fit
     else:
         tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
-    crops = _crops_ahead(ct, tibia, fracture, bundle)  # while torch is still loading
+    crops = crops_ahead(ct, tibia, fracture, bundle)  # while torch is still loading
     from .predict import Predictor  # waits for the background import if it is still running
 
     result = Predictor(bundle, device, reduce_fragments, keep_visible_bone).predict(ct, tibia, fracture, side=side,
@@ -86,7 +86,7 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     return result, paths
 
 
-def _crops_ahead(ct, tibia, fracture, bundle) -> SmoothedCrops | None:
+def crops_ahead(ct, tibia, fracture, bundle) -> SmoothedCrops | None:
     """The Predictor's first step (:func:`prepare.smoothed_crops`), which needs no torch, at the spacing that the
     bundle's config.json states; None when that cannot be read or the inputs are refused: then the Predictor
     makes them itself, after its own checks, and says what is wrong."""
@@ -100,7 +100,7 @@ def _crops_ahead(ct, tibia, fracture, bundle) -> SmoothedCrops | None:
         return None
 
 
-def _import_in_background(module: str) -> None:
+def import_in_background(module: str) -> None:
     """Start importing ``module`` in a daemon thread; a later import of it waits for that one to finish (and
     raises, in the caller's thread, whatever the import raises)."""
     def load():

@@ -28,13 +28,17 @@ def run(workDir):
 
     from TibiaReconstructionLib.geometry import Grid, Volume
     from TibiaReconstructionLib.io import json_default
+    from TibiaReconstructionLib.predict_cli import crops_ahead, import_in_background
 
+    import_in_background("TibiaReconstructionLib.predict")  # torch loads while the inputs are read and cropped
     with open(os.path.join(workDir, "inputs.json"), encoding="utf-8") as f:
         config = json.load(f)
     grid = Grid.from_dict(config["grid"])
     ct = Volume.on_grid(np.load(os.path.join(workDir, "ct.npy")), grid)
     tibia = Volume.on_grid(np.load(os.path.join(workDir, "tibia.npy")), grid)
     fracture = Volume.on_grid(np.load(os.path.join(workDir, "fracture.npy")), grid)
+    emit(progress=0.0, message="Preparing the inputs")
+    crops = crops_ahead(ct, tibia, fracture, config.get("bundle") or None)
 
     emit(progress=0.0, message="Loading the model")
     from TibiaReconstructionLib.predict import Predictor
@@ -42,7 +46,7 @@ def run(workDir):
     predictor = Predictor(config.get("bundle") or None, device=config.get("device", "auto"),
                           reduce_fragments=config.get("reduce_fragments", True),
                           keep_visible_bone=config.get("keep_visible_bone", True))
-    result = predictor.predict(ct, tibia, fracture, side=config.get("side", "auto"),
+    result = predictor.predict(ct, tibia, fracture, side=config.get("side", "auto"), crops=crops,
                                progress=lambda fraction, message: emit(progress=float(fraction), message=str(message)))
 
     np.save(os.path.join(workDir, "labelmap.npy"), np.ascontiguousarray(result.labelmap.array))
