@@ -48,6 +48,7 @@ FIBULA_MIN_MM3 = 1000.0
 FIBULA_MIN_OFFSET_MM = 8.0
 MAX_UNCERTAINTY_MM = 30.0
 WORK_FRACTION = 2.0  # the result is resampled at (model spacing / WORK_FRACTION), then interpolated onto the CT
+CT_SLAB = 32  # CT slices computed together when the result is interpolated onto the CT
 Progress = Callable[[float, str], None]
 
 
@@ -420,12 +421,15 @@ class Predictor:
         shape = tuple((hi - lo + 1)[::-1])
         occ = torch.from_numpy(upsample_linear(work.occupancy, work.factors[::-1], shape))
         weighted = torch.from_numpy(upsample_linear(work.intensity, work.factors[::-1], shape))
-        label = occ >= 0.5
-        # HU = window floor + (intensity / occupancy) x window width inside the tibia; torch runs this on all threads
-        hu = torch.round((weighted / occ.clamp_min(1e-6)).clamp_(0, 1).mul_(hi_hu - lo_hu).add_(lo_hu))
-        sl = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
-        labelmap[sl] = label.numpy()
-        intensity[sl] = torch.where(label, hu, lo_hu).to(torch.int16).numpy()
+        box_label = labelmap[tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))]
+        box_hu = intensity[tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))]
+        for k in range(0, shape[0], CT_SLAB):  # slabs of slices: torch uses all threads, temporaries stay small
+            o, w = occ[k:k + CT_SLAB], weighted[k:k + CT_SLAB]
+            label = o >= 0.5
+            # HU = window floor + (intensity / occupancy) x window width inside the tibia
+            hu = torch.round((w / o.clamp_min(1e-6)).clamp_(0, 1).mul_(hi_hu - lo_hu).add_(lo_hu))
+            box_label[k:k + CT_SLAB] = label.numpy()
+            box_hu[k:k + CT_SLAB] = torch.where(label, hu, lo_hu).to(torch.int16).numpy()
         return ct.with_array(labelmap), ct.with_array(intensity)
 
     def _reach(self, inside: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[np.ndarray, np.ndarray]:
