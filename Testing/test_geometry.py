@@ -159,3 +159,19 @@ def test_upsample_linear_matches_trilinear_interpolation(rng):
     np.testing.assert_array_equal(upsample_linear(array, (1, 1, 1), array.shape), array)
     with pytest.raises(InputError, match="larger"):
         upsample_linear(array, (1, 3, 2), (4, 14, 11))
+
+
+def test_boundary_distance_is_the_distance_to_the_nearest_boundary_voxel_on_an_anisotropic_grid():
+    from scipy import ndimage
+
+    from TibiaReconstructionLib.geometry import boundary_distance
+
+    mask = np.zeros((9, 12, 14), bool)
+    mask[2:7, 3:10, 4:11] = True
+    spacing = (0.7, 1.3, 2.5)  # (i, j, k)
+    boundary = mask & ~ndimage.binary_erosion(mask)
+    points = np.argwhere(boundary) * np.array(spacing[::-1])
+    every = np.argwhere(np.ones_like(mask)) * np.array(spacing[::-1])
+    nearest = np.sqrt(((every[:, None, :] - points[None]) ** 2).sum(-1)).min(1).reshape(mask.shape)
+    expected = np.where(mask, -nearest, nearest)
+    np.testing.assert_allclose(boundary_distance(mask, spacing), expected, atol=1e-4)

@@ -18,10 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage
 
-from .geometry import Grid, Volume, apply_affine, bounding_box, crop, invert_affine, resample
+from .geometry import Grid, Volume, apply_affine, boundary_distance, bounding_box, crop, invert_affine, resample
 from .refine import Placement
 
 OWN_MM = 5.0  # the prediction becomes the patient's bone this close to a pasted piece
@@ -80,10 +79,7 @@ def _within(mask: np.ndarray, spacing_kji: np.ndarray, distance_mm: float) -> np
     blocks = np.zeros(tuple(n // 2 for n in padded.shape), bool)
     for corner in np.ndindex(2, 2, 2):
         blocks |= padded[corner[0]::2, corner[1]::2, corner[2]::2]
-    image = sitk.GetImageFromArray(blocks.view(np.uint8))
-    image.SetSpacing([float(v) for v in 2.0 * spacing_kji[::-1]])
-    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    near = sitk.GetArrayViewFromImage(distance) <= distance_mm
+    near = boundary_distance(blocks, 2.0 * spacing_kji[::-1]) <= distance_mm
     k, j, i = near.shape
     doubled = np.broadcast_to(near[:, None, :, None, :, None], (k, 2, j, 2, i, 2)).reshape(2 * k, 2 * j, 2 * i)
     return doubled[:mask.shape[0], :mask.shape[1], :mask.shape[2]]

@@ -358,12 +358,11 @@ class Predictor:
         reconstruction (C, Z, Y, X; standard coordinates); with a PCA bundle's ``std``, each point's uncertainty (mm;
         0 on the patient's bone where it lies: seen, not predicted)."""
         fused = work.fused
-        if fused is None:  # the model's surface, moved from its frame into the patient's (vertices within 0.1 mm)
-            surface = level_surface(Volume.on_grid(recon[-1], self.bundle.grid), 0.5, smoothing_iterations=10,
-                                    target_reduction=0.3, transform=invert_affine(patient_to_standard))
+        if fused is None:  # the model's occupancy, its surface moved from its frame into the patient's
+            occupancy, to_patient = Volume.on_grid(recon[-1], self.bundle.grid), invert_affine(patient_to_standard)
         else:
-            surface = level_surface(Volume.on_grid(fused.occupancy, fused.grid), 0.5, smoothing_iterations=10,
-                                    target_reduction=0.3)
+            occupancy, to_patient = Volume.on_grid(fused.occupancy, fused.grid), None
+        surface = level_surface(occupancy, 0.5, smoothing_iterations=10, target_reduction=0.3, transform=to_patient)
         if std is not None:
             points = polydata_points(surface)
             uncertainty = self._surface_uncertainty_mm(recon[-1], std, apply_affine(patient_to_standard, points))
@@ -421,8 +420,8 @@ class Predictor:
         shape = tuple((hi - lo + 1)[::-1])
         occ = torch.from_numpy(upsample_linear(work.occupancy, work.factors[::-1], shape))
         weighted = torch.from_numpy(upsample_linear(work.intensity, work.factors[::-1], shape))
-        box_label = labelmap[tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))]
-        box_hu = intensity[tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))]
+        box = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
+        box_label, box_hu = labelmap[box], intensity[box]
         for k in range(0, shape[0], CT_SLAB):  # slabs of slices: torch uses all threads, temporaries stay small
             o, w = occ[k:k + CT_SLAB], weighted[k:k + CT_SLAB]
             label = o >= 0.5

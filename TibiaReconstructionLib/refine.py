@@ -19,12 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .geometry import Grid
+from .geometry import Grid, boundary_distance
 from .models.sampler import (compose_theta, invert_theta, normalised_to_physical, rotation_matrices,
                              theta_to_matrix)
 
@@ -110,11 +109,7 @@ def signed_distance(occupancy: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     inside = occupancy > 0.5
     if not inside.any():
         return np.full(occupancy.shape, 1e3, np.float32)
-    image = sitk.GetImageFromArray(inside.view(np.uint8))
-    image.SetSpacing([float(v) for v in spacing])
-    distance = sitk.SignedMaurerDistanceMap(image, insideIsPositive=False, squaredDistance=False,
-                                            useImageSpacing=True)
-    return (sitk.GetArrayFromImage(distance) - 0.5 * float(np.min(spacing))).astype(np.float32)
+    return (boundary_distance(inside, spacing) - 0.5 * float(np.min(spacing))).astype(np.float32)
 
 
 def _surface_voxels(labels: np.ndarray, ids: list[int], small: np.ndarray, visible: np.ndarray
