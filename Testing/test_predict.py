@@ -125,8 +125,7 @@ def test_inputs_are_not_modified(predictor, case):
 def test_crops_made_beforehand_are_used_only_at_the_bundle_spacing(predictor, case, result):
     ct, tibia, fracture = case
     spacing = predictor.bundle.grid.spacing
-    ahead = predictor.predict(*case, side="left", crops=smoothed_crops(ct, tibia, spacing,
-                                                                                          fracture))
+    ahead = predictor.predict(*case, side="left", crops=smoothed_crops(ct, tibia, spacing, fracture))
     np.testing.assert_array_equal(ahead.labelmap.array, result.labelmap.array)
     # crops for another spacing would give another canonical input: they are ignored, not used
     wrong = smoothed_crops(ct, tibia, 2.0 * spacing, fracture)
