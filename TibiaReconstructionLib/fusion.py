@@ -5,7 +5,8 @@ millimetre even where the bone is plainly visible. Outside the fracture mask the
 each visible piece of the tibia (6-connected, outside the fracture mask, on the prediction's work grid: along the
 CT's axes at about half the model's spacing) is matched to the fragment of the model's reduction
 (:class:`refine.Placement`) that holds it, moved rigidly to where the reduction put that fragment (the anchor stays
-put) and pasted into the prediction: within OWN_MM of a pasted piece, and outside the fracture mask (moved with its
+put; the main moved fragment where its broken face meets the anchor's, when they clearly do: :mod:`reassembly`)
+and pasted into the prediction: within OWN_MM of a pasted piece, and outside the fracture mask (moved with its
 fragment), the prediction becomes the patient's bone; elsewhere, above all in the fracture zone, it stays the
 model's. Pieces of fragments that fit the reconstruction worse than MAX_MISFIT_MM, or too small to match, are left
 to the model.
@@ -21,6 +22,7 @@ import numpy as np
 from scipy import ndimage
 
 from .geometry import Grid, Volume, apply_affine, boundary_distance, bounding_box, crop, invert_affine, resample
+from .reassembly import reassemble
 from .refine import Placement
 
 OWN_MM = 5.0  # the prediction becomes the patient's bone this close to a pasted piece
@@ -126,11 +128,13 @@ def _moved_piece(piece: np.ndarray, hu: np.ndarray, hidden: np.ndarray, source: 
 
 def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume, tibia: Volume, fracture: Volume,
                       tibia_box: tuple[np.ndarray, np.ndarray], placement: Placement, canonical: Grid,
-                      patient_to_canonical: np.ndarray) -> Fused:
+                      patient_to_canonical: np.ndarray, reassemble_fragments: bool = True) -> Fused:
     """Fuse the visible fragments (module docstring) into ``model_occupancy`` (on ``destination``: along the CT's
     axes through CT voxel centres, every n-th voxel along each axis). The masks are read on that lattice too.
     ``tibia_box``: the tibia mask's index box (lo, hi inclusive, (k, j, i)) on the CT; ``canonical``: the grid of
-    ``placement.labels``; ``patient_to_canonical``: the 4x4 LPS map P. Inputs are not modified."""
+    ``placement.labels``; ``patient_to_canonical``: the 4x4 LPS map P; ``reassemble_fragments``: refit the main
+    moved fragment's move by the contact of the broken faces (:func:`reassembly.reassemble`; its report is the
+    report's "reassembly"). Inputs are not modified."""
     step = np.maximum(np.rint(destination.spacing / ct.spacing), 1).astype(int)[::-1]  # (k, j, i)
     start = np.rint(ct.grid.physical_to_index(destination.origin)[::-1]).astype(int)
     end = start + step * (np.asarray(destination.shape) - 1)
@@ -154,6 +158,10 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     voxel_ml = float(np.prod(source.spacing)) / 1000.0
     owner[sizes * voxel_ml < MIN_PIECE_ML] = 0
     moves = patient_moves(placement, patient_to_canonical)
+    reassembly = {}
+    if reassemble_fragments:
+        axis = invert_affine(patient_to_canonical)[:3, :3] @ np.array([0.0, 0.0, 1.0])
+        moves, reassembly = reassemble(tib, hidden, pieces, owner, moves, placement.anchor, axis / np.linalg.norm(axis))
     hu_source = source_volume(ct).array
     pasted = np.zeros(destination.shape, np.float32)
     hu = np.zeros(destination.shape, np.float32)
@@ -185,5 +193,6 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
         owned = _within(pasted >= 0.5, destination.spacing[::-1], OWN_MM) & ~covered
     occupancy = np.where(owned, pasted, model_occupancy).astype(np.float32)
     kept = occupancy >= 0.5
-    report = {"fragments": fragments, "patient_bone_share": round(float((kept & owned).sum() / max(kept.sum(), 1)), 4)}
+    report = {"fragments": fragments, "reassembly": reassembly,
+              "patient_bone_share": round(float((kept & owned).sum() / max(kept.sum(), 1)), 4)}
     return Fused(destination, occupancy, hu, owned, owned & still, report)

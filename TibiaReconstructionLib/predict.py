@@ -239,15 +239,19 @@ class Predictor:
     """Loads a model bundle once and predicts healthy tibiae from fractured CTs."""
 
     def __init__(self, bundle: str | Path | Bundle | None = None, device: str = "auto",
-                 reduce_fragments: bool = True, keep_visible_bone: bool = True) -> None:
+                 reduce_fragments: bool = True, keep_visible_bone: bool = True,
+                 reassemble_fragments: bool = True) -> None:
         """``reduce_fragments``: register the fragments onto a first reconstruction, reduce them onto the proximal
         main fragment and reconstruct again (:mod:`refine`); False gives the paper's single pass.
         ``keep_visible_bone``: where the CT shows the tibia outside the fracture mask, the prediction keeps the
         patient's own bone, moved where the reduction placed it (:mod:`fusion`; needs ``reduce_fragments``); False
-        gives the model's reconstruction everywhere."""
+        gives the model's reconstruction everywhere. ``reassemble_fragments``: with the visible bone kept, the main
+        moved fragment goes where its broken face meets the anchor's, when they clearly do (:mod:`reassembly`);
+        False keeps the reduction's placement."""
         self.device = resolve_device(device)
         self.reduce_fragments = reduce_fragments
         self.keep_visible_bone = keep_visible_bone
+        self.reassemble_fragments = reassemble_fragments
         self.bundle_path = "(in memory)" if isinstance(bundle, Bundle) else str(bundle or DEFAULT_BUNDLE)
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle or DEFAULT_BUNDLE, self.device)
         self._crop_cache = None
@@ -327,7 +331,7 @@ class Predictor:
         fuse = None
         if self.keep_visible_bone and run.placement is not None:
             fuse = lambda occ, grid: fuse_visible_bone(occ, grid, ct, tibia_mask, fracture_mask, box,  # noqa: E731
-                                                       run.placement, self.bundle.grid, p)
+                                                       run.placement, self.bundle.grid, p, self.reassemble_fragments)
         work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse)
         # the surface (VTK, which releases the GIL) is built while the work grid is interpolated onto the CT
         with ThreadPoolExecutor(1) as pool:

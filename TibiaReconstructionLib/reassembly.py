@@ -1,0 +1,272 @@
+"""Reassemble the fracture: move the main moved fragment until its broken face meets the anchor's (patient LPS, mm).
+
+The shape model cannot tell where the distal fragment belongs to within a few millimetres and degrees: tibial length,
+torsion and bow vary between people, and the model explains a fragment left a little short, or turned, as a slightly
+different tibia. The fragments can: in the healthy bone their broken faces meet without overlapping.
+
+Here the whole tibia mask near the fracture (the fracture zone included, where the broken faces are) is resampled
+onto an isotropic GRID_MM grid, smoothed over its own voxel size, and split between the fragments by a watershed of
+its distance map seeded with the visible pieces. The broken faces are the fragments' surfaces in the fracture zone,
+less where the two touch in the CT (there the split is the watershed's guess). Starting from the reduction's move,
+the fragment's rigid motion is fitted so that each face lies on the other fragment's surface, facing it, without
+the fragment reaching into the anchor: Adam on a robust contact score (both faces, with sub-voxel distances), from
+a few starts along the long axis, with the contact's width narrowing. A weak prior keeps the motion near the
+reduction's where the faces do not decide it (a flat face lets the fragment slide across it or turn about it): a
+sideways move of the face's centre by PRIOR_SHIFT_MM, or a turn by PRIOR_TURN_DEG, costs as much as a perfect
+contact gains. The fit is kept only when the faces meet clearly better than before, without overlap, and the change
+is of a plausible size.
+
+Points are patient LPS (mm); arrays (Z, Y, X); moves 4x4 maps of patient points from where the fragment lies in
+the CT to where it goes in the prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .geometry import Grid, Volume, boundary_distance, bounding_box, resample
+
+GRID_MM = 1.0  # the contact is fitted on an isotropic grid of this spacing
+MARGIN_MM = 15.0  # around the fracture zone
+SMOOTHING = 0.5  # Gaussian sigma of the resampled mask, in the mask's voxels
+TOUCH_VOXELS = 2  # face voxels this close to the other fragment in the CT are left out (the split is a guess there)
+BODY_TOUCH_VOXELS = 3  # and body voxels this close to the anchor
+FACE_POINTS = 1000  # voxels of each broken face (random subset) that drive the fit
+BODY_POINTS = 3000  # fragment voxels near the break that must stay out of the anchor
+WIDTHS_MM = (4.0, 2.0, 1.0)  # the contact's width, narrowing
+STEPS = 30  # Adam steps per width
+STARTS_MM = (-4.0, 4.0)  # starting slides along the long axis
+LR_ROTATION = 0.006  # rad per Adam step
+LR_TRANSLATION = 0.3  # mm per Adam step
+OVERLAP_WEIGHT = 1.0  # per mm of mean depth inside the anchor
+PRIOR_SHIFT_MM = 20.0
+PRIOR_TURN_DEG = 50.0
+MIN_GAIN = 0.075  # the fit is kept when the faces' contact (0..1) grows by at least this much,
+MAX_OVERLAP_MM = 0.1  # the fragment reaches into the anchor by less than this on average,
+MAX_TURN_DEG = 15.0  # and the change turns the fragment and moves its face's centre by no more than these
+MAX_SHIFT_MM = 15.0
+MIN_FACE_VOXELS = 50
+
+
+@dataclass
+class Fit:
+    """The fitted move (4x4; the given one when not kept) and a report: the faces' contact before and after (0..1),
+    the mean overlap (mm) before and after, the change's turn (deg) and shift of the face's centre (mm), kept."""
+
+    move: np.ndarray
+    report: dict
+
+
+def contact_grid(tibia: Volume, hidden: np.ndarray) -> tuple[Grid, tuple[slice, ...]] | None:
+    """An isotropic GRID_MM grid along the tibia mask's axes over the fracture zone in the tibia plus MARGIN_MM, and
+    the index box (k, j, i slices) of the mask that covers it; None when the zone holds no tibia."""
+    zone = bounding_box((tibia.array != 0) & hidden)
+    if zone is None:
+        return None
+    margin = np.ceil(MARGIN_MM / tibia.spacing[::-1]).astype(int)
+    lo = np.maximum(zone[0] - margin, 0)
+    hi = np.minimum(zone[1] + margin, np.asarray(tibia.array.shape) - 1)
+    size = np.ceil((hi - lo) * tibia.spacing[::-1] / GRID_MM).astype(int) + 1  # (k, j, i)
+    grid = Grid(tuple(size[::-1]), (GRID_MM,) * 3, tibia.index_to_physical(lo[::-1].astype(float)), tibia.direction)
+    return grid, tuple(slice(a, b + 2) for a, b in zip(lo, hi))  # one voxel beyond: the grid's far edge
+
+
+def split_fragments(whole: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The whole tibia (``whole``, bool) split by a watershed of its distance map from ``seeds`` (uint8 labels, 0:
+    none): every tibia voxel gets the label of the seed whose basin holds it (touching fragments meet where the
+    bone narrows)."""
+    depth = ndimage.distance_transform_edt(whole).astype(np.float32)
+    basins = sitk.MorphologicalWatershedFromMarkers(sitk.GetImageFromArray(-depth),
+                                                    sitk.GetImageFromArray((seeds * whole).astype(np.uint8)),
+                                                    markWatershedLine=False, fullyConnected=True)
+    return sitk.GetArrayFromImage(basins).astype(np.uint8) * whole
+
+
+def level_distance(occupancy: np.ndarray) -> np.ndarray:
+    """Signed distance (mm, negative inside) to the 0.5 level of ``occupancy`` (Z, Y, X) on a GRID_MM grid: within a
+    voxel of the level ITK's iso-contour distance (the level placed between voxel centres by linear interpolation),
+    farther out the distance to the boundary voxels less half a voxel."""
+    coarse = boundary_distance(occupancy > 0.5, (GRID_MM,) * 3) - 0.5 * GRID_MM
+    image = sitk.GetImageFromArray(occupancy.astype(np.float32))
+    image.SetSpacing((GRID_MM,) * 3)
+    far = 1e3
+    try:
+        near = -sitk.GetArrayFromImage(sitk.IsoContourDistance(image, levelSetValue=0.5, farValue=far))
+    except RuntimeError:  # ITK refuses a level crossed where the occupancy is flat to its precision
+        return coarse.astype(np.float32)
+    return np.where(np.abs(near) < far, near, coarse).astype(np.float32)
+
+
+class _Field:
+    """The signed distance to a fragment's surface and its direction (unit, patient axes), sampled (differentiably)
+    at patient points moved rigidly."""
+
+    def __init__(self, occupancy: np.ndarray, grid: Grid) -> None:
+        sdf = level_distance(occupancy)
+        grad = np.asarray(grid.direction) @ np.stack(np.gradient(sdf, GRID_MM)[::-1]).reshape(3, -1)  # patient axes
+        grad /= np.maximum(np.linalg.norm(grad, axis=0), 1e-6)
+        self.volume = torch.from_numpy(np.concatenate([sdf[None], grad.reshape(3, *sdf.shape)]).astype(np.float32))
+        normalise = np.diag([*(2.0 / np.maximum(np.asarray(grid.size, float) - 1.0, 1.0)), 1.0])
+        normalise[:3, 3] = -1.0  # index 0 -> -1, size - 1 -> 1 (grid_sample, align_corners)
+        self.to_normalised = torch.from_numpy((normalise @ np.linalg.inv(grid.ijk_to_lps)).astype(np.float32))
+
+    def __call__(self, points: torch.Tensor, r: torch.Tensor | None = None, t: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Signed distance (S, n) and direction (S, n, 3) at patient points (n, 3) moved by each of S rigid maps
+        p -> r p + t (r (S, 3, 3), t (S, 3); the identity when None)."""
+        if r is None:
+            r, t = torch.eye(3)[None], torch.zeros(1, 3)
+        lin = self.to_normalised[:3, :3] @ r  # moved, then normalised, in one product
+        flow = points @ lin.transpose(1, 2) + (t @ self.to_normalised[:3, :3].T + self.to_normalised[:3, 3])[:, None]
+        values = F.grid_sample(self.volume.expand(len(flow), -1, -1, -1, -1), flow[:, :, None, None],
+                               mode="bilinear", padding_mode="border", align_corners=True)[..., 0, 0]
+        return values[:, 0], values[:, 1:].transpose(1, 2)
+
+
+def _rigid(params: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rigid maps (S, 3, 3) and (S, 3) of S parameter sets (S, 6): turn by the rotation vector params[:, :3] (rad;
+    Rodrigues' formula) about ``centre``, then shift by params[:, 3:] (mm)."""
+    w = params[:, :3]
+    angle = w.norm(dim=1).clamp_min(1e-9)[:, None, None]
+    k = w / angle[:, :, 0]
+    zero = torch.zeros_like(k[:, 0])
+    skew = torch.stack([torch.stack([zero, -k[:, 2], k[:, 1]], -1), torch.stack([k[:, 2], zero, -k[:, 0]], -1),
+                        torch.stack([-k[:, 1], k[:, 0], zero], -1)], 1)
+    r = torch.eye(3) + torch.sin(angle) * skew + (1 - torch.cos(angle)) * skew @ skew
+    return r, centre - r @ centre + params[:, 3:]
+
+
+def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, grid: Grid, move: np.ndarray,
+                axis: np.ndarray) -> Fit | None:
+    """Fit the fragment's move (module docstring). ``anchor`` and ``fragment``: occupancies (Z, Y, X) in [0, 1] on
+    ``grid`` where they lie in the CT; ``hidden``: the fracture zone (bool) there; ``move``: where the reduction puts
+    the fragment; ``axis``: the tibia's long axis (unit, patient). None when either shows too little broken face."""
+    near = ndimage.binary_dilation(hidden, iterations=2)
+    solid = [anchor > 0.5, fragment > 0.5]
+    rims = [m & ~ndimage.binary_erosion(m) & near & ~ndimage.binary_dilation(o, iterations=TOUCH_VOXELS)
+            for m, o in (solid, solid[::-1])]
+    if min(int(r.sum()) for r in rims) < MIN_FACE_VOXELS:
+        return None
+    rng = np.random.default_rng(0)
+    fields = [_Field(anchor, grid), _Field(fragment, grid)]
+
+    def points(mask: np.ndarray, n: int) -> torch.Tensor:
+        kji = np.argwhere(mask)
+        kji = kji[rng.choice(len(kji), n, replace=False)] if len(kji) > n else kji
+        return torch.from_numpy(grid.index_to_physical(kji[:, ::-1].astype(float)).astype(np.float32))
+
+    faces, normals = [], []
+    for field, rim in zip(fields, rims):  # boundary voxel centres, moved onto their surface
+        p = points(rim, FACE_POINTS)
+        d, n = field(p)
+        faces.append(p - d[0, :, None] * n[0])
+        normals.append(n[0])
+    touching = ndimage.binary_dilation(solid[0], iterations=BODY_TOUCH_VOXELS)
+    body = points(solid[1] & ndimage.binary_dilation(hidden, iterations=3) & ~touching, BODY_POINTS)
+    m0 = torch.from_numpy(move.astype(np.float32))
+    centre = (faces[1] @ m0[:3, :3].T + m0[:3, 3]).mean(0)
+    a = torch.from_numpy(np.asarray(axis, np.float32))
+    across = torch.eye(3) - torch.outer(a, a)
+    r0, t0 = m0[:3, :3], m0[:3, 3]
+
+    def terms(params: torch.Tensor, width: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The faces' contact (S,; 0..1: each face on the other fragment's surface and facing it, within ``width``)
+        and the fragment's mean depth inside the anchor (S,; mm), with the fragment moved by each parameter set
+        (S, 6) after the reduction's move."""
+        dr, dt = _rigid(params, centre)
+        r, t = dr @ r0, (dr @ t0[:, None])[..., 0] + dt  # the fragment's move: CT -> prediction
+        rb, tb = r.transpose(1, 2), -(r.transpose(1, 2) @ t[..., None])[..., 0]  # and back
+        shares = []
+        # the anchor's face taken into the fragment's frame; the fragment's face moved into the anchor's
+        for other, p, n, rr, tt in zip(fields[::-1], faces, normals, (rb, r), (tb, t)):
+            d, g = other(p, rr, tt)
+            facing = torch.relu(-(n * (g @ rr)).sum(-1))  # the face's normal, turned, against the other's: -(r n).g
+            shares.append((facing * torch.exp(-0.5 * (d / width) ** 2)).mean(-1))
+        overlap = torch.relu(-fields[0](body, r, t)[0]).mean(-1)
+        return 0.5 * (shares[0] + shares[1]), overlap
+
+    def energy(params: torch.Tensor, width: float) -> torch.Tensor:
+        contact, overlap = terms(params, width)
+        prior = ((params[:, 3:] @ across).pow(2).sum(1) / PRIOR_SHIFT_MM ** 2
+                 + params[:, :3].pow(2).sum(1) / np.radians(PRIOR_TURN_DEG) ** 2)
+        return OVERLAP_WEIGHT * overlap + prior - contact
+
+    lr = torch.tensor([LR_ROTATION] * 3 + [LR_TRANSLATION] * 3)
+    params = torch.cat([torch.zeros(len(STARTS_MM), 3), torch.tensor(STARTS_MM)[:, None] * a], 1)
+    moments = torch.zeros(2, *params.shape)
+    step = 0
+    with torch.enable_grad():
+        params.requires_grad_(True)
+        for width in WIDTHS_MM:  # all starts at once
+            for _ in range(STEPS):
+                step += 1
+                (grad,) = torch.autograd.grad(energy(params, width).sum(), params)
+                with torch.no_grad():
+                    params -= lr * _adam_direction(moments, grad, step)
+    with torch.no_grad():
+        params = params.detach()
+        params = params[int(torch.argmin(energy(params, WIDTHS_MM[-1])))]
+        (before, after), (overlap_before, overlap) = (v.tolist() for v in terms(torch.stack([torch.zeros(6), params]),
+                                                                               WIDTHS_MM[-1]))
+        dr, dt = _rigid(params[None], centre)
+        fitted = np.eye(4)
+        fitted[:3, :3] = (dr[0] @ r0).double().numpy()
+        fitted[:3, 3] = (dr[0] @ t0 + dt[0]).double().numpy()
+    turn = float(np.degrees(float(params[:3].norm())))
+    shift = float(params[3:].norm())
+    kept = bool(after - before >= MIN_GAIN and overlap <= MAX_OVERLAP_MM and turn <= MAX_TURN_DEG
+                and shift <= MAX_SHIFT_MM)
+    report = {"contact_before": round(before, 3), "contact_after": round(after, 3),
+              "overlap_before_mm": round(overlap_before, 3), "overlap_after_mm": round(overlap, 3),
+              "turn_deg": round(turn, 2), "shift_mm": round(shift, 2), "kept": kept}
+    return Fit(fitted if kept else np.array(move, float), report)
+
+
+def _adam_direction(moments: torch.Tensor, grad: torch.Tensor, step: int, betas=(0.9, 0.999), eps=1e-8
+                    ) -> torch.Tensor:
+    """Adam's update direction, updating the running ``moments`` (2, ...) in place (as refine's)."""
+    moments[0].mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+    moments[1].mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    return (moments[0] / (1 - betas[0] ** step)) / ((moments[1] / (1 - betas[1] ** step)).sqrt() + eps)
+
+
+def reassemble(tibia: Volume, hidden: np.ndarray, pieces: np.ndarray, owner: np.ndarray, moves: dict[int, np.ndarray],
+               anchor: int, axis: np.ndarray) -> tuple[dict[int, np.ndarray], dict]:
+    """Refit the move of the largest moved fragment onto the anchor by contact (module docstring). ``tibia``: the
+    tibia mask on a lattice of the CT; ``hidden``: the fracture mask and ``pieces`` the visible pieces' labels on it;
+    ``owner``: each piece's fragment id (0: none); ``moves``: each fragment's move; ``axis``: the tibia's long axis
+    (unit, patient). Returns the moves (a new dict; only that fragment's may change) and a report (empty when no
+    fragment moves or the fracture zone holds no tibia)."""
+    moved = [f for f in moves if f != anchor]
+    found = contact_grid(tibia, hidden) if moved else None
+    if found is None:
+        return dict(moves), {}
+    grid, box = found
+    counts = np.bincount(pieces.ravel(), minlength=len(owner))
+    fid = max(moved, key=lambda f: counts[:len(owner)][owner == f].sum())
+    part = pieces[box]
+    label = owner[part]
+    seeds = np.where(label == anchor, 1, np.where(label == fid, 2, np.where(part > 0, 3, 0)))
+    corner = tibia.index_to_physical(np.array([s.start for s in box[::-1]], float))
+    near = Volume(tibia.array[box], tibia.spacing, corner, tibia.direction)
+
+    def onto(values: np.ndarray, interpolation: str) -> np.ndarray:
+        return resample(near.with_array(values.astype(np.float32)), grid, None, interpolation).array
+
+    occupancy = ndimage.gaussian_filter(onto(near.array != 0, "linear"), SMOOTHING * tibia.spacing[::-1] / GRID_MM)
+    parts = split_fragments(occupancy > 0.5, np.rint(onto(seeds, "nearest")).astype(np.uint8))
+    # each fragment's occupancy: the tibia's where that fragment is the nearest part (outside the bone too)
+    nearest = parts[tuple(ndimage.distance_transform_edt(parts == 0, return_distances=False, return_indices=True))]
+    fit = fit_contact(occupancy * (nearest == 1), occupancy * (nearest == 2), onto(hidden[box], "nearest") > 0.5, grid,
+                      moves[fid], axis)
+    out = dict(moves)
+    if fit is None:
+        return out, {"fragment": fid, "kept": False, "reason": "too little broken face"}
+    out[fid] = fit.move
+    return out, {"fragment": fid, **fit.report}
