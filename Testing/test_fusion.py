@@ -43,9 +43,10 @@ def placement(labels, distal_misfit=0.8):
 
 
 def fuse(case, place):
+    """Fused with the given placement as it is (reassembly, which would refit it, has its own tests)."""
     _, ct, tibia, fracture, _, model = case
     return fusion.fuse_visible_bone(model, GRID, ct, tibia, fracture, bounding_box(tibia.array), place, GRID,
-                                    np.eye(4))
+                                    np.eye(4), reassemble_fragments=False)
 
 
 def test_visible_fragments_are_pasted_where_the_reduction_puts_them(case):
