@@ -201,14 +201,19 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
     params = torch.cat([torch.zeros(len(STARTS_MM), 3), torch.tensor(STARTS_MM)[:, None] * a], 1)
     moments = torch.zeros(2, *params.shape)
     step = 0
-    with torch.enable_grad():
-        params.requires_grad_(True)
-        for width in WIDTHS_MM:  # all starts at once
-            for _ in range(STEPS):
-                step += 1
-                (grad,) = torch.autograd.grad(energy(params, width).sum(), params)
-                with torch.no_grad():
-                    params -= lr * _adam_direction(moments, grad, step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small tensors: one thread is faster than several that wait for each other
+    try:
+        with torch.enable_grad():
+            params.requires_grad_(True)
+            for width in WIDTHS_MM:  # all starts at once
+                for _ in range(STEPS):
+                    step += 1
+                    (grad,) = torch.autograd.grad(energy(params, width).sum(), params)
+                    with torch.no_grad():
+                        params -= lr * _adam_direction(moments, grad, step)
+    finally:
+        torch.set_num_threads(threads)
     with torch.no_grad():
         params = params.detach()
         params = params[int(torch.argmin(energy(params, WIDTHS_MM[-1])))]
