@@ -32,14 +32,16 @@ def test_predict_without_tibia_mask_segments_it_and_saves_it(tmp_path, capsys):
     ras = polydata_points(read_stl(out / "predicted_tibia_RAS.stl"))
     np.testing.assert_allclose(ras_to_lps(ras), lps, atol=1e-3)
     assert "tibia_mask" in capsys.readouterr().out
-    # --model-only: the model's reconstruction everywhere, no visible bone kept; with the bundled model (the tiny
-    # one's reduction is refused on a real phantom, and then nothing is kept anyway). The report says which.
+    # --model-only: the model's reconstruction everywhere, no visible bone kept; --no-reassembly: the moved fragment
+    # where the reduction put it; with the bundled model (the tiny one's reduction is refused on a real phantom, and
+    # then nothing is kept anyway). The report says which.
     runs = {}
-    for name, extra in (("default", []), ("model-only", ["--model-only"])):
+    for name, extra in (("default", []), ("model-only", ["--model-only"]), ("no-reassembly", ["--no-reassembly"])):
         runs[name] = tmp_path / name
         assert main(["predict", "--ct", str(ct), "--tibia-mask", str(out / "tibia_mask_auto.nrrd"),
                      "--fracture-mask", str(frac), "--out", str(runs[name])] + extra) == 0
-    fused, model = (json.loads((d / "report.json").read_text(encoding="utf-8")) for d in runs.values())
+    fused, model, placed = (json.loads((d / "report.json").read_text(encoding="utf-8")) for d in runs.values())
     assert model["visible_bone"] == {} and any(f["pasted"] for f in fused["visible_bone"]["fragments"])
+    assert "contact_before" in fused["visible_bone"]["reassembly"] and placed["visible_bone"]["reassembly"] == {}
     labels = [read_volume(d / "predicted_tibia_label.nrrd").array for d in runs.values()]
     assert (labels[0] != labels[1]).any()

@@ -39,7 +39,8 @@ SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 
 DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ...)
 MASKED_BINS = (0.0, 0.1, 0.2, 0.3, 1.0)  # bins of the fraction of the tibia hidden by the fracture mask
 METRICS = (("dice", "Dice"), ("rmsd_mm", "RMSD (mm)"), ("hd95_mm", "HD95 (mm)"), ("msd_mm", "MSD (mm)"))
-METHODS = {"model": "model", "model-only": "model, no visible bone", "single": "model, single pass",
+METHODS = {"model": "model", "no-reassembly": "model, no reassembly",
+           "model-only": "model, no visible bone", "single": "model, single pass",
            "prototype": "prototype only",
            "rigid": "mean shape, rigid fit",
            "contralateral": "mirrored contralateral leg"}
@@ -165,6 +166,14 @@ class SinglePassPredictor(Predictor):
         super().__init__(bundle, device, reduce_fragments=False)
 
 
+class NoReassemblyPredictor(Predictor):
+    """The Predictor with the moved fragment where the reduction put it, not refitted to meet the anchor by its
+    broken face (reassembly.py)."""
+
+    def __init__(self, bundle, device="auto"):
+        super().__init__(bundle, device, reassemble_fragments=False)
+
+
 class ModelOnlyPredictor(Predictor):
     """The Predictor with the fragment reduction but without the patient's visible bone (fusion.py)."""
 
@@ -257,8 +266,8 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
 
     names = [Path(b).name for b in bundles]
     labels = names if len(set(names)) == len(names) else [str(b) for b in bundles]
-    kinds = {"model": Predictor, "model-only": ModelOnlyPredictor, "single": SinglePassPredictor,
-             "prototype": PrototypePredictor, "rigid": RigidFitPredictor}
+    kinds = {"model": Predictor, "no-reassembly": NoReassemblyPredictor, "model-only": ModelOnlyPredictor,
+             "single": SinglePassPredictor, "prototype": PrototypePredictor, "rigid": RigidFitPredictor}
     predictors, info = {}, []
     for label, path in zip(labels, bundles):
         bundle = load_bundle(path, resolve_device(device))
@@ -418,12 +427,15 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         "'refused': cases the Predictor refused (e.g. more than 60% of the tibia masked); 'wrong side': "
         "predictions that took the leg for the other side; time: prediction without file input/output.",
         "- Methods: *model* = the bundle's Predictor (LocNet + autoencoder, then displaced fragments reduced onto "
-        "the proximal main fragment and reconstructed again: `TibiaReconstructionLib.refine`; the visible fragments "
-        "outside the fracture mask kept where the reduction placed them: `TibiaReconstructionLib.fusion`); *model, "
-        "no visible bone* = the same without that last step (`--model-only`); *model, single pass* = the paper's "
-        "pipeline, one pass without the reduction and without the visible bone (`--single-pass`); *prototype only* "
-        "= the single pass with the bundle's prototype (mean aligned tibia) in place of the reconstruction; "
-        "*mean shape, rigid fit* = the prototype fitted rigidly to the visible tibia (no LocNet, no autoencoder); "
+        "the proximal main fragment and reconstructed again: `TibiaReconstructionLib.refine`; the main moved fragment "
+        "refitted to where its broken face meets the proximal one's: `TibiaReconstructionLib.reassembly`; the "
+        "visible fragments outside the fracture mask kept where they were placed: `TibiaReconstructionLib.fusion`); "
+        "*model, no reassembly* = the same with the fragments where the reduction placed them (`--no-reassembly`); "
+        "*model, no visible bone* = the model's reconstruction everywhere (`--model-only`); *model, single pass* = "
+        "the paper's pipeline, one pass without the reduction and without the visible bone (`--single-pass`); "
+        "*prototype only* = the single pass with the bundle's prototype (mean aligned tibia) in place of the "
+        "reconstruction; *mean shape, rigid fit* = the prototype fitted rigidly to the visible tibia (no LocNet, no "
+        "autoencoder); "
         "*mirrored contralateral leg* = the healthy other tibia mirrored across the sagittal plane and fitted "
         "rigidly to the intact proximal fragment (no model; `tibia-recon contralateral`).",
     ]

@@ -39,10 +39,11 @@ def output_paths(out: Path, suffix: str, auto_tibia: bool = False) -> dict:
 
 
 def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="auto", side="auto",
-                overwrite=False, tibia_label=None, progress=None, reduce_fragments=True, keep_visible_bone=True):
+                overwrite=False, tibia_label=None, progress=None, reduce_fragments=True, keep_visible_bone=True,
+                reassemble_fragments=True):
     """Read inputs, predict, write all outputs; returns (Prediction, paths). Without ``tibia_path`` the tibia is
     segmented automatically first and the mask used is saved beside the outputs. ``reduce_fragments``,
-    ``keep_visible_bone``: see
+    ``keep_visible_bone``, ``reassemble_fragments``: see
     :class:`~TibiaReconstructionLib.predict.Predictor`. All or nothing: nothing is
     written if any output exists and ``overwrite`` is false, if an input is bad, or if writing fails (the
     outputs are written into a hidden staging folder inside ``out`` and renamed into place once complete)."""
@@ -71,8 +72,8 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     crops = crops_ahead(ct, tibia, fracture, bundle)  # while torch is still loading
     from .predict import Predictor  # waits for the background import if it is still running
 
-    result = Predictor(bundle, device, reduce_fragments, keep_visible_bone).predict(ct, tibia, fracture, side=side,
-                                                                                 progress=progress, crops=crops)
+    predictor = Predictor(bundle, device, reduce_fragments, keep_visible_bone, reassemble_fragments)
+    result = predictor.predict(ct, tibia, fracture, side=side, progress=progress, crops=crops)
     if result.occupancy_std is None:  # the bundle's autoencoder has no posterior
         paths.pop("uncertainty")
     report = result.report()
@@ -151,6 +152,9 @@ def register_cli(sub) -> None:
     p.add_argument("--model-only", action="store_true",
                    help="the model's reconstruction everywhere: do not keep the patient's visible bone outside the "
                         "fracture mask in the prediction")
+    p.add_argument("--no-reassembly", action="store_true",
+                   help="keep the moved fragment where the reduction put it: do not refit it to where its broken "
+                        "face meets the proximal main fragment's")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -160,7 +164,8 @@ def register_cli(sub) -> None:
         progress = tqdm_progress("predict")
         try:
             result, paths = run_predict(a.ct, a.tibia_mask, a.fracture_mask, a.out, a.bundle, a.device, a.side,
-                                        a.overwrite, a.tibia_label, progress, not a.single_pass, not a.model_only)
+                                        a.overwrite, a.tibia_label, progress, not a.single_pass, not a.model_only,
+                                        not a.no_reassembly)
         except BaseException:
             progress.bar.leave = False
             progress.bar.close()

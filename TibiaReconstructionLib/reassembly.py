@@ -10,7 +10,7 @@ its distance map seeded with the visible pieces. The broken faces are the fragme
 less where the two touch in the CT (there the split is the watershed's guess). Starting from the reduction's move,
 the fragment's rigid motion is fitted so that each face lies on the other fragment's surface, facing it, without
 the fragment reaching into the anchor: Adam on a robust contact score (both faces, with sub-voxel distances), from
-a few starts along the long axis, with the contact's width narrowing. A weak prior keeps the motion near the
+starts on either side along the long axis, with the contact's width narrowing. A weak prior keeps the motion near the
 reduction's where the faces do not decide it (a flat face lets the fragment slide across it or turn about it): a
 sideways move of the face's centre by PRIOR_SHIFT_MM, or a turn by PRIOR_TURN_DEG, costs as much as a perfect
 contact gains. The fit is kept only when the faces meet clearly better than before, without overlap, and the change
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .geometry import Grid, Volume, boundary_distance, bounding_box, resample
+from .refine import adam_direction
 
 GRID_MM = 1.0  # the contact is fitted on an isotropic grid of this spacing
 MARGIN_MM = 15.0  # around the fracture zone
@@ -169,6 +170,8 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
         normals.append(n[0])
     touching = ndimage.binary_dilation(solid[0], iterations=BODY_TOUCH_VOXELS)
     body = points(solid[1] & ndimage.binary_dilation(hidden, iterations=3) & ~touching, BODY_POINTS)
+    if len(body) == 0:  # all of it touches the anchor in the CT: its face, at least, must stay out
+        body = faces[1]
     m0 = torch.from_numpy(move.astype(np.float32))
     centre = (faces[1] @ m0[:3, :3].T + m0[:3, 3]).mean(0)
     a = torch.from_numpy(np.asarray(axis, np.float32))
@@ -211,7 +214,7 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
                     step += 1
                     (grad,) = torch.autograd.grad(energy(params, width).sum(), params)
                     with torch.no_grad():
-                        params -= lr * _adam_direction(moments, grad, step)
+                        params -= lr * adam_direction(moments, grad, step)
     finally:
         torch.set_num_threads(threads)
     with torch.no_grad():
@@ -231,14 +234,6 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
               "overlap_before_mm": round(overlap_before, 3), "overlap_after_mm": round(overlap, 3),
               "turn_deg": round(turn, 2), "shift_mm": round(shift, 2), "kept": kept}
     return Fit(fitted if kept else np.array(move, float), report)
-
-
-def _adam_direction(moments: torch.Tensor, grad: torch.Tensor, step: int, betas=(0.9, 0.999), eps=1e-8
-                    ) -> torch.Tensor:
-    """Adam's update direction, updating the running ``moments`` (2, ...) in place (as refine's)."""
-    moments[0].mul_(betas[0]).add_(grad, alpha=1 - betas[0])
-    moments[1].mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
-    return (moments[0] / (1 - betas[0] ** step)) / ((moments[1] / (1 - betas[1] ** step)).sqrt() + eps)
 
 
 def reassemble(tibia: Volume, hidden: np.ndarray, pieces: np.ndarray, owner: np.ndarray, moves: dict[int, np.ndarray],

@@ -169,15 +169,15 @@ def register_fragments(fragments: Fragments, theta: torch.Tensor, recon: torch.T
             loss = torch.sum(weight * F.huber_loss(d, torch.zeros_like(d), reduction="none", delta=HUBER_MM))
             (grad,) = torch.autograd.grad(loss, params)
             with torch.no_grad():
-                params -= lr * _adam_direction(moments, grad, step)
+                params -= lr * adam_direction(moments, grad, step)
     params = params.detach()
     misfit = torch.zeros(k, dtype=torch.float64, device=device).index_add_(
         0, owner_t, (weight * surface_distances(params).abs()).double())
     return _motions(params[:, :3], params[:, 3:], centers), centers, params, misfit.cpu().numpy()
 
 
-def _adam_direction(moments: torch.Tensor, grad: torch.Tensor, step: int, betas=(0.9, 0.999), eps=1e-8
-                    ) -> torch.Tensor:
+def adam_direction(moments: torch.Tensor, grad: torch.Tensor, step: int, betas=(0.9, 0.999), eps=1e-8
+                   ) -> torch.Tensor:
     """Adam's update direction (Kingma & Ba), updating the running ``moments`` (2, ...) in place. Written out
     because the first torch.optim optimizer of a process imports torch._dynamo, about 1 s on 2 CPU cores."""
     moments[0].mul_(betas[0]).add_(grad, alpha=1 - betas[0])
