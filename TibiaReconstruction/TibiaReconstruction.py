@@ -89,6 +89,8 @@ class TibiaReconstructionParameterNode:
     device - 'auto' (GPU when available), 'cpu' or 'cuda'.
     reduceFragments - reduce displaced fragments onto the proximal main fragment before the final reconstruction.
     keepVisibleBone - keep the patient's visible bone outside the fracture mask in the prediction (needs the reduction).
+    reassembleFragments - put the main moved fragment where its broken face meets the proximal one's (with the
+        visible bone).
     outputSegmentationName, outputModelName - names of the new result nodes.
     createIntensityVolume - also create a volume with the predicted intensities (HU).
     stlCoordinateSystem - frame of exported STL files.
@@ -103,6 +105,7 @@ class TibiaReconstructionParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     reduceFragments: bool = True
     keepVisibleBone: bool = True
+    reassembleFragments: bool = True
     outputSegmentationName: str = logicPackage.DEFAULT_SEGMENTATION_NAME
     outputModelName: str = logicPackage.DEFAULT_MODEL_NAME
     createIntensityVolume: bool = False
@@ -330,7 +333,8 @@ class TibiaReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._job = self.logic.startPrediction(pn.inputVolume, pn.segmentation, pn.tibiaSegmentId,
                                                    pn.fractureSegmentId, bundlePath=pn.bundlePath or None,
                                                    device=pn.device, reduceFragments=pn.reduceFragments,
-                                                   keepVisibleBone=pn.keepVisibleBone)
+                                                   keepVisibleBone=pn.keepVisibleBone,
+                                                   reassembleFragments=pn.reassembleFragments)
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.show()
             self.ui.statusLabel.text = _("Starting the prediction...")

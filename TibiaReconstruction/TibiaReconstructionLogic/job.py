@@ -71,10 +71,11 @@ class PredictionJob:
     """One background prediction. States: 'created', 'running', 'succeeded', 'failed', 'cancelled'."""
 
     def __init__(self, inputs, bundlePath=None, device="auto", side="auto", python=None, workDir=None,
-                 reduceFragments=True, keepVisibleBone=True):
+                 reduceFragments=True, keepVisibleBone=True, reassembleFragments=True):
         self.inputs = inputs
         self.reduceFragments = bool(reduceFragments)
         self.keepVisibleBone = bool(keepVisibleBone)
+        self.reassembleFragments = bool(reassembleFragments)
         self.bundlePath = str(bundlePath) if bundlePath else None
         self.device = device
         self.side = side
@@ -119,7 +120,8 @@ class PredictionJob:
         with open(os.path.join(self.workDir, "inputs.json"), "w", encoding="utf-8") as f:
             json.dump({"grid": self.inputs.ct.grid.to_dict(), "bundle": self.bundlePath, "device": self.device,
                        "side": self.side, "reduce_fragments": self.reduceFragments,
-                       "keep_visible_bone": self.keepVisibleBone}, f)
+                       "keep_visible_bone": self.keepVisibleBone,
+                       "reassemble_fragments": self.reassembleFragments}, f)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([libraryRoot()] + [p for p in [env.get("PYTHONPATH")] if p])
         env["PYTHONUNBUFFERED"] = "1"

@@ -184,41 +184,48 @@ class TibiaReconstructionLogic:
         if device not in DEVICES:
             raise InputError(f"Unknown device {device!r}; use one of {', '.join(DEVICES)}.")
 
-    def predictor(self, bundlePath=None, device="auto", reduceFragments=True, keepVisibleBone=True):
-        """The library Predictor for a bundle, device, fragment-reduction and visible-bone setting (loaded once and
-        reused)."""
+    def predictor(self, bundlePath=None, device="auto", reduceFragments=True, keepVisibleBone=True,
+                  reassembleFragments=True):
+        """The library Predictor for a bundle, device, fragment-reduction, visible-bone and reassembly setting
+        (loaded once and reused)."""
         self._checkDevice(device)
-        key = (str(bundlePath) if bundlePath else None, device, bool(reduceFragments), bool(keepVisibleBone))
+        key = (str(bundlePath) if bundlePath else None, device, bool(reduceFragments), bool(keepVisibleBone),
+               bool(reassembleFragments))
         if key not in self._predictors:
             from TibiaReconstructionLib.predict import Predictor  # imports torch: only when predicting
 
             self._predictors[key] = Predictor(key[0], device=device, reduce_fragments=key[2],
-                                              keep_visible_bone=key[3])
+                                              keep_visible_bone=key[3], reassemble_fragments=key[4])
         return self._predictors[key]
 
     def runPrediction(self, inputs, bundlePath=None, device="auto", side="auto", progress=None, reduceFragments=True,
-                      keepVisibleBone=True):
+                      keepVisibleBone=True, reassembleFragments=True):
         """Run the library Predictor in this process on prepared inputs (no MRML access)."""
-        return self.predictor(bundlePath, device, reduceFragments, keepVisibleBone).predict(
+        return self.predictor(bundlePath, device, reduceFragments, keepVisibleBone, reassembleFragments).predict(
             inputs.ct, inputs.tibia, inputs.fracture, side=side, progress=progress)
 
     def predict(self, volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId, bundlePath=None,
                 device="auto", progress=None, side="auto", segmentationName=DEFAULT_SEGMENTATION_NAME,
-                modelName=DEFAULT_MODEL_NAME, intensityName=None, reduceFragments=True, keepVisibleBone=True):
+                modelName=DEFAULT_MODEL_NAME, intensityName=None, reduceFragments=True, keepVisibleBone=True,
+                reassembleFragments=True):
         """Predict the healthy tibia and return (new segmentation node, new model node). Blocks until done.
 
         ``progress(fraction, message)`` is called during the prediction. With ``intensityName`` a volume
         node with the predicted intensities (HU) is created too. ``reduceFragments``: reduce displaced fragments
         onto the proximal main fragment before the final reconstruction (False: the paper's single pass).
         ``keepVisibleBone``: keep the patient's visible bone outside the fracture mask (False: the model everywhere).
+        ``reassembleFragments``: put the main moved fragment where its broken face meets the proximal one's (False:
+        where the reduction put it).
         """
         self._checkDevice(device)
         inputs = self.prepareInputs(volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId)
-        result = self.runPrediction(inputs, bundlePath, device, side, progress, reduceFragments, keepVisibleBone)
+        result = self.runPrediction(inputs, bundlePath, device, side, progress, reduceFragments, keepVisibleBone,
+                                    reassembleFragments)
         return self.createOutputNodes(result, volumeNode, segmentationName, modelName, intensityName)
 
     def startPrediction(self, volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId, bundlePath=None,
-                        device="auto", side="auto", python=None, reduceFragments=True, keepVisibleBone=True):
+                        device="auto", side="auto", python=None, reduceFragments=True, keepVisibleBone=True,
+                        reassembleFragments=True):
         """Read the inputs now and start the prediction in a background process; returns a running PredictionJob.
 
         Poll it (``job.poll()``) or wait for it (``job.wait()``), then call ``finishPrediction(job)``.
@@ -228,7 +235,7 @@ class TibiaReconstructionLogic:
             raise InputError(f"Model bundle not found: {bundlePath}. Leave the bundle empty to use the bundled model.")
         inputs = self.prepareInputs(volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId)
         return PredictionJob(inputs, bundlePath, device, side, python=python, reduceFragments=reduceFragments,
-                             keepVisibleBone=keepVisibleBone).start()
+                             keepVisibleBone=keepVisibleBone, reassembleFragments=reassembleFragments).start()
 
     def finishPrediction(self, job, segmentationName=DEFAULT_SEGMENTATION_NAME, modelName=DEFAULT_MODEL_NAME,
                          intensityName=None, cleanup=True):

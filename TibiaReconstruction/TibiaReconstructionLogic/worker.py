@@ -1,7 +1,7 @@
 """Runs one prediction in a separate Python process (started by job.PredictionJob).
 
 Usage: ``python worker.py WORK_DIR``. WORK_DIR holds ``inputs.json`` (grid, bundle, device, side, reduce_fragments,
-keep_visible_bone) and ``ct.npy``, ``tibia.npy``, ``fracture.npy`` (arrays [k, j, i] on that grid, LPS). The worker
+keep_visible_bone, reassemble_fragments) and ``ct.npy``, ``tibia.npy``, ``fracture.npy`` (arrays [k, j, i] on that grid, LPS). The worker
 writes ``labelmap.npy``, ``intensity.npy``, ``surface.vtp`` (points in LPS mm) and ``outputs.json`` (grids and the
 Predictor's report) and prints one JSON object per line on stdout:
 ``{"progress": f, "message": m}``, then ``{"done": true}`` or ``{"error": type, "message": text}``.
@@ -45,7 +45,8 @@ def run(workDir):
 
     predictor = Predictor(config.get("bundle") or None, device=config.get("device", "auto"),
                           reduce_fragments=config.get("reduce_fragments", True),
-                          keep_visible_bone=config.get("keep_visible_bone", True))
+                          keep_visible_bone=config.get("keep_visible_bone", True),
+                          reassemble_fragments=config.get("reassemble_fragments", True))
     result = predictor.predict(ct, tibia, fracture, side=config.get("side", "auto"), crops=crops,
                                progress=lambda fraction, message: emit(progress=float(fraction), message=str(message)))
 
