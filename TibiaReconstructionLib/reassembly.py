@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .geometry import Grid, Volume, boundary_distance, bounding_box, resample
-from .refine import adam_direction
+from .geometry import Grid, Volume, bounding_box, resample
+from .models.sampler import rotation_matrices
+from .refine import adam_direction, signed_distance
 
 GRID_MM = 1.0  # the contact is fitted on an isotropic grid of this spacing
 MARGIN_MM = 15.0  # around the fracture zone
@@ -93,14 +94,14 @@ def level_distance(occupancy: np.ndarray) -> np.ndarray:
     """Signed distance (mm, negative inside) to the 0.5 level of ``occupancy`` (Z, Y, X) on a GRID_MM grid: within a
     voxel of the level ITK's iso-contour distance (the level placed between voxel centres by linear interpolation),
     farther out the distance to the boundary voxels less half a voxel."""
-    coarse = boundary_distance(occupancy > 0.5, (GRID_MM,) * 3) - 0.5 * GRID_MM
+    coarse = signed_distance(occupancy, np.full(3, GRID_MM))
     image = sitk.GetImageFromArray(occupancy.astype(np.float32))
     image.SetSpacing((GRID_MM,) * 3)
     far = 1e3
     try:
         near = -sitk.GetArrayFromImage(sitk.IsoContourDistance(image, levelSetValue=0.5, farValue=far))
     except RuntimeError:  # ITK refuses a level crossed where the occupancy is flat to its precision
-        return coarse.astype(np.float32)
+        return coarse
     return np.where(np.abs(near) < far, near, coarse).astype(np.float32)
 
 
@@ -128,19 +129,6 @@ class _Field:
         values = F.grid_sample(self.volume.expand(len(flow), -1, -1, -1, -1), flow[:, :, None, None],
                                mode="bilinear", padding_mode="border", align_corners=True)[..., 0, 0]
         return values[:, 0], values[:, 1:].transpose(1, 2)
-
-
-def _rigid(params: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rigid maps (S, 3, 3) and (S, 3) of S parameter sets (S, 6): turn by the rotation vector params[:, :3] (rad;
-    Rodrigues' formula) about ``centre``, then shift by params[:, 3:] (mm)."""
-    w = params[:, :3]
-    angle = w.norm(dim=1).clamp_min(1e-9)[:, None, None]
-    k = w / angle[:, :, 0]
-    zero = torch.zeros_like(k[:, 0])
-    skew = torch.stack([torch.stack([zero, -k[:, 2], k[:, 1]], -1), torch.stack([k[:, 2], zero, -k[:, 0]], -1),
-                        torch.stack([-k[:, 1], k[:, 0], zero], -1)], 1)
-    r = torch.eye(3) + torch.sin(angle) * skew + (1 - torch.cos(angle)) * skew @ skew
-    return r, centre - r @ centre + params[:, 3:]
 
 
 def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, grid: Grid, move: np.ndarray,
@@ -178,12 +166,17 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
     across = torch.eye(3) - torch.outer(a, a)
     r0, t0 = m0[:3, :3], m0[:3, 3]
 
+    def placed(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fragment's move, CT -> prediction, as rotations (S, 3, 3) and shifts (S, 3): the reduction's, then
+        each parameter set's (S, 6) turn (rotation vector, rad) about the face's centre and shift (mm)."""
+        turn = rotation_matrices(params[:, :3])
+        return turn @ r0, (turn @ (t0 - centre)[:, None])[..., 0] + centre + params[:, 3:]
+
     def terms(params: torch.Tensor, width: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The faces' contact (S,; 0..1: each face on the other fragment's surface and facing it, within ``width``)
         and the fragment's mean depth inside the anchor (S,; mm), with the fragment moved by each parameter set
         (S, 6) after the reduction's move."""
-        dr, dt = _rigid(params, centre)
-        r, t = dr @ r0, (dr @ t0[:, None])[..., 0] + dt  # the fragment's move: CT -> prediction
+        r, t = placed(params)
         rb, tb = r.transpose(1, 2), -(r.transpose(1, 2) @ t[..., None])[..., 0]  # and back
         shares = []
         # the anchor's face taken into the fragment's frame; the fragment's face moved into the anchor's
@@ -222,10 +215,9 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
         params = params[int(torch.argmin(energy(params, WIDTHS_MM[-1])))]
         (before, after), (overlap_before, overlap) = (v.tolist() for v in terms(torch.stack([torch.zeros(6), params]),
                                                                                WIDTHS_MM[-1]))
-        dr, dt = _rigid(params[None], centre)
+        r, t = placed(params[None])
         fitted = np.eye(4)
-        fitted[:3, :3] = (dr[0] @ r0).double().numpy()
-        fitted[:3, 3] = (dr[0] @ t0 + dt[0]).double().numpy()
+        fitted[:3, :3], fitted[:3, 3] = r[0].double().numpy(), t[0].double().numpy()
     turn = float(np.degrees(float(params[:3].norm())))
     shift = float(params[3:].norm())
     kept = bool(after - before >= MIN_GAIN and overlap <= MAX_OVERLAP_MM and turn <= MAX_TURN_DEG
@@ -249,7 +241,7 @@ def reassemble(tibia: Volume, hidden: np.ndarray, pieces: np.ndarray, owner: np.
         return dict(moves), {}
     grid, box = found
     counts = np.bincount(pieces.ravel(), minlength=len(owner))
-    fid = max(moved, key=lambda f: counts[:len(owner)][owner == f].sum())
+    fid = max(moved, key=lambda f: counts[owner == f].sum())
     part = pieces[box]
     label = owner[part]
     seeds = np.where(label == anchor, 1, np.where(label == fid, 2, np.where(part > 0, 3, 0)))

@@ -1,10 +1,10 @@
 """Runs one prediction in a separate Python process (started by job.PredictionJob).
 
 Usage: ``python worker.py WORK_DIR``. WORK_DIR holds ``inputs.json`` (grid, bundle, device, side, reduce_fragments,
-keep_visible_bone, reassemble_fragments) and ``ct.npy``, ``tibia.npy``, ``fracture.npy`` (arrays [k, j, i] on that grid, LPS). The worker
-writes ``labelmap.npy``, ``intensity.npy``, ``surface.vtp`` (points in LPS mm) and ``outputs.json`` (grids and the
-Predictor's report) and prints one JSON object per line on stdout:
-``{"progress": f, "message": m}``, then ``{"done": true}`` or ``{"error": type, "message": text}``.
+keep_visible_bone, reassemble_fragments) and ``ct.npy``, ``tibia.npy``, ``fracture.npy`` (arrays [k, j, i] on that
+grid, LPS). The worker writes ``labelmap.npy``, ``intensity.npy``, ``surface.vtp`` (points in LPS mm) and
+``outputs.json`` (grids and the Predictor's report) and prints one JSON object per line on stdout: ``{"progress": f,
+"message": m}``, then ``{"done": true}`` or ``{"error": type, "message": text}``.
 
 Geometry goes through JSON (exact decimal round trip of every float) and voxels through .npy, so the
 result is bit-identical to calling the Predictor in the Slicer process. Imports only the library,
