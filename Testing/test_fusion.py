@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from TibiaReconstructionLib import fusion
-from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, translation
+from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, make_affine, translation
 from TibiaReconstructionLib.refine import Placement
 
 GRID = Grid((24, 24, 40), (1.0, 1.0, 1.0), (-12.0, -12.0, -20.0))  # patient = canonical here (P = identity)
@@ -66,6 +66,31 @@ def test_visible_fragments_are_pasted_where_the_reduction_puts_them(case):
     assert [f["pasted"] for f in out.report["fragments"]] == [True, True]
     for a, b in zip(before, [ct.array, tibia.array, fracture.array, labels, model]):
         np.testing.assert_array_equal(a, b)  # inputs untouched
+
+
+def test_a_fragment_is_pasted_rigidly_when_its_move_stretches_it(case):
+    """The reduction's moves are rigid in the model's frame, not quite in the patient's: a move that also stretches the
+    distal fragment by 12 % along the bar (about its centre) pastes it at its rigid place, the healthy bar's length."""
+    healthy, *_, labels, model = case
+    place = placement(labels)
+    centre = GRID.index_to_physical(np.argwhere(labels == 1)[:, ::-1].astype(float)).mean(0)
+    stretch = np.diag([1.0, 1.0, 1.12])
+    place.moves[0] = place.moves[0] @ make_affine(stretch, centre - stretch @ centre)
+    kept = fuse(case, place).occupancy >= 0.5
+    np.testing.assert_array_equal(kept[:18], healthy[:18])
+
+
+def test_rigid_moves_keep_rigid_ones_and_fragments_without_voxels():
+    pieces = np.zeros((20, 6, 6), np.int32)
+    pieces[2:8, 2:4, 2:4], pieces[12:18, 2:4, 2:4] = 1, 2
+    owner = np.array([0, 1, 2])
+    grid = Grid((6, 6, 20), (0.5, 0.5, 2.0), (10.0, -5.0, 40.0))
+    skew = make_affine([[1.0, 0.05, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.1]], [1.0, 2.0, 3.0])
+    moves = {1: np.eye(4), 2: translation((0.0, 4.0, 0.0)), 3: skew}
+    out = fusion.rigid_moves(moves, pieces, owner, grid)
+    assert out is not moves and moves[3] is skew
+    for fid in (1, 2, 3):
+        np.testing.assert_allclose(out[fid], moves[fid], atol=1e-9)
 
 
 def test_a_fragment_that_fits_badly_is_left_to_the_model(case):

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
 
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
 from TibiaReconstructionLib.geometry import (Grid, TransformChain, Volume, affine_lps_to_ras, affine_ras_to_lps,
                                              apply_affine, check_same_grid, crop_to_mask, euler_rotation,
-                                             invert_affine, lps_to_ras, mirror, ras_to_lps, resample, scaling,
-                                             translation)
+                                             invert_affine, lps_to_ras, make_affine, mirror, nearest_rigid,
+                                             ras_to_lps, resample, scaling, translation)
 
 
 def test_index_physical_round_trip(oblique_volume, rng):
@@ -175,3 +176,28 @@ def test_boundary_distance_is_the_distance_to_the_nearest_boundary_voxel_on_an_a
     nearest = np.sqrt(((every[:, None, :] - points[None]) ** 2).sum(-1)).min(1).reshape(mask.shape)
     expected = np.where(mask, -nearest, nearest)
     np.testing.assert_allclose(boundary_distance(mask, spacing), expected, atol=1e-4)
+
+
+def test_nearest_rigid_is_the_least_squares_rigid_map_over_the_points(rng):
+    """A rigid map comes back unchanged; for a rigid map with 2 % scaling and a shear, the result is rigid, sends the
+    body's centroid where the affine does, and fits the affine over the points better than nearby rigid maps (a
+    transposed or sign-flipped rotation would not)."""
+    points = rng.normal(size=(500, 3)) * [5.0, 8.0, 60.0] + [120.0, -40.0, 300.0]  # a long body far from the origin
+    centroid, covariance = points.mean(0), np.cov(points.T)
+    rigid = make_affine(Rotation.from_rotvec([0.05, -0.1, 0.2]).as_matrix(), [3.0, -2.0, 5.0])
+    np.testing.assert_allclose(nearest_rigid(rigid, centroid, covariance), rigid, atol=1e-9)
+    strain = np.array([[1.02, 0.01, 0.0], [0.0, 0.99, 0.015], [0.0, 0.0, 1.01]])
+    affine = rigid @ make_affine(strain, centroid - strain @ centroid)
+    fitted = nearest_rigid(affine, centroid, covariance)
+    np.testing.assert_allclose(fitted[:3, :3] @ fitted[:3, :3].T, np.eye(3), atol=1e-9)
+    assert np.linalg.det(fitted[:3, :3]) > 0
+    np.testing.assert_allclose(apply_affine(fitted, centroid), apply_affine(affine, centroid), atol=1e-9)
+
+    def misfit(m):
+        return float(np.sum((apply_affine(m, points) - apply_affine(affine, points)) ** 2))
+
+    best = misfit(fitted)
+    for _ in range(20):
+        turn = Rotation.from_rotvec(rng.normal(size=3) * 0.01).as_matrix()
+        other = make_affine(turn @ fitted[:3, :3], apply_affine(affine, centroid) - turn @ fitted[:3, :3] @ centroid)
+        assert misfit(other) > best

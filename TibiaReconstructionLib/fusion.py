@@ -4,8 +4,9 @@ The model reconstructs the whole tibia at its own resolution (2 mm), smoothly an
 millimetre even where the bone is plainly visible. Outside the fracture mask the CT shows the real surface. Here
 each visible piece of the tibia (6-connected, outside the fracture mask, on the prediction's work grid: along the
 CT's axes at about half the model's spacing) is matched to the fragment of the model's reduction
-(:class:`refine.Placement`) that holds it, moved rigidly to where the reduction put that fragment (the anchor stays
-put; the main moved fragment where its broken face meets the anchor's, when they clearly do: :mod:`reassembly`)
+(:class:`refine.Placement`) that holds it, moved rigidly to where the reduction put that fragment (the rigid map
+nearest to the reduction's move; the anchor stays put; the main moved fragment where its broken face meets the
+anchor's, when they clearly do: :mod:`reassembly`)
 and pasted into the prediction: within OWN_MM of a pasted piece, and outside the fracture mask (moved with its
 fragment), the prediction becomes the patient's bone; elsewhere, above all in the fracture zone, it stays the
 model's. Pieces of fragments that fit the reconstruction worse than MAX_MISFIT_MM, or too small to match, are left
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .geometry import Grid, Volume, apply_affine, boundary_distance, bounding_box, crop, invert_affine, resample
+from .geometry import Grid, Volume, apply_affine, boundary_distance, bounding_box, crop, invert_affine, nearest_rigid, \
+    resample
 from .reassembly import reassemble
 from .refine import Placement
 
@@ -51,6 +53,23 @@ def patient_moves(placement: Placement, patient_to_canonical: np.ndarray) -> dic
     """Each fragment's move (fragment id -> 4x4) as a map of patient LPS points: P⁻¹ M P."""
     back = invert_affine(patient_to_canonical)
     return {fid: back @ move @ patient_to_canonical for fid, move in zip(placement.ids, placement.moves)}
+
+
+def rigid_moves(moves: dict[int, np.ndarray], pieces: np.ndarray, owner: np.ndarray, source: Grid
+                ) -> dict[int, np.ndarray]:
+    """Each fragment's move made rigid in the patient: the reduction moves fragments rigidly in the model's standard
+    frame, which θ maps to the patient with some scaling and shear (up to about 1 %), but a fragment is a rigid body.
+    The rigid map nearest to the move over the fragment's visible voxels (``pieces`` on ``source``, read every
+    second voxel; ``owner``: each piece's fragment id) replaces it; fragments that show no voxels keep theirs."""
+    labels = pieces[::2, ::2, ::2]
+    half = Grid(tuple(labels.shape[::-1]), source.spacing * 2, source.origin, source.direction)
+    out = dict(moves)
+    for fid, move in moves.items():
+        kji = np.argwhere(np.isin(labels, np.flatnonzero(owner == fid)))
+        if len(kji) >= 4 and not np.allclose(move, np.eye(4), atol=1e-6):
+            points = half.index_to_physical(kji[:, ::-1].astype(float))
+            out[fid] = nearest_rigid(move, points.mean(0), np.cov(points.T))
+    return out
 
 
 def _fragment_of_pieces(pieces: np.ndarray, n: int, source: Grid, placement: Placement, canonical: Grid,
@@ -157,7 +176,7 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     owner = _fragment_of_pieces(pieces, n, source, placement, canonical, patient_to_canonical)
     voxel_ml = float(np.prod(source.spacing)) / 1000.0
     owner[sizes * voxel_ml < MIN_PIECE_ML] = 0
-    moves = patient_moves(placement, patient_to_canonical)
+    moves = rigid_moves(patient_moves(placement, patient_to_canonical), pieces, owner, source)
     reassembly = {}
     if reassemble_fragments:
         axis = invert_affine(patient_to_canonical)[:3, :3] @ np.array([0.0, 0.0, 1.0])

@@ -67,6 +67,15 @@ def apply_affine(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return p @ matrix[:3, :3].T + matrix[:3, 3]
 
 
+def nearest_rigid(matrix: np.ndarray, centroid: np.ndarray, covariance: np.ndarray) -> np.ndarray:
+    """The rigid 4x4 map closest to the affine ``matrix`` over a body of points with the given ``centroid`` (3,) and
+    ``covariance`` (3, 3): least squares of the two maps' difference over the points, which depends on them only
+    through these two moments (the rotation is the polar factor of A C, the centroid goes where the affine puts it)."""
+    u, _, vt = np.linalg.svd(matrix[:3, :3] @ covariance)
+    r = u @ np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))]) @ vt
+    return make_affine(r, apply_affine(matrix, centroid) - r @ centroid)
+
+
 def invert_affine(matrix: np.ndarray) -> np.ndarray:
     """Inverse of a 4x4 affine; raises InputError for a singular one."""
     if abs(np.linalg.det(matrix[:3, :3])) < 1e-12:
