@@ -26,6 +26,7 @@ from .geometry import Grid, Volume, apply_affine, boundary_distance, bounding_bo
     resample
 from .reassembly import reassemble
 from .refine import Placement
+from .template import place_on_template
 
 OWN_MM = 5.0  # the prediction becomes the patient's bone this close to a pasted piece
 MAX_MISFIT_MM = 3.0  # fragments whose surface lies farther than this (mean) from the reconstruction are not pasted
@@ -147,13 +148,17 @@ def _moved_piece(piece: np.ndarray, hu: np.ndarray, hidden: np.ndarray, source: 
 
 def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume, tibia: Volume, fracture: Volume,
                       tibia_box: tuple[np.ndarray, np.ndarray], placement: Placement, canonical: Grid,
-                      patient_to_canonical: np.ndarray, reassemble_fragments: bool = True) -> Fused:
+                      patient_to_canonical: np.ndarray, reassemble_fragments: bool = True,
+                      template: np.ndarray | None = None) -> Fused:
     """Fuse the visible fragments (module docstring) into ``model_occupancy`` (on ``destination``: along the CT's
     axes through CT voxel centres, every n-th voxel along each axis). The masks are read on that lattice too.
     ``tibia_box``: the tibia mask's index box (lo, hi inclusive, (k, j, i)) on the CT; ``canonical``: the grid of
     ``placement.labels``; ``patient_to_canonical``: the 4x4 LPS map P; ``reassemble_fragments``: refit the main
     moved fragment's move by the contact of the broken faces (:func:`reassembly.reassemble`; its report is the
-    report's "reassembly"). Inputs are not modified."""
+    report's "reassembly"); ``template``: the other leg's tibia fitted to the anchor, as an occupancy on
+    ``destination`` (:mod:`template`): it replaces ``model_occupancy`` and the moved fragments are registered onto
+    it (the report's "template"; a registered fragment is pasted when it lies within MAX_MISFIT_MM of the template
+    rather than of the reconstruction). Inputs are not modified."""
     step = np.maximum(np.rint(destination.spacing / ct.spacing), 1).astype(int)[::-1]  # (k, j, i)
     start = np.rint(ct.grid.physical_to_index(destination.origin)[::-1]).astype(int)
     end = start + step * (np.asarray(destination.shape) - 1)
@@ -181,13 +186,19 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     if reassemble_fragments:
         axis = invert_affine(patient_to_canonical)[:3, :3] @ np.array([0.0, 0.0, 1.0])
         moves, reassembly = reassemble(tib, hidden, pieces, owner, moves, placement.anchor, axis / np.linalg.norm(axis))
+    misfits = dict(zip(placement.ids, placement.misfit_mm))
+    on_template = []
+    if template is not None:
+        moves, on_template = place_on_template(template, destination, tib, hidden, pieces, owner, moves,
+                                               placement.anchor)
+        misfits.update((f["id"], f["misfit_after_mm"]) for f in on_template if f["kept"])
     hu_source = source_volume(ct).array
     pasted = np.zeros(destination.shape, np.float32)
     hu = np.zeros(destination.shape, np.float32)
     covered = np.zeros(destination.shape, bool)
     still = np.zeros(destination.shape, bool)  # where the pasted bone comes from a fragment that stays put
     fragments = []
-    for fid, misfit in zip(placement.ids, placement.misfit_mm):
+    for fid, misfit in misfits.items():
         piece = np.isin(pieces, np.flatnonzero(owner == fid))
         keep = bool(piece.any()) and misfit <= MAX_MISFIT_MM
         fragments.append({"id": fid, "anchor": fid == placement.anchor, "misfit_mm": round(float(misfit), 2),
@@ -210,8 +221,9 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     owned = np.zeros(destination.shape, bool)
     if any(f["pasted"] for f in fragments):
         owned = _within(pasted >= 0.5, destination.spacing[::-1], OWN_MM) & ~covered
-    occupancy = np.where(owned, pasted, model_occupancy).astype(np.float32)
+    occupancy = np.where(owned, pasted, model_occupancy if template is None else template).astype(np.float32)
     kept = occupancy >= 0.5
-    report = {"fragments": fragments, "reassembly": reassembly,
+    report = {"fragments": fragments, "reassembly": reassembly, **({"template": on_template} if template is not None
+                                                                   else {}),
               "patient_bone_share": round(float((kept & owned).sum() / max(kept.sum(), 1)), 4)}
     return Fused(destination, occupancy, hu, owned, owned & still, report)

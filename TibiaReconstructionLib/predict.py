@@ -23,12 +23,14 @@ from scipy import ndimage
 from vtkmodules.vtkCommonDataModel import vtkPolyData
 
 from .bundle import Bundle, load_bundle
+from .contralateral import ContralateralResult, contralateral_target
 from .errors import InputError
 from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, invert_affine, \
     resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
 from .fusion import Fused, fuse_visible_bone
+from .template import template_occupancy
 from .refine import Placement, reduce_and_reconstruct
 from .resources import DEFAULT_BUNDLE
 from .surface import UNCERTAINTY_ARRAY, add_point_array, level_surface, polydata_points
@@ -295,11 +297,15 @@ class Predictor:
         return float(torch.sum((aligned - ref.to(aligned)) ** 2 * seen) / torch.clamp(seen.sum(), min=1.0))
 
     def predict(self, ct: Volume, tibia_mask: Volume, fracture_mask: Volume, side: str = "auto",
-                progress: Progress | None = None, crops: SmoothedCrops | None = None) -> Prediction:
+                progress: Progress | None = None, crops: SmoothedCrops | None = None,
+                other_tibia: Volume | str | None = None) -> Prediction:
         """Predict the healthy tibia. ``side``: 'left', 'right' or 'auto' (from the fibula's position, see
         :func:`fibula_side`; without a clear fibula, the side whose mirror image the model aligns better).
         ``crops``: :func:`prepare.smoothed_crops` of these three inputs, when made beforehand (the command makes
-        them while torch loads); used only when made for the bundle's spacing. Inputs are not modified."""
+        them while torch loads); used only when made for the bundle's spacing. ``other_tibia``: the healthy other
+        leg's tibia mask on the CT grid, or 'auto' to segment it from the CT: mirrored and fitted to the proximal
+        main fragment, it becomes the template (:mod:`template`; with the visible bone kept); when it cannot be
+        fitted, a warning says why and the model's prediction is made as without it. Inputs are not modified."""
         report = progress or (lambda f, m: None)
         t = {}
         t0 = time.perf_counter()
@@ -324,15 +330,26 @@ class Predictor:
         std = self._uncertainty(run)
         t["model"] = time.perf_counter() - t0
 
+        other = None
+        if other_tibia is not None and self.keep_visible_bone and run.placement is not None:
+            report(0.5, "Fitting the other leg's tibia")
+            t0 = time.perf_counter()
+            other = self._other_leg(ct, tibia_mask, fracture_mask, other_tibia, chosen, warnings)
+            t["other_leg"] = time.perf_counter() - t0
+        elif other_tibia is not None:
+            warnings.append("The other leg was not used: it serves as the template of the visible fragments, which "
+                            "needs the fragment reduction and the visible bone kept.")
+
         report(0.6, "Mapping the prediction into the CT grid")
         t0 = time.perf_counter()
         chain = TransformChain().then("mirror, align long axis, centre", p, "canonical") \
             .then("inverse theta (LocNet)", invert_affine(theta), "standard")
         fuse = None
         if self.keep_visible_bone and run.placement is not None:
-            fuse = lambda occ, grid: fuse_visible_bone(occ, grid, ct, tibia_mask, fracture_mask, box,  # noqa: E731
-                                                       run.placement, self.bundle.grid, p, self.reassemble_fragments)
-        work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse)
+            fuse = lambda occ, grid: fuse_visible_bone(  # noqa: E731
+                occ, grid, ct, tibia_mask, fracture_mask, box, run.placement, self.bundle.grid, p,
+                self.reassemble_fragments, None if other is None else template_occupancy(other.labelmap, grid))
+        work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse, None if other is None else other.labelmap)
         # the surface (VTK, which releases the GIL) is built while the work grid is interpolated onto the CT
         with ThreadPoolExecutor(1) as pool:
             building = pool.submit(self._surface_of, work, recon, chain.matrix(), std)
@@ -352,9 +369,31 @@ class Predictor:
             if fits[1] < 1.2 * fits[0]:
                 warnings.append("The leg side was chosen automatically with low margin; pass side='left' or "
                                 "'right' if known.")
+        fusion = {} if fused is None else dict(fused.report)
+        if other is not None:
+            fusion["other_leg"] = {"fit": other.fit, "transform_other_to_target_lps": other.transform.tolist(),
+                                   "warnings": other.warnings}
         return Prediction(labelmap, intensity, surface, chosen, chain, theta, t, volumes, warnings,
-                          self.bundle_path, str(self.device), occupancy_std, run.reduction,
-                          {} if fused is None else fused.report)
+                          self.bundle_path, str(self.device), occupancy_std, run.reduction, fusion)
+
+    @staticmethod
+    def _other_leg(ct: Volume, tibia: Volume, fracture: Volume, other_tibia: Volume | str, side: str,
+                   warnings: list) -> ContralateralResult | None:
+        """The other leg's tibia mirrored and fitted to the proximal main fragment (``other_tibia``: its mask, or
+        'auto'); None, with a warning saying why, when it cannot be used."""
+        if isinstance(other_tibia, str) and other_tibia != "auto":
+            raise InputError(f"Unknown other_tibia {other_tibia!r}; give the other tibia's mask or 'auto'.")
+        try:
+            other = contralateral_target(ct, tibia, fracture, None if isinstance(other_tibia, str) else other_tibia)
+        except InputError as error:
+            warnings.append(f"The other leg was not used: {error}")
+            return None
+        if other.side != side:
+            warnings.append(f"The other leg was not used: it lies on the {other.side} side of the fractured tibia "
+                            f"by position, but the prediction is for a {side} leg.")
+            return None
+        warnings.extend(f"Other leg: {w}" for w in other.warnings)
+        return other
 
     def _surface_of(self, work: WorkGrid, recon: np.ndarray, patient_to_standard: np.ndarray,
                     std: np.ndarray | None) -> vtkPolyData:
@@ -378,18 +417,22 @@ class Predictor:
         return surface
 
     def _to_work_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
-                      std: np.ndarray | None = None, fuse: Callable[[np.ndarray, Grid], Fused] | None = None
-                      ) -> WorkGrid:
+                      std: np.ndarray | None = None, fuse: Callable[[np.ndarray, Grid], Fused] | None = None,
+                      cover: Volume | None = None) -> WorkGrid:
         """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the work grid (:class:`WorkGrid`),
         over the CT box that the predicted tibia can reach; with ``std`` (Z, Y, X) also the occupancy's standard
         deviation, which is as smooth as the model, so interpolating it linearly gives the values on the CT's voxels
         (0 where the patient's bone is kept where it lies). ``fuse`` (occupancy, its grid: the work grid) puts the
-        patient's visible bone into the occupancy."""
+        patient's visible bone into the occupancy; the box also covers the labelmap ``cover`` (on the CT grid)."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
         inside = np.argwhere(occ > 0.25)
         lo, hi = self._reach(inside, patient_to_standard, ct) if len(inside) else (np.zeros(3, int),
                                                                                     np.array(ct.grid.size) - 1)
+        if cover is not None and cover.array.any():
+            c_lo, c_hi = bounding_box(cover.array != 0)
+            lo = np.maximum(np.minimum(lo, c_lo[::-1] - 2), 0)
+            hi = np.minimum(np.maximum(hi, c_hi[::-1] + 2), np.array(ct.grid.size) - 1)
         factors = np.maximum(1, np.floor(grid.spacing.min() / WORK_FRACTION / ct.spacing)).astype(int)  # (i, j, k)
         work = Grid(tuple((hi - lo) // factors + 2), ct.spacing * factors, ct.index_to_physical(lo.astype(float)),
                     ct.direction)

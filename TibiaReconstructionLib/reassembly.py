@@ -105,23 +105,25 @@ def level_distance(occupancy: np.ndarray) -> np.ndarray:
     return np.where(np.abs(near) < far, near, coarse).astype(np.float32)
 
 
-class _Field:
-    """The signed distance to a fragment's surface and its direction (unit, patient axes), sampled (differentiably)
-    at patient points moved rigidly."""
+class Field:
+    """A signed distance (mm, Z, Y, X on ``grid``) to a surface and, with ``directions``, its direction (unit,
+    patient axes), sampled (differentiably) at patient points moved rigidly."""
 
-    def __init__(self, occupancy: np.ndarray, grid: Grid) -> None:
-        sdf = level_distance(occupancy)
-        grad = np.asarray(grid.direction) @ np.stack(np.gradient(sdf, GRID_MM)[::-1]).reshape(3, -1)  # patient axes
-        grad /= np.maximum(np.linalg.norm(grad, axis=0), 1e-6)
-        self.volume = torch.from_numpy(np.concatenate([sdf[None], grad.reshape(3, *sdf.shape)]).astype(np.float32))
+    def __init__(self, sdf: np.ndarray, grid: Grid, directions: bool = True) -> None:
+        channels = [sdf[None]]
+        if directions:
+            grad = np.asarray(grid.direction) @ np.stack(np.gradient(sdf, *grid.spacing[::-1])[::-1]).reshape(3, -1)
+            grad /= np.maximum(np.linalg.norm(grad, axis=0), 1e-6)
+            channels.append(grad.reshape(3, *sdf.shape))
+        self.volume = torch.from_numpy(np.concatenate(channels).astype(np.float32))
         normalise = np.diag([*(2.0 / np.maximum(np.asarray(grid.size, float) - 1.0, 1.0)), 1.0])
         normalise[:3, 3] = -1.0  # index 0 -> -1, size - 1 -> 1 (grid_sample, align_corners)
         self.to_normalised = torch.from_numpy((normalise @ np.linalg.inv(grid.ijk_to_lps)).astype(np.float32))
 
     def __call__(self, points: torch.Tensor, r: torch.Tensor | None = None, t: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Signed distance (S, n) and direction (S, n, 3) at patient points (n, 3) moved by each of S rigid maps
-        p -> r p + t (r (S, 3, 3), t (S, 3); the identity when None)."""
+        """Signed distance (S, n) and direction (S, n, 3; (S, n, 0) without directions) at patient points (n, 3)
+        moved by each of S rigid maps p -> r p + t (r (S, 3, 3), t (S, 3); the identity when None)."""
         if r is None:
             r, t = torch.eye(3)[None], torch.zeros(1, 3)
         lin = self.to_normalised[:3, :3] @ r  # moved, then normalised, in one product
@@ -143,7 +145,7 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
     if min(int(r.sum()) for r in rims) < MIN_FACE_VOXELS:
         return None
     rng = np.random.default_rng(0)
-    fields = [_Field(anchor, grid), _Field(fragment, grid)]
+    fields = [Field(level_distance(anchor), grid), Field(level_distance(fragment), grid)]
 
     def points(mask: np.ndarray, n: int) -> torch.Tensor:
         kji = np.argwhere(mask)

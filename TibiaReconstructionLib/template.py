@@ -1,0 +1,106 @@
+"""The patient's other leg as the template of the prediction (patient LPS, mm).
+
+When the CT holds the healthy other leg, its tibia mirrored across the body's sagittal plane and fitted to the
+fractured tibia's proximal main fragment (:func:`contralateral.contralateral_target`) is the classical target of
+reduction planning. The shape model cannot tell a displaced distal fragment's twist and tilt to better than a few
+degrees (tibial torsion and bow vary between people, :mod:`reassembly`); the other leg shows this patient's. Here
+the template replaces the model's reconstruction where the prediction does not keep the patient's bone, and each
+moved fragment is registered rigidly onto it: its intact outer surface (away from the fracture mask, where its
+broken faces are) onto the template's surface, by Adam on a robust (Huber) loss of the signed distance, starting
+from where the reduction (and the reassembly) put it.
+
+Arrays are (Z, Y, X) on CT-aligned grids; moves are 4x4 maps of patient points from where a fragment lies in the CT
+to where it goes in the prediction.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .geometry import Grid, Volume, resample
+from .models.sampler import rotation_matrices
+from .reassembly import Field
+from .refine import adam_direction, signed_distance
+
+POINTS = 2000  # outer-surface voxels of a fragment (random subset) that drive its registration
+CLEARANCE_VOXELS = 3  # surface voxels this close to the fracture mask are left out (its broken faces are there)
+STEPS = 80
+LR_ROTATION = 0.005  # rad per Adam step
+LR_TRANSLATION = 0.3  # mm per Adam step
+HUBER_MM = 2.0
+MAX_TURN_DEG = 30.0  # a registration that turns the fragment or moves its centre by more than these is refused
+MAX_SHIFT_MM = 40.0
+
+
+def template_occupancy(labelmap: Volume, destination: Grid) -> np.ndarray:
+    """The template's labelmap (on the CT grid) as an occupancy in [0, 1] on ``destination`` (linear)."""
+    return resample(labelmap.with_array((labelmap.array != 0).astype(np.float32)), destination, None,
+                    "linear").array
+
+
+def register_onto(field: Field, points: np.ndarray, move: np.ndarray) -> tuple[np.ndarray, dict]:
+    """The rigid move (4x4) that lays ``points`` (n, 3; patient, where the fragment lies in the CT) onto the surface
+    whose signed distance ``field`` samples, starting from ``move``; and the mean distance (mm) before and after, the
+    change's turn (deg) and its shift of the points' centre (mm)."""
+    p = torch.from_numpy(points.astype(np.float32))
+    m = torch.from_numpy(move.astype(np.float32))
+    centre = (p @ m[:3, :3].T + m[:3, 3]).mean(0)
+
+    def placed(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        turn = rotation_matrices(params[:, :3])
+        return turn @ m[:3, :3], (turn @ (m[:3, 3] - centre)[:, None])[..., 0] + centre + params[:, 3:]
+
+    params = torch.zeros(1, 6)
+    moments = torch.zeros(2, 1, 6)
+    lr = torch.tensor([LR_ROTATION] * 3 + [LR_TRANSLATION] * 3)
+    with torch.enable_grad():
+        params.requires_grad_(True)
+        for step in range(1, STEPS + 1):
+            d = field(p, *placed(params))[0]
+            loss = F.huber_loss(d, torch.zeros_like(d), delta=HUBER_MM)
+            (grad,) = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                params -= lr * adam_direction(moments, grad, step)
+    with torch.no_grad():
+        params = params.detach()
+        r, t = placed(torch.cat([torch.zeros(1, 6), params]))
+        before, after = field(p, r, t)[0].abs().mean(-1).tolist()
+    fitted = np.eye(4)
+    fitted[:3, :3], fitted[:3, 3] = r[1].double().numpy(), t[1].double().numpy()
+    return fitted, {"misfit_before_mm": round(before, 2), "misfit_after_mm": round(after, 2),
+                    "turn_deg": round(float(np.degrees(float(params[0, :3].norm()))), 2),
+                    "shift_mm": round(float(params[0, 3:].norm()), 2)}
+
+
+def place_on_template(template: np.ndarray, destination: Grid, tibia: Volume, hidden: np.ndarray, pieces: np.ndarray,
+                      owner: np.ndarray, moves: dict[int, np.ndarray], anchor: int
+                      ) -> tuple[dict[int, np.ndarray], list[dict]]:
+    """Register every moved fragment onto the template (module docstring). ``template``: its occupancy on
+    ``destination``; ``tibia``: the tibia mask on a lattice of the CT, ``hidden`` the fracture mask and ``pieces`` the
+    visible pieces' labels on it, ``owner`` each piece's fragment id (0: none); ``moves``: each fragment's move.
+    Returns the moves (a new dict; the anchor's unchanged) and a report per registered fragment (id, mean distance
+    before and after, turn, shift, kept: a registration that does not bring the fragment closer, or moves it
+    implausibly far, is not kept)."""
+    out, report = dict(moves), []
+    moved = [f for f in moves if f != anchor]
+    if not moved or not template.any():
+        return out, report
+    field = Field(signed_distance(template, destination.spacing), destination, directions=False)
+    near_break = ndimage.binary_dilation(hidden, iterations=CLEARANCE_VOXELS)
+    rng = np.random.default_rng(0)
+    for fid in moved:
+        piece = np.isin(pieces, np.flatnonzero(owner == fid))
+        kji = np.argwhere(piece & ~ndimage.binary_erosion(piece) & ~near_break)
+        if len(kji) < 50:
+            continue
+        kji = kji[rng.choice(len(kji), POINTS, replace=False)] if len(kji) > POINTS else kji
+        fitted, fit = register_onto(field, tibia.grid.index_to_physical(kji[:, ::-1].astype(float)), moves[fid])
+        fit["kept"] = bool(fit["misfit_after_mm"] < fit["misfit_before_mm"] and fit["turn_deg"] <= MAX_TURN_DEG
+                           and fit["shift_mm"] <= MAX_SHIFT_MM)
+        if fit["kept"]:
+            out[fid] = fitted
+        report.append({"id": fid, **fit})
+    return out, report
