@@ -39,8 +39,8 @@ SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 
 DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ...)
 MASKED_BINS = (0.0, 0.1, 0.2, 0.3, 1.0)  # bins of the fraction of the tibia hidden by the fracture mask
 METRICS = (("dice", "Dice"), ("rmsd_mm", "RMSD (mm)"), ("hd95_mm", "HD95 (mm)"), ("msd_mm", "MSD (mm)"))
-METHODS = {"model": "model", "no-reassembly": "model, no reassembly",
-           "model-only": "model, no visible bone", "single": "model, single pass",
+METHODS = {"model": "model", "other-leg": "model with the other leg as template",
+           "no-reassembly": "model, no reassembly", "model-only": "model, no visible bone", "single": "model, single pass",
            "prototype": "prototype only",
            "rigid": "mean shape, rigid fit",
            "contralateral": "mirrored contralateral leg"}
@@ -174,6 +174,11 @@ class NoReassemblyPredictor(Predictor):
         super().__init__(bundle, device, reassemble_fragments=False)
 
 
+class OtherLegPredictor(Predictor):
+    """The Predictor with the healthy other leg's tibia as the template (template.py); it is given the case's other
+    tibia mask, as the contralateral baseline is (see :func:`predict_case`)."""
+
+
 class ModelOnlyPredictor(Predictor):
     """The Predictor with the fragment reduction but without the patient's visible bone (fusion.py)."""
 
@@ -252,9 +257,13 @@ class ContralateralBaseline:
 
 def predict_case(predictor, case, side: str):
     """``predictor``'s prediction for a held-out case from its fractured CT, tibia mask and fracture mask (and
-    the other tibia's mask for the contralateral baseline)."""
+    the other tibia's mask for the contralateral baseline and the other-leg template)."""
     if isinstance(predictor, ContralateralBaseline):
         return predictor.predict(*_inputs(case), case.other_tibia)
+    if isinstance(predictor, OtherLegPredictor):
+        if case.other_tibia is None:
+            raise InputError("This case has only one leg in the CT, so there is no other leg to use as template.")
+        return predictor.predict(*_inputs(case), side=side, other_tibia=case.other_tibia)
     return predictor.predict(*_inputs(case), side=side)
 
 
@@ -266,7 +275,8 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
 
     names = [Path(b).name for b in bundles]
     labels = names if len(set(names)) == len(names) else [str(b) for b in bundles]
-    kinds = {"model": Predictor, "no-reassembly": NoReassemblyPredictor, "model-only": ModelOnlyPredictor,
+    kinds = {"model": Predictor, "other-leg": OtherLegPredictor, "no-reassembly": NoReassemblyPredictor,
+             "model-only": ModelOnlyPredictor,
              "single": SinglePassPredictor, "prototype": PrototypePredictor, "rigid": RigidFitPredictor}
     predictors, info = {}, []
     for label, path in zip(labels, bundles):
@@ -418,7 +428,7 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         f"{' x '.join(f'{s:g}' for s in SIZE_LIMIT_MM)} mm; random side, pose and fracture type.",
         "- Input to every method: the fractured CT (both legs), the fractured tibia mask (label 1, all fragments) "
         f"and the coarse fracture mask; leg side {'given' if setup['side'] == 'known' else 'chosen automatically'}; "
-        "the contralateral baseline also gets the other leg's tibia mask (label 6).",
+        "the contralateral baseline and the other-leg template also get the other leg's tibia mask (label 6).",
         "- Ground truth: the same phantom's healthy tibia (label 1 before fracturing), on the CT grid.",
         "- Metrics on the CT grid in patient space (mm), between the predicted labelmap and the ground truth: "
         "Dice; RMSD (root mean square), HD95 (95th-percentile Hausdorff) and MSD (mean) of the symmetric "
@@ -430,6 +440,9 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         "the proximal main fragment and reconstructed again: `TibiaReconstructionLib.refine`; the main moved fragment "
         "refitted to where its broken face meets the proximal one's: `TibiaReconstructionLib.reassembly`; the "
         "visible fragments outside the fracture mask kept where they were placed: `TibiaReconstructionLib.fusion`); "
+        "*model with the other leg as template* = the same with the other leg's tibia, mirrored and fitted to the "
+        "proximal main fragment, filling the prediction where the patient's bone is not kept and receiving the moved "
+        "fragments, registered onto it (`--other-tibia-mask`; `TibiaReconstructionLib.template`); "
         "*model, no reassembly* = the same with the fragments where the reduction placed them (`--no-reassembly`); "
         "*model, no visible bone* = the model's reconstruction everywhere (`--model-only`); *model, single pass* = "
         "the paper's pipeline, one pass without the reduction and without the visible bone (`--single-pass`); "

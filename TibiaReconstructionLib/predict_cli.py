@@ -40,11 +40,12 @@ def output_paths(out: Path, suffix: str, auto_tibia: bool = False) -> dict:
 
 def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="auto", side="auto",
                 overwrite=False, tibia_label=None, progress=None, reduce_fragments=True, keep_visible_bone=True,
-                reassemble_fragments=True):
+                reassemble_fragments=True, other_tibia_path=None):
     """Read inputs, predict, write all outputs; returns (Prediction, paths). Without ``tibia_path`` the tibia is
     segmented automatically first and the mask used is saved beside the outputs. ``reduce_fragments``,
-    ``keep_visible_bone``, ``reassemble_fragments``: see
-    :class:`~TibiaReconstructionLib.predict.Predictor`. All or nothing: nothing is
+    ``keep_visible_bone``, ``reassemble_fragments``: see :class:`~TibiaReconstructionLib.predict.Predictor`;
+    ``other_tibia_path``: the healthy other leg's tibia mask, or 'auto' to segment it (the ``other_tibia`` of
+    :meth:`~TibiaReconstructionLib.predict.Predictor.predict`). All or nothing: nothing is
     written if any output exists and ``overwrite`` is false, if an input is bad, or if writing fails (the
     outputs are written into a hidden staging folder inside ``out`` and renamed into place once complete)."""
     import_in_background(f"{__package__}.predict")  # torch loads while the CT is read (reading releases the GIL)
@@ -69,16 +70,19 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
             side = segmentation.side  # found from the fibula's position, more reliable than the model's fit
     else:
         tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
+    other = None if other_tibia_path is None else "auto" if str(other_tibia_path) == "auto" else \
+        read_mask(other_tibia_path, ct, "other tibia mask")
     crops = crops_ahead(ct, tibia, fracture, bundle)  # while torch is still loading
     from .predict import Predictor  # waits for the background import if it is still running
 
     predictor = Predictor(bundle, device, reduce_fragments, keep_visible_bone, reassemble_fragments)
-    result = predictor.predict(ct, tibia, fracture, side=side, progress=progress, crops=crops)
+    result = predictor.predict(ct, tibia, fracture, side=side, progress=progress, crops=crops, other_tibia=other)
     if result.occupancy_std is None:  # the bundle's autoencoder has no posterior
         paths.pop("uncertainty")
     report = result.report()
     report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path or "automatic segmentation"),
-                        "fracture_mask": str(fracture_path)}
+                        "fracture_mask": str(fracture_path),
+                        "other_tibia_mask": None if other_tibia_path is None else str(other_tibia_path)}
     if segmentation is not None:
         report["segmentation"] = segmentation.report()
         result.warnings.extend(segmentation.warnings)
@@ -155,6 +159,11 @@ def register_cli(sub) -> None:
     p.add_argument("--no-reassembly", action="store_true",
                    help="keep the moved fragment where the reduction put it: do not refit it to where its broken "
                         "face meets the proximal main fragment's")
+    p.add_argument("--other-tibia-mask", default=None, metavar="MASK|auto",
+                   help="the healthy other leg's tibia mask on the CT grid, or 'auto' to segment it from the CT: "
+                        "mirrored and fitted to the proximal main fragment, it becomes the template that fills the "
+                        "prediction and that the moved fragments are registered onto (when it cannot be fitted, a "
+                        "warning says why and the model's prediction is written)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
@@ -165,7 +174,7 @@ def register_cli(sub) -> None:
         try:
             result, paths = run_predict(a.ct, a.tibia_mask, a.fracture_mask, a.out, a.bundle, a.device, a.side,
                                         a.overwrite, a.tibia_label, progress, not a.single_pass, not a.model_only,
-                                        not a.no_reassembly)
+                                        not a.no_reassembly, a.other_tibia_mask)
         except BaseException:
             progress.bar.leave = False
             progress.bar.close()

@@ -41,10 +41,10 @@ def template_occupancy(labelmap: Volume, destination: Grid) -> np.ndarray:
                     "linear").array
 
 
-def register_onto(field: Field, points: np.ndarray, move: np.ndarray) -> tuple[np.ndarray, dict]:
-    """The rigid move (4x4) that lays ``points`` (n, 3; patient, where the fragment lies in the CT) onto the surface
-    whose signed distance ``field`` samples, starting from ``move``; and the mean distance (mm) before and after, the
-    change's turn (deg) and its shift of the points' centre (mm)."""
+def register_onto(field: Field, points: np.ndarray, move: np.ndarray, depth_mm: float = 0.0) -> tuple[np.ndarray, dict]:
+    """The rigid move (4x4) that lays ``points`` (n, 3; patient, where the fragment lies in the CT; ``depth_mm``
+    inside its surface) onto the surface whose signed distance ``field`` samples, starting from ``move``; and the
+    mean distance (mm) before and after, the change's turn (deg) and its shift of the points' centre (mm)."""
     p = torch.from_numpy(points.astype(np.float32))
     m = torch.from_numpy(move.astype(np.float32))
     centre = (p @ m[:3, :3].T + m[:3, 3]).mean(0)
@@ -59,7 +59,7 @@ def register_onto(field: Field, points: np.ndarray, move: np.ndarray) -> tuple[n
     with torch.enable_grad():
         params.requires_grad_(True)
         for step in range(1, STEPS + 1):
-            d = field(p, *placed(params))[0]
+            d = field(p, *placed(params))[0] + depth_mm
             loss = F.huber_loss(d, torch.zeros_like(d), delta=HUBER_MM)
             (grad,) = torch.autograd.grad(loss, params)
             with torch.no_grad():
@@ -67,7 +67,7 @@ def register_onto(field: Field, points: np.ndarray, move: np.ndarray) -> tuple[n
     with torch.no_grad():
         params = params.detach()
         r, t = placed(torch.cat([torch.zeros(1, 6), params]))
-        before, after = field(p, r, t)[0].abs().mean(-1).tolist()
+        before, after = (field(p, r, t)[0] + depth_mm).abs().mean(-1).tolist()
     fitted = np.eye(4)
     fitted[:3, :3], fitted[:3, 3] = r[1].double().numpy(), t[1].double().numpy()
     return fitted, {"misfit_before_mm": round(before, 2), "misfit_after_mm": round(after, 2),
@@ -97,7 +97,8 @@ def place_on_template(template: np.ndarray, destination: Grid, tibia: Volume, hi
         if len(kji) < 50:
             continue
         kji = kji[rng.choice(len(kji), POINTS, replace=False)] if len(kji) > POINTS else kji
-        fitted, fit = register_onto(field, tibia.grid.index_to_physical(kji[:, ::-1].astype(float)), moves[fid])
+        fitted, fit = register_onto(field, tibia.grid.index_to_physical(kji[:, ::-1].astype(float)), moves[fid],
+                                    0.5 * float(tibia.spacing.min()))  # a boundary voxel lies half a voxel inside
         fit["kept"] = bool(fit["misfit_after_mm"] < fit["misfit_before_mm"] and fit["turn_deg"] <= MAX_TURN_DEG
                            and fit["shift_mm"] <= MAX_SHIFT_MM)
         if fit["kept"]:

@@ -1,0 +1,66 @@
+"""The other leg as the template (template.py): moved fragments registered onto it, the prediction filled with it,
+and the model's prediction with a warning when it cannot be fitted."""
+
+import numpy as np
+import pytest
+
+from TibiaReconstructionLib import fusion
+from TibiaReconstructionLib.geometry import bounding_box, translation
+from TibiaReconstructionLib.metrics import dice
+from TibiaReconstructionLib.predict import Predictor
+from TibiaReconstructionLib.refine import Placement
+import test_contralateral
+import test_fusion
+from test_fusion import GRID
+
+exact = test_contralateral.exact  # the fixture: a fractured leg beside its own mirror image
+case = test_fusion.case  # the fixture: a fractured bar, its fragments and a model 2 mm off
+
+
+def test_a_moved_fragment_is_registered_onto_the_template_and_the_template_fills_the_rest(case):
+    """The reduction puts the distal piece 2 mm off in y and 1.5 mm off in x; the template (the healthy bar) takes it
+    back onto the bar; the fracture zone is the template's, not the model's (2 mm off)."""
+    healthy, ct, tibia, fracture, labels, model = case
+    off = translation((-3.0 + 1.5, 2.0, 0.0))  # the right move is (-3, 0, 0)
+    place = Placement(labels, [1, 2], 2, np.stack([off, np.eye(4)]), np.array([0.8, 0.7]))
+    before = healthy.copy()
+    out = fusion.fuse_visible_bone(model, GRID, ct, tibia, fracture, bounding_box(tibia.array), place, GRID,
+                                   np.eye(4), reassemble_fragments=False, template=healthy.astype(np.float32))
+    (fit,) = out.report["template"]
+    assert fit["id"] == 1 and fit["kept"] and fit["misfit_after_mm"] < 0.3 < 1.0 < fit["misfit_before_mm"]
+    np.testing.assert_array_equal(out.occupancy >= 0.5, healthy)
+    np.testing.assert_array_equal(healthy, before)
+    # without the template, the same placement pastes the piece where the reduction put it
+    plain = fusion.fuse_visible_bone(model, GRID, ct, tibia, fracture, bounding_box(tibia.array), place, GRID,
+                                     np.eye(4), reassemble_fragments=False)
+    assert dice(plain.occupancy[:18] >= 0.5, healthy[:18]) < 0.8
+
+
+@pytest.fixture(scope="module")
+def default_predictor():
+    return Predictor(device="cpu")
+
+
+def test_the_other_leg_makes_the_prediction_match_the_healthy_tibia(default_predictor, exact):
+    """A displaced transverse fracture beside the leg's own mirror image: with the other leg the prediction is the
+    healthy tibia within a voxel; the model alone is further off. The report says how the template was fitted."""
+    ct, tibia, fracture, other, truth, _ = exact
+    alone = default_predictor.predict(ct, tibia, fracture, side="left")
+    with_other = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=other)
+    assert not with_other.warnings
+    score, baseline = dice(with_other.labelmap.array != 0, truth), dice(alone.labelmap.array != 0, truth)
+    assert score > 0.99 and 1.0 - score < 0.5 * (1.0 - baseline)  # half the model's error (0.998 vs 0.984 here)
+    assert with_other.fusion["other_leg"]["fit"]["rms_mm"] < 1.0
+    assert all(f["kept"] for f in with_other.fusion["template"]) and with_other.fusion["template"]
+    assert "other_leg" in with_other.timings and "template" not in alone.fusion
+
+
+def test_an_other_tibia_that_cannot_be_fitted_leaves_the_model_prediction_with_a_warning(default_predictor,
+                                                                                      exact):
+    ct, tibia, fracture, *_ = exact
+    alone = default_predictor.predict(ct, tibia, fracture, side="left")
+    wrong = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=tibia)  # the fractured tibia
+    assert any(w.startswith("The other leg was not used: The other tibia mask overlaps") for w in wrong.warnings)
+    np.testing.assert_array_equal(wrong.labelmap.array, alone.labelmap.array)
+    with pytest.raises(Exception, match="other_tibia"):
+        default_predictor.predict(ct, tibia, fracture, side="left", other_tibia="left leg")
