@@ -543,13 +543,14 @@ def test_background_jobs_match_the_library_report_its_errors_and_cancel_at_once(
     volume_node, seg, tid, fid = add_case(sc, ct, tibia, fracture)
     (tmp_path / "not-a-bundle").mkdir()
     job = logic.startPrediction(volume_node, seg, tid, fid, bundlePath=tiny_bundle, device="cpu",
-                                reduceFragments=False, keepVisibleBone=False, reassembleFragments=False)
+                                reduceFragments=False, keepVisibleBone=False, reassembleFragments=False,
+                                useOtherLeg=True)
     bad = logic.startPrediction(volume_node, seg, tid, fid, bundlePath=tmp_path / "not-a-bundle", device="cpu")
     direct = Predictor(tiny_bundle, device="cpu", reduce_fragments=False).predict(ct, tibia, fracture)
     with open(os.path.join(job.workDir, "inputs.json"), encoding="utf-8") as f:
         settings = json.load(f)
     assert settings["reduce_fragments"] is False and settings["keep_visible_bone"] is False  # the GUI's settings
-    assert settings["reassemble_fragments"] is False
+    assert settings["reassemble_fragments"] is False and settings["other_tibia"] == "auto"
 
     # success: the same labelmap and surface as the library called directly
     seen = []

@@ -17,5 +17,5 @@ def test_every_widget_bound_to_a_parameter_names_one_of_the_parameter_node():
     root = ET.parse(MODULE / "Resources" / "UI" / "TibiaReconstruction.ui").getroot()
     bound = {p.find("string").text: w.get("name") for w in root.iter("widget") for p in w.findall("property")
              if p.get("name") == "SlicerParameterName"}
-    assert {"reduceFragments", "keepVisibleBone", "reassembleFragments", "device"} <= set(bound)
+    assert {"reduceFragments", "keepVisibleBone", "reassembleFragments", "useOtherLeg", "device"} <= set(bound)
     assert set(bound) <= parameter_names(), {k: v for k, v in bound.items() if k not in parameter_names()}

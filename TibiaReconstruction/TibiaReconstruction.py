@@ -91,6 +91,8 @@ class TibiaReconstructionParameterNode:
     keepVisibleBone - keep the patient's visible bone outside the fracture mask in the prediction (needs the reduction).
     reassembleFragments - put the main moved fragment where its broken face meets the proximal one's (with the
         visible bone).
+    useOtherLeg - when the CT holds the other leg, segment its tibia and use it, mirrored and fitted to the proximal
+        main fragment, as the template (with the visible bone).
     outputSegmentationName, outputModelName - names of the new result nodes.
     createIntensityVolume - also create a volume with the predicted intensities (HU).
     stlCoordinateSystem - frame of exported STL files.
@@ -106,6 +108,7 @@ class TibiaReconstructionParameterNode:
     reduceFragments: bool = True
     keepVisibleBone: bool = True
     reassembleFragments: bool = True
+    useOtherLeg: bool = False
     outputSegmentationName: str = logicPackage.DEFAULT_SEGMENTATION_NAME
     outputModelName: str = logicPackage.DEFAULT_MODEL_NAME
     createIntensityVolume: bool = False
@@ -334,7 +337,8 @@ class TibiaReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                                    pn.fractureSegmentId, bundlePath=pn.bundlePath or None,
                                                    device=pn.device, reduceFragments=pn.reduceFragments,
                                                    keepVisibleBone=pn.keepVisibleBone,
-                                                   reassembleFragments=pn.reassembleFragments)
+                                                   reassembleFragments=pn.reassembleFragments,
+                                                   useOtherLeg=pn.useOtherLeg)
             self.ui.progressBar.setValue(0)
             self.ui.progressBar.show()
             self.ui.statusLabel.text = _("Starting the prediction...")

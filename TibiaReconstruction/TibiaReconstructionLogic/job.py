@@ -71,11 +71,12 @@ class PredictionJob:
     """One background prediction. States: 'created', 'running', 'succeeded', 'failed', 'cancelled'."""
 
     def __init__(self, inputs, bundlePath=None, device="auto", side="auto", python=None, workDir=None,
-                 reduceFragments=True, keepVisibleBone=True, reassembleFragments=True):
+                 reduceFragments=True, keepVisibleBone=True, reassembleFragments=True, useOtherLeg=False):
         self.inputs = inputs
         self.reduceFragments = bool(reduceFragments)
         self.keepVisibleBone = bool(keepVisibleBone)
         self.reassembleFragments = bool(reassembleFragments)
+        self.useOtherLeg = bool(useOtherLeg)
         self.bundlePath = str(bundlePath) if bundlePath else None
         self.device = device
         self.side = side
@@ -121,7 +122,8 @@ class PredictionJob:
             json.dump({"grid": self.inputs.ct.grid.to_dict(), "bundle": self.bundlePath, "device": self.device,
                        "side": self.side, "reduce_fragments": self.reduceFragments,
                        "keep_visible_bone": self.keepVisibleBone,
-                       "reassemble_fragments": self.reassembleFragments}, f)
+                       "reassemble_fragments": self.reassembleFragments,
+                       "other_tibia": "auto" if self.useOtherLeg else None}, f)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([libraryRoot()] + [p for p in [env.get("PYTHONPATH")] if p])
         env["PYTHONUNBUFFERED"] = "1"

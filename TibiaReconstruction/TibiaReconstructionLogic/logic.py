@@ -199,15 +199,16 @@ class TibiaReconstructionLogic:
         return self._predictors[key]
 
     def runPrediction(self, inputs, bundlePath=None, device="auto", side="auto", progress=None, reduceFragments=True,
-                      keepVisibleBone=True, reassembleFragments=True):
+                      keepVisibleBone=True, reassembleFragments=True, useOtherLeg=False):
         """Run the library Predictor in this process on prepared inputs (no MRML access)."""
         return self.predictor(bundlePath, device, reduceFragments, keepVisibleBone, reassembleFragments).predict(
-            inputs.ct, inputs.tibia, inputs.fracture, side=side, progress=progress)
+            inputs.ct, inputs.tibia, inputs.fracture, side=side, progress=progress,
+            other_tibia="auto" if useOtherLeg else None)
 
     def predict(self, volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId, bundlePath=None,
                 device="auto", progress=None, side="auto", segmentationName=DEFAULT_SEGMENTATION_NAME,
                 modelName=DEFAULT_MODEL_NAME, intensityName=None, reduceFragments=True, keepVisibleBone=True,
-                reassembleFragments=True):
+                reassembleFragments=True, useOtherLeg=False):
         """Predict the healthy tibia and return (new segmentation node, new model node). Blocks until done.
 
         ``progress(fraction, message)`` is called during the prediction. With ``intensityName`` a volume
@@ -215,17 +216,18 @@ class TibiaReconstructionLogic:
         onto the proximal main fragment before the final reconstruction (False: the paper's single pass).
         ``keepVisibleBone``: keep the patient's visible bone outside the fracture mask (False: the model everywhere).
         ``reassembleFragments``: put the main moved fragment where its broken face meets the proximal one's (False:
-        where the reduction put it).
+        where the reduction put it). ``useOtherLeg``: segment the other leg's tibia in the CT and use it, mirrored and
+        fitted to the proximal main fragment, as the template (when it cannot be, the result's warnings say why).
         """
         self._checkDevice(device)
         inputs = self.prepareInputs(volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId)
         result = self.runPrediction(inputs, bundlePath, device, side, progress, reduceFragments, keepVisibleBone,
-                                    reassembleFragments)
+                                    reassembleFragments, useOtherLeg)
         return self.createOutputNodes(result, volumeNode, segmentationName, modelName, intensityName)
 
     def startPrediction(self, volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId, bundlePath=None,
                         device="auto", side="auto", python=None, reduceFragments=True, keepVisibleBone=True,
-                        reassembleFragments=True):
+                        reassembleFragments=True, useOtherLeg=False):
         """Read the inputs now and start the prediction in a background process; returns a running PredictionJob.
 
         Poll it (``job.poll()``) or wait for it (``job.wait()``), then call ``finishPrediction(job)``.
@@ -235,7 +237,8 @@ class TibiaReconstructionLogic:
             raise InputError(f"Model bundle not found: {bundlePath}. Leave the bundle empty to use the bundled model.")
         inputs = self.prepareInputs(volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId)
         return PredictionJob(inputs, bundlePath, device, side, python=python, reduceFragments=reduceFragments,
-                             keepVisibleBone=keepVisibleBone, reassembleFragments=reassembleFragments).start()
+                             keepVisibleBone=keepVisibleBone, reassembleFragments=reassembleFragments,
+                             useOtherLeg=useOtherLeg).start()
 
     def finishPrediction(self, job, segmentationName=DEFAULT_SEGMENTATION_NAME, modelName=DEFAULT_MODEL_NAME,
                          intensityName=None, cleanup=True):

@@ -1,7 +1,7 @@
 """Runs one prediction in a separate Python process (started by job.PredictionJob).
 
 Usage: ``python worker.py WORK_DIR``. WORK_DIR holds ``inputs.json`` (grid, bundle, device, side, reduce_fragments,
-keep_visible_bone, reassemble_fragments) and ``ct.npy``, ``tibia.npy``, ``fracture.npy`` (arrays [k, j, i] on that
+keep_visible_bone, reassemble_fragments, other_tibia: 'auto' or null) and ``ct.npy``, ``tibia.npy``, ``fracture.npy`` (arrays [k, j, i] on that
 grid, LPS). The worker writes ``labelmap.npy``, ``intensity.npy``, ``surface.vtp`` (points in LPS mm) and
 ``outputs.json`` (grids and the Predictor's report) and prints one JSON object per line on stdout: ``{"progress": f,
 "message": m}``, then ``{"done": true}`` or ``{"error": type, "message": text}``.
@@ -48,6 +48,7 @@ def run(workDir):
                           keep_visible_bone=config.get("keep_visible_bone", True),
                           reassemble_fragments=config.get("reassemble_fragments", True))
     result = predictor.predict(ct, tibia, fracture, side=config.get("side", "auto"), crops=crops,
+                               other_tibia=config.get("other_tibia"),
                                progress=lambda fraction, message: emit(progress=float(fraction), message=str(message)))
 
     np.save(os.path.join(workDir, "labelmap.npy"), np.ascontiguousarray(result.labelmap.array))
