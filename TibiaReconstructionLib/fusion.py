@@ -10,7 +10,8 @@ anchor's, when they clearly do: :mod:`reassembly`)
 and pasted into the prediction: within OWN_MM of a pasted piece, and outside the fracture mask (moved with its
 fragment), the prediction becomes the patient's bone; elsewhere, above all in the fracture zone, it stays the
 model's. Pieces of fragments that fit the reconstruction worse than MAX_MISFIT_MM, or too small to match, are left
-to the model.
+to the model. With the other leg's tibia as the template (:mod:`template`), the template takes the model's place and
+the moved fragments are registered onto it.
 
 All arrays are (k, j, i) on CT-aligned grids; moves are 4x4 LPS maps of patient points.
 """
