@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from TibiaReconstructionLib import fusion
-from TibiaReconstructionLib.geometry import bounding_box, translation
+from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
+from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, translation
 from TibiaReconstructionLib.metrics import dice
 from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.refine import Placement
@@ -53,14 +54,17 @@ def test_the_other_leg_makes_the_prediction_match_the_healthy_tibia(default_pred
     assert with_other.fusion["other_leg"]["fit"]["rms_mm"] < 1.0
     assert all(f["kept"] for f in with_other.fusion["template"]) and with_other.fusion["template"]
     assert "other_leg" in with_other.timings and "template" not in alone.fusion
+    assert with_other.occupancy_std is None and alone.occupancy_std is not None  # the model's posterior only
 
 
-def test_an_other_tibia_that_cannot_be_fitted_leaves_the_model_prediction_with_a_warning(default_predictor,
-                                                                                      exact):
+def test_an_unfit_other_tibia_leaves_the_model_prediction_and_a_malformed_one_is_refused(default_predictor, exact):
     ct, tibia, fracture, *_ = exact
     alone = default_predictor.predict(ct, tibia, fracture, side="left")
     wrong = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=tibia)  # the fractured tibia
     assert any(w.startswith("The other leg was not used: The other tibia mask overlaps") for w in wrong.warnings)
     np.testing.assert_array_equal(wrong.labelmap.array, alone.labelmap.array)
-    with pytest.raises(Exception, match="other_tibia"):
+    with pytest.raises(InputError, match="other_tibia"):
         default_predictor.predict(ct, tibia, fracture, side="left", other_tibia="left leg")
+    with pytest.raises(GeometryMismatchError, match="other tibia mask"):  # refused before the model runs
+        default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=Volume.on_grid(
+            tibia.array[1:], Grid(tuple(np.array(tibia.grid.size) - [0, 0, 1]), tibia.spacing, tibia.origin)))

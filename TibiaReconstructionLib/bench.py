@@ -40,7 +40,8 @@ DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ..
 MASKED_BINS = (0.0, 0.1, 0.2, 0.3, 1.0)  # bins of the fraction of the tibia hidden by the fracture mask
 METRICS = (("dice", "Dice"), ("rmsd_mm", "RMSD (mm)"), ("hd95_mm", "HD95 (mm)"), ("msd_mm", "MSD (mm)"))
 METHODS = {"model": "model", "other-leg": "model with the other leg as template",
-           "no-reassembly": "model, no reassembly", "model-only": "model, no visible bone", "single": "model, single pass",
+           "no-reassembly": "model, no reassembly", "model-only": "model, no visible bone",
+           "single": "model, single pass",
            "prototype": "prototype only",
            "rigid": "mean shape, rigid fit",
            "contralateral": "mirrored contralateral leg"}

@@ -304,14 +304,19 @@ class Predictor:
         ``crops``: :func:`prepare.smoothed_crops` of these three inputs, when made beforehand (the command makes
         them while torch loads); used only when made for the bundle's spacing. ``other_tibia``: the healthy other
         leg's tibia mask on the CT grid, or 'auto' to segment it from the CT: mirrored and fitted to the proximal
-        main fragment, it becomes the template (:mod:`template`; with the visible bone kept); when it cannot be
-        fitted, a warning says why and the model's prediction is made as without it. Inputs are not modified."""
+        main fragment, it becomes the template (:mod:`template`; with the visible bone kept; no uncertainty map then,
+        the model's posterior does not describe it); when it cannot be fitted, a warning says why and the model's
+        prediction is made as without it. Inputs are not modified."""
         report = progress or (lambda f, m: None)
         t = {}
         t0 = time.perf_counter()
         report(0.0, "Checking inputs")
         if side not in ("auto", "left", "right"):
             raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
+        if isinstance(other_tibia, str) and other_tibia != "auto":
+            raise InputError(f"Unknown other_tibia {other_tibia!r}; give the other tibia's mask or 'auto'.")
+        if isinstance(other_tibia, Volume):
+            check_same_grid(ct, other_tibia, "CT", "other tibia mask")
         box, tibia_voxels, hidden_voxels = validate_inputs(ct, tibia_mask, fracture_mask)
         warnings = input_warnings(ct, box)
         t["check"] = time.perf_counter() - t0
@@ -335,6 +340,8 @@ class Predictor:
             report(0.5, "Fitting the other leg's tibia")
             t0 = time.perf_counter()
             other = self._other_leg(ct, tibia_mask, fracture_mask, other_tibia, chosen, warnings)
+            if other is not None:
+                std = None  # the model's posterior says nothing about the template
             t["other_leg"] = time.perf_counter() - t0
         elif other_tibia is not None:
             warnings.append("The other leg was not used: it serves as the template of the visible fragments, which "
@@ -381,8 +388,6 @@ class Predictor:
                    warnings: list) -> ContralateralResult | None:
         """The other leg's tibia mirrored and fitted to the proximal main fragment (``other_tibia``: its mask, or
         'auto'); None, with a warning saying why, when it cannot be used."""
-        if isinstance(other_tibia, str) and other_tibia != "auto":
-            raise InputError(f"Unknown other_tibia {other_tibia!r}; give the other tibia's mask or 'auto'.")
         try:
             other = contralateral_target(ct, tibia, fracture, None if isinstance(other_tibia, str) else other_tibia)
         except InputError as error:
