@@ -23,7 +23,6 @@ from scipy import ndimage
 from vtkmodules.vtkCommonDataModel import vtkPolyData
 
 from .bundle import Bundle, load_bundle
-from .contralateral import ContralateralResult, contralateral_target
 from .errors import InputError
 from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, invert_affine, \
     resample, upsample_linear
@@ -385,9 +384,12 @@ class Predictor:
 
     @staticmethod
     def _other_leg(ct: Volume, tibia: Volume, fracture: Volume, other_tibia: Volume | str, side: str,
-                   warnings: list) -> ContralateralResult | None:
+                   warnings: list):
         """The other leg's tibia mirrored and fitted to the proximal main fragment (``other_tibia``: its mask, or
-        'auto'); None, with a warning saying why, when it cannot be used."""
+        'auto'), a :class:`contralateral.ContralateralResult`; None, with a warning saying why, when it cannot be
+        used."""
+        from .contralateral import contralateral_target  # imports all of VTK (1 s): only when asked for
+
         try:
             other = contralateral_target(ct, tibia, fracture, None if isinstance(other_tibia, str) else other_tibia)
         except InputError as error:
