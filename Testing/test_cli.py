@@ -30,6 +30,17 @@ def test_a_command_line_imports_only_its_command():
                 "TibiaReconstructionLib.metrics", "TibiaReconstructionLib.contralateral"} & set(loaded)
 
 
+def test_the_predictor_loads_without_all_of_vtk_or_the_other_leg_s_fit():
+    """Importing all of VTK takes about a second, a fifth of the time a prediction may take: the Predictor imports
+    only the VTK modules it uses, and the contralateral fit only when the other leg is asked for."""
+    code = "import sys, TibiaReconstructionLib.predict; print(*sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(run.stdout.split())
+    assert "TibiaReconstructionLib.template" in loaded
+    assert not {"vtk", "vtkmodules.all", "TibiaReconstructionLib.contralateral", "TibiaReconstructionLib.segment"} \
+        & loaded
+
+
 def test_info_prints_geometry_and_errors_cleanly(tmp_path, oblique_volume, capsys):
     path = write_volume(oblique_volume, tmp_path / "v.nrrd")
     assert main(["info", str(path)]) == 0
