@@ -11,7 +11,7 @@ and pasted into the prediction: within OWN_MM of a pasted piece, and outside the
 fragment), the prediction becomes the patient's bone; elsewhere, above all in the fracture zone, it stays the
 model's. Pieces of fragments that fit the reconstruction worse than MAX_MISFIT_MM, or too small to match, are left
 to the model. With the other leg's tibia as the template (:mod:`template`), the template takes the model's place and
-the moved fragments are registered onto it.
+the moved fragments are registered onto it, then reassembled from there.
 
 All arrays are (k, j, i) on CT-aligned grids; moves are 4x4 LPS maps of patient points.
 """
@@ -158,8 +158,8 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     moved fragment's move by the contact of the broken faces (:func:`reassembly.reassemble`; its report is the
     report's "reassembly"); ``template``: the other leg's tibia fitted to the anchor, as an occupancy on
     ``destination`` (:mod:`template`): it replaces ``model_occupancy`` and the moved fragments are registered onto
-    it (the report's "template"; a registered fragment is pasted when it lies within MAX_MISFIT_MM of the template
-    rather than of the reconstruction). Inputs are not modified."""
+    it before the reassembly (the report's "template"; a registered fragment is pasted when it lies within
+    MAX_MISFIT_MM of the template rather than of the reconstruction). Inputs are not modified."""
     step = np.maximum(np.rint(destination.spacing / ct.spacing), 1).astype(int)[::-1]  # (k, j, i)
     start = np.rint(ct.grid.physical_to_index(destination.origin)[::-1]).astype(int)
     end = start + step * (np.asarray(destination.shape) - 1)
@@ -183,16 +183,16 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     voxel_ml = float(np.prod(source.spacing)) / 1000.0
     owner[sizes * voxel_ml < MIN_PIECE_ML] = 0
     moves = rigid_moves(patient_moves(placement, patient_to_canonical), pieces, owner, source)
+    misfits = dict(zip(placement.ids, placement.misfit_mm))
+    on_template = []
+    if template is not None:  # the other leg gives the fragments' pose; the broken faces then refine it
+        moves, on_template = place_on_template(template, destination, tib, hidden, pieces, owner, moves,
+                                               placement.anchor)
+        misfits.update((f["id"], f["misfit_after_mm"]) for f in on_template if f["kept"])
     reassembly = {}
     if reassemble_fragments:
         axis = invert_affine(patient_to_canonical)[:3, :3] @ np.array([0.0, 0.0, 1.0])
         moves, reassembly = reassemble(tib, hidden, pieces, owner, moves, placement.anchor, axis / np.linalg.norm(axis))
-    misfits = dict(zip(placement.ids, placement.misfit_mm))
-    on_template = []
-    if template is not None:
-        moves, on_template = place_on_template(template, destination, tib, hidden, pieces, owner, moves,
-                                               placement.anchor)
-        misfits.update((f["id"], f["misfit_after_mm"]) for f in on_template if f["kept"])
     hu_source = source_volume(ct).array
     pasted = np.zeros(destination.shape, np.float32)
     hu = np.zeros(destination.shape, np.float32)

@@ -7,7 +7,9 @@ degrees (tibial torsion and bow vary between people, :mod:`reassembly`); the oth
 the template replaces the model's reconstruction where the prediction does not keep the patient's bone, and each
 moved fragment is registered rigidly onto it: its intact outer surface (away from the fracture mask, where its
 broken faces are) onto the template's surface, by Adam on a robust (Huber) loss of the signed distance, starting
-from where the reduction (and the reassembly) put it.
+from where the reduction put it. The reassembly (:mod:`reassembly`) then fits the broken faces together from there:
+the two legs are alike, not equal, and where the template's length or angles differ from the patient's, the faces
+tell (on 42 held-out cases with both legs, RMSD 1.135 mm with the template alone, 1.077 with the reassembly after).
 
 Arrays are (Z, Y, X) on CT-aligned grids; moves are 4x4 maps of patient points from where a fragment lies in the CT
 to where it goes in the prediction.
