@@ -39,7 +39,7 @@ SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 
 DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ...)
 MASKED_BINS = (0.0, 0.1, 0.2, 0.3, 1.0)  # bins of the fraction of the tibia hidden by the fracture mask
 METRICS = (("dice", "Dice"), ("rmsd_mm", "RMSD (mm)"), ("hd95_mm", "HD95 (mm)"), ("msd_mm", "MSD (mm)"))
-METHODS = {"model": "model", "other-leg": "model with the other leg as template",
+METHODS = {"model": "model", "other-leg": "model + other leg",
            "no-reassembly": "model, no reassembly", "model-only": "model, no visible bone",
            "single": "model, single pass",
            "prototype": "prototype only",
@@ -441,9 +441,10 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         "the proximal main fragment and reconstructed again: `TibiaReconstructionLib.refine`; the main moved fragment "
         "refitted to where its broken face meets the proximal one's: `TibiaReconstructionLib.reassembly`; the "
         "visible fragments outside the fracture mask kept where they were placed: `TibiaReconstructionLib.fusion`); "
-        "*model with the other leg as template* = the same with the other leg's tibia, mirrored and fitted to the "
+        "*model + other leg* = the same with the other leg's tibia as template, mirrored and fitted to the "
         "proximal main fragment, filling the prediction where the patient's bone is not kept and receiving the moved "
-        "fragments, registered onto it (`--other-tibia-mask`; `TibiaReconstructionLib.template`); "
+        "fragments, registered onto it and then reassembled (`--other-tibia-mask`; "
+        "`TibiaReconstructionLib.template`); "
         "*model, no reassembly* = the same with the fragments where the reduction placed them (`--no-reassembly`); "
         "*model, no visible bone* = the model's reconstruction everywhere (`--model-only`); *model, single pass* = "
         "the paper's pipeline, one pass without the reduction and without the visible bone (`--single-pass`); "
