@@ -105,6 +105,20 @@ def level_distance(occupancy: np.ndarray) -> np.ndarray:
     return np.where(np.abs(near) < far, near, coarse).astype(np.float32)
 
 
+def turn_after(move: torch.Tensor, centre: torch.Tensor, params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``move`` (4x4 map of patient points) followed by each parameter set's (S, 6) turn (rotation vector, rad) about
+    ``centre`` (3,) and shift (mm): the combined maps' rotations (S, 3, 3) and shifts (S, 3)."""
+    turn = rotation_matrices(params[:, :3])
+    return turn @ move[:3, :3], (turn @ (move[:3, 3] - centre)[:, None])[..., 0] + centre + params[:, 3:]
+
+
+def as_affine(r: torch.Tensor, t: torch.Tensor) -> np.ndarray:
+    """A 4x4 (float64) map of one rotation (3, 3) and shift (3,)."""
+    out = np.eye(4)
+    out[:3, :3], out[:3, 3] = r.double().numpy(), t.double().numpy()
+    return out
+
+
 class Field:
     """A signed distance (mm, Z, Y, X on ``grid``) to a surface and, with ``directions``, its direction (unit,
     patient axes), sampled (differentiably) at patient points moved rigidly."""
@@ -166,19 +180,12 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
     centre = (faces[1] @ m0[:3, :3].T + m0[:3, 3]).mean(0)
     a = torch.from_numpy(np.asarray(axis, np.float32))
     across = torch.eye(3) - torch.outer(a, a)
-    r0, t0 = m0[:3, :3], m0[:3, 3]
-
-    def placed(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fragment's move, CT -> prediction, as rotations (S, 3, 3) and shifts (S, 3): the reduction's, then
-        each parameter set's (S, 6) turn (rotation vector, rad) about the face's centre and shift (mm)."""
-        turn = rotation_matrices(params[:, :3])
-        return turn @ r0, (turn @ (t0 - centre)[:, None])[..., 0] + centre + params[:, 3:]
 
     def terms(params: torch.Tensor, width: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The faces' contact (S,; 0..1: each face on the other fragment's surface and facing it, within ``width``)
         and the fragment's mean depth inside the anchor (S,; mm), with the fragment moved by each parameter set
         (S, 6) after the reduction's move."""
-        r, t = placed(params)
+        r, t = turn_after(m0, centre, params)  # the fragment's move, CT -> prediction: the reduction's, then these
         rb, tb = r.transpose(1, 2), -(r.transpose(1, 2) @ t[..., None])[..., 0]  # and back
         shares = []
         # the anchor's face taken into the fragment's frame; the fragment's face moved into the anchor's
@@ -217,9 +224,7 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
         params = params[int(torch.argmin(energy(params, WIDTHS_MM[-1])))]
         (before, after), (overlap_before, overlap) = (v.tolist() for v in terms(torch.stack([torch.zeros(6), params]),
                                                                                WIDTHS_MM[-1]))
-        r, t = placed(params[None])
-        fitted = np.eye(4)
-        fitted[:3, :3], fitted[:3, 3] = r[0].double().numpy(), t[0].double().numpy()
+        fitted = as_affine(*(v[0] for v in turn_after(m0, centre, params[None])))
     turn = float(np.degrees(float(params[:3].norm())))
     shift = float(params[3:].norm())
     kept = bool(after - before >= MIN_GAIN and overlap <= MAX_OVERLAP_MM and turn <= MAX_TURN_DEG

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .geometry import Grid, Volume, resample
-from .models.sampler import rotation_matrices
-from .reassembly import Field
+from .reassembly import Field, as_affine, turn_after
 from .refine import adam_direction, signed_distance
 
 POINTS = 2000  # outer-surface voxels of a fragment (random subset) that drive its registration
@@ -51,28 +50,22 @@ def register_onto(field: Field, points: np.ndarray, move: np.ndarray, depth_mm: 
     m = torch.from_numpy(move.astype(np.float32))
     centre = (p @ m[:3, :3].T + m[:3, 3]).mean(0)
 
-    def placed(params: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        turn = rotation_matrices(params[:, :3])
-        return turn @ m[:3, :3], (turn @ (m[:3, 3] - centre)[:, None])[..., 0] + centre + params[:, 3:]
-
     params = torch.zeros(1, 6)
     moments = torch.zeros(2, 1, 6)
     lr = torch.tensor([LR_ROTATION] * 3 + [LR_TRANSLATION] * 3)
     with torch.enable_grad():
         params.requires_grad_(True)
         for step in range(1, STEPS + 1):
-            d = field(p, *placed(params))[0] + depth_mm
+            d = field(p, *turn_after(m, centre, params))[0] + depth_mm
             loss = F.huber_loss(d, torch.zeros_like(d), delta=HUBER_MM)
             (grad,) = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 params -= lr * adam_direction(moments, grad, step)
     with torch.no_grad():
         params = params.detach()
-        r, t = placed(torch.cat([torch.zeros(1, 6), params]))
+        r, t = turn_after(m, centre, torch.cat([torch.zeros(1, 6), params]))
         before, after = (field(p, r, t)[0] + depth_mm).abs().mean(-1).tolist()
-    fitted = np.eye(4)
-    fitted[:3, :3], fitted[:3, 3] = r[1].double().numpy(), t[1].double().numpy()
-    return fitted, {"misfit_before_mm": round(before, 2), "misfit_after_mm": round(after, 2),
+    return as_affine(r[1], t[1]), {"misfit_before_mm": round(before, 2), "misfit_after_mm": round(after, 2),
                     "turn_deg": round(float(np.degrees(float(params[0, :3].norm()))), 2),
                     "shift_mm": round(float(params[0, 3:].norm()), 2)}
 
