@@ -136,6 +136,23 @@ def test_exact_mirror_recovers_the_healthy_tibia(exact):
     assert all(np.array_equal(a, v.array) for a, v in zip(before, (ct, tibia, frac, other)))  # inputs unmodified
 
 
+def test_a_fine_ct_gives_the_same_fit_and_the_placing_can_be_left_out(exact):
+    """The same case at 0.5 mm along x (each voxel split in four): the fit reads the masks on a lattice of about
+    FIT_MM and lands where the 2 mm fit does; place=False gives the transform without the labelmap and surface."""
+    ct, tibia, frac, other, *_ = exact
+    coarse = contralateral_target(ct, tibia, frac, other)
+    fine_grid = Grid((ct.grid.size[0] * 4, *ct.grid.size[1:]), ct.spacing * [0.25, 1, 1],
+                     ct.origin - [0.75, 0.0, 0.0])
+    fine = [resample(v, fine_grid, interpolation="nearest") for v in (ct, tibia, frac, other)]
+    r = contralateral_target(*fine, place=False)
+    assert r.labelmap is None and r.surface is None and r.report()["volume_ml"] is None
+    pts = fine[3].index_to_physical(np.argwhere(fine[3].array)[::50, ::-1].astype(float))
+    gap = np.linalg.norm(apply_affine(r.transform, pts) - apply_affine(coarse.transform, pts), axis=1)
+    assert np.sqrt(np.mean(gap ** 2)) < 1.0
+    assert r.fit["fragment_ml"] == pytest.approx(coarse.fit["fragment_ml"], rel=0.05)
+    assert r.other_tibia is fine[3]  # the given mask, neither copied nor changed
+
+
 def test_the_displaced_distal_fragment_does_not_pull_the_target(exact):
     """Displacing the distal fragment 16 mm further does not move the target: only the proximal fragment counts."""
     ct, tibia, frac, other, truth, ids = exact
@@ -144,7 +161,8 @@ def test_the_displaced_distal_fragment_does_not_pull_the_target(exact):
     moved = np.roll(distal, 8, axis=2)  # 16 mm along +x
     tibia2 = tibia.with_array(((tibia.array != 0) & ~distal | moved).astype(np.uint8))
     r2 = contralateral_target(ct, tibia2, frac, other)
-    assert r2.fit["fragment_voxels"] == r.fit["fragment_voxels"] < np.count_nonzero(tibia.array)
+    tibia_ml = np.count_nonzero(tibia.array) * np.prod(ct.spacing) / 1000.0
+    assert r2.fit["fragment_ml"] == r.fit["fragment_ml"] < tibia_ml
     assert dice(r2.labelmap.array, r.labelmap.array) > 0.99
 
 

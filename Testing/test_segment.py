@@ -102,6 +102,18 @@ def test_both_legs_requested_side(two_legs, side):
     assert dice(found.other_tibia.array, other) > 0.95
 
 
+def test_unrefined_chosen_tibia_leaves_the_other_leg_as_it_was(two_legs):
+    """refine_tibia=False (the contralateral target needs only the other leg's tibia) skips the chosen tibia's
+    surface refinement: the other tibia is the same, the chosen one a little fuller but the same bone."""
+    ct, left, _, frac = two_legs
+    full = segment_tibia(ct, fracture_mask=frac)
+    quick = segment_tibia(ct, fracture_mask=frac, refine_tibia=False)
+    np.testing.assert_array_equal(quick.other_tibia.array, full.other_tibia.array)
+    assert quick.side == full.side == "left"
+    assert np.count_nonzero(quick.tibia.array) > np.count_nonzero(full.tibia.array)  # not peeled to the edge level
+    assert dice(quick.tibia.array, left) > 0.9
+
+
 def test_both_legs_auto_side(two_legs):
     ct, _, _, frac = two_legs
     assert segment_tibia(ct).side == "left"  # the fractured, more fragmented tibia

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from TibiaReconstructionLib import fusion
+from TibiaReconstructionLib.contralateral import contralateral_target
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
 from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, translation
 from TibiaReconstructionLib.metrics import dice
 from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.refine import Placement
+from TibiaReconstructionLib.template import template_box, template_occupancy
 import test_contralateral
 import test_fusion
 from test_fusion import GRID
@@ -35,6 +37,19 @@ def test_a_moved_fragment_is_registered_onto_the_template_and_the_template_fills
     plain = fusion.fuse_visible_bone(model, GRID, ct, tibia, fracture, bounding_box(tibia.array), place, GRID,
                                      np.eye(4), reassemble_fragments=False)
     assert dice(plain.occupancy[:18] >= 0.5, healthy[:18]) < 0.8
+
+
+def test_the_template_is_the_other_tibia_moved_by_the_fit(exact):
+    """template_occupancy reads the other tibia through the fit's transform: on the CT grid it is the placed
+    labelmap of the contralateral target; template_box covers it."""
+    ct, tibia, fracture, other, *_ = exact
+    placed = contralateral_target(ct, tibia, fracture, other)
+    occupancy = template_occupancy(other, placed.transform, ct.grid)
+    assert dice(occupancy >= 0.5, placed.labelmap.array != 0) > 0.97
+    lo, hi = template_box(other, placed.transform)
+    box = bounding_box(placed.labelmap.array != 0)
+    assert np.all(lo <= box[0][::-1]) and np.all(hi >= box[1][::-1])
+    assert np.all(hi - lo <= box[1][::-1] - box[0][::-1] + 2)  # and not much more
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,9 @@ planning when both legs are in the CT), and its difference to the model's predic
 4. Plausibility: the fit is refused (InputError) when its residual is large or the fitted tibia lies away
    from the fractured one, and gives warnings when it is doubtful (see ``_check_fit``).
 5. The other tibia resampled through mirror and fit onto the CT grid (labelmap) and its surface.
+
+Steps 1-4 read the masks on a lattice of about ``FIT_MM`` (every n-th CT voxel along each axis): a fine CT
+(0.3 mm in-plane) holds ten times more voxels than the fit needs.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import vtk
 from scipy import ndimage
 from scipy.spatial import cKDTree
+from vtkmodules.vtkCommonDataModel import vtkPolyData
+from vtkmodules.vtkFiltersCore import vtkImplicitPolyDataDistance
 
-from . import metrics
 from .errors import InputError, OutputExistsError
 from .geometry import (Grid, Volume, apply_affine, bounding_box, check_same_grid, crop, invert_affine, reflection,
                        resample)
@@ -57,7 +60,9 @@ MIN_INLIERS = (0.8, 0.5)     # share of the anchor's surface on the fitted tibia
 MIN_NEAR = (0.8, 0.5)        # share of the fitted tibia's surface near the fractured tibia below these: ditto
 ICP_ITERATIONS, ICP_TRIM = 80, 0.9
 ICP_STOP = (1e-4, 0.01)      # ICP stops when a step rotates less than this (rad) and moves less than this (mm)
-MAX_POINTS = 20000
+MAX_POINTS = 20000           # surface points of the other tibia (evenly strided)
+FIT_POINTS = 5000            # ... and of the intact fragments, which the ICP moves
+FIT_MM = 1.0                 # the fit reads the masks every n-th voxel along each axis, n = FIT_MM / spacing (>= 1)
 DISTANCE_ARRAY = "distance_to_prediction_mm"
 Progress = Callable[[float, str], None]
 
@@ -65,13 +70,13 @@ Progress = Callable[[float, str], None]
 @dataclass
 class ContralateralResult:
     """The mirrored, fitted other tibia: ``labelmap`` (uint8 0/1 on the CT grid), ``surface`` (LPS mm; with the
-    point-data array DISTANCE_ARRAY after a comparison), ``transform`` (4x4 LPS, other tibia -> target; a
+    point-data array DISTANCE_ARRAY after a comparison; both None when not placed), ``transform`` (4x4 LPS, other tibia -> target; a
     reflection), ``other_tibia`` (the other leg's tibia mask used), ``side`` (the fractured leg's: 'left' when it
     lies at larger LPS x than the other), the mirror plane, the fit's figures, the comparison with a prediction,
     timings and warnings."""
 
-    labelmap: Volume
-    surface: vtk.vtkPolyData
+    labelmap: Volume | None
+    surface: vtkPolyData | None
     transform: np.ndarray
     other_tibia: Volume
     side: str
@@ -83,23 +88,26 @@ class ContralateralResult:
 
     def report(self) -> dict:
         """JSON-ready summary."""
-        voxel_ml = float(np.prod(self.labelmap.spacing)) / 1000.0
+        volume = None if self.labelmap is None else \
+            float(np.count_nonzero(self.labelmap.array)) * float(np.prod(self.labelmap.spacing)) / 1000.0
         return {"method": "mirrored contralateral tibia, rigid fit to the proximal main fragment", "side": self.side,
                 "coordinates": "LPS mm; transform maps the other tibia to the target",
                 "transform": self.transform.tolist(), "mirror_plane": self.mirror_plane, "fit": self.fit,
-                "volume_ml": float(np.count_nonzero(self.labelmap.array)) * voxel_ml,
+                "volume_ml": volume,
                 "comparison_with_prediction": self.comparison, "timings_s": self.timings, "warnings": self.warnings}
 
 
 def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibia: Volume | None = None,
-                         prediction=None, progress: Progress | None = None) -> ContralateralResult:
+                         prediction=None, progress: Progress | None = None, place: bool = True
+                         ) -> ContralateralResult:
     """The contralateral target of a fractured tibia (module docstring).
 
     ``tibia``: the fractured tibia mask (all fragments), ``fracture``: the coarse fracture mask, ``other_tibia``:
     the other leg's tibia mask, all on the CT grid; without ``other_tibia`` it is segmented from the CT.
     ``prediction`` (a predict.Prediction or a predicted labelmap Volume): also compare with it
-    (:func:`compare`). Inputs are not modified. Raises InputError for empty masks, masks off the CT grid,
-    or a CT without the other leg.
+    (:func:`compare`). ``place``: False skips step 5 (labelmap and surface None; not with ``prediction``), for
+    callers that need only the transform. Inputs are not modified. Raises InputError for empty masks, masks off the
+    CT grid, or a CT without the other leg.
     """
     report = progress or (lambda f, m: None)
     clock, timings, warnings = time.perf_counter(), {}, []
@@ -115,36 +123,35 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
         if not np.any(mask.array):
             raise InputError(f"The {name} is empty; " + ("segment the fractured tibia (all fragments)." if name ==
                              "tibia mask" else "paint a coarse mask over the fracture zone."))
-    tib, frac = tibia.array != 0, fracture.array != 0
     if other_tibia is None:
         report(0.0, "Segmenting the other leg's tibia")
-        other = _segment_other(ct, tib, fracture)
+        other_tibia = _segment_other(ct, tibia.array != 0, fracture)
         lap("segment")
     else:
         check_same_grid(ct, other_tibia, "CT", "other tibia mask")
-        other = other_tibia.array != 0
-        if not other.any():
+        if not np.any(other_tibia.array):
             raise InputError("The other tibia mask is empty. Segment the healthy leg's tibia, or leave the mask out "
                              "to segment it automatically.")
-    _check_pair(ct.grid, tib, other)
     warnings += [f"The {what} touches the CT's first or last slice: it may be cut off by the field of view, "
-                 "which weakens the fit." for what, m in (("other tibia", other), ("fractured tibia", tib))
-                 if _touches_end(m)]
+                 "which weakens the fit." for what, m in (("other tibia", other_tibia), ("fractured tibia", tibia))
+                 if _touches_end(m.array)]
+    lattice, (tib, frac, other) = _lattice(ct.grid, tibia.array, fracture.array, other_tibia.array)
+    _check_pair(lattice, tib, other)
 
     report(0.2, "Finding the intact pieces")
-    sl, grid = _box(ct.grid, tib, int(np.ceil(FRACTURE_CLEARANCE_MM / ct.grid.spacing.min())) + 2)
+    sl, grid = _box(lattice, tib, int(np.ceil(FRACTURE_CLEARANCE_MM / lattice.spacing.min())) + 2)
     tib_c, frac_c = tib[sl], frac[sl]
     pieces, n_pieces = ndimage.label(tib_c & ~frac_c)
     if n_pieces == 0:
         raise InputError("The fracture mask covers the whole tibia, so no intact fragment is left to fit the "
                          "contralateral tibia to.")
     clear = ndimage.distance_transform_edt(~frac_c, sampling=grid.spacing[::-1]) >= FRACTURE_CLEARANCE_MM
-    source, _, source_kji = _surface_points(grid, tib_c, (pieces > 0) & clear, with_index=True)
+    source, _, source_kji = _surface_points(grid, tib_c, (pieces > 0) & clear, with_index=True, limit=FIT_POINTS)
     if len(source) < 50:
         raise InputError("Too little intact bone surface outside the fracture mask to fit the contralateral tibia "
                          "to; use the model's prediction instead.")
     source_piece = pieces[tuple(source_kji.T)]
-    sl_o, grid_o = _box(ct.grid, other, 2)
+    sl_o, grid_o = _box(lattice, other, 2)
     other_c = other[sl_o]
     other_pts, other_normals = _surface_points(grid_o, other_c, other_c)
     lap("fragment")
@@ -163,14 +170,17 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
     checks = _check_fit(anchor, apply_affine(transform, other_pts), _voxel_points(grid, tib_c | frac_c), warnings)
     lap("fit")
 
-    report(0.7, "Resampling the target onto the CT grid")
-    labelmap, surface = _place(ct, other, transform)
-    lap("resample")
+    labelmap = surface = None
+    if place or prediction is not None:
+        report(0.7, "Resampling the target onto the CT grid")
+        labelmap, surface = _place(ct, other_tibia.array != 0, transform)
+        lap("resample")
     fit = {"rms_mm": anchor["rms"], "iterations": anchor["iterations"], "fragment_points": anchor["points"],
-           "proximal_fragment_share": frag_share, "fragment_voxels": int(fragment.sum()),
+           "proximal_fragment_share": frag_share,
+           "fragment_ml": round(float(fragment.sum() * np.prod(lattice.spacing)) / 1000.0, 3),
            "anchor_pieces": anchor["pieces"], "hypotheses": anchor["hypotheses"], **checks}
     plane = {"normal": [1.0, 0.0, 0.0], "point": [xm, 0.0, 0.0]}
-    result = ContralateralResult(labelmap, surface, transform, ct.with_array(other.astype(np.uint8)),
+    result = ContralateralResult(labelmap, surface, transform, other_tibia,
                                  "left" if x_tib > x_other else "right", plane, fit, timings=timings, warnings=warnings)
     if prediction is not None:
         report(0.9, "Comparing with the prediction")
@@ -185,6 +195,8 @@ def compare(result: ContralateralResult, prediction) -> dict:
     predict.Prediction or a labelmap Volume on the CT grid); sets ``result.comparison`` and adds the
     point-data array DISTANCE_ARRAY to ``result.surface``: each vertex's signed distance (mm) to the
     prediction's surface, positive outside the predicted bone."""
+    from . import metrics  # scipy.stats and scikit-image: 0.6 s to import, needed only here
+
     if isinstance(prediction, Volume):
         labelmap, surface = prediction, None
     else:
@@ -200,7 +212,7 @@ def compare(result: ContralateralResult, prediction) -> dict:
     spacing = result.labelmap.spacing
     d_ab, d_ba = metrics.surface_distances(target[sl], pred[sl], spacing)
     d = np.concatenate([d_ab, d_ba])
-    distance = vtk.vtkImplicitPolyDataDistance()
+    distance = vtkImplicitPolyDataDistance()
     distance.SetInput(surface)
     signed = np.array([distance.EvaluateFunction(p) for p in polydata_points(result.surface)])
     add_point_array(result.surface, DISTANCE_ARRAY, signed)
@@ -217,18 +229,18 @@ def compare(result: ContralateralResult, prediction) -> dict:
 # Steps
 
 
-def _segment_other(ct: Volume, tib: np.ndarray, fracture: Volume) -> np.ndarray:
-    """The other leg's tibia from the automatic segmentation: of the two tibiae it finds, the one apart from
-    the given tibia mask."""
+def _segment_other(ct: Volume, tib: np.ndarray, fracture: Volume) -> Volume:
+    """The other leg's tibia (a mask on the CT grid) from the automatic segmentation: of the two tibiae it finds,
+    the one apart from the given tibia mask (``tib``, bool)."""
     from .segment import segment_tibia
 
-    seg = segment_tibia(ct, "auto", fracture)
+    seg = segment_tibia(ct, "auto", fracture, refine_tibia=False)
     if seg.other_tibia is None:
         raise InputError("No other leg was found in the CT, so there is no contralateral tibia to mirror. Use the "
                          "model's prediction (tibia-recon predict), or give the other tibia's mask "
                          "(--other-tibia-mask) if the segmentation missed it.")
     a, b = seg.tibia.array != 0, seg.other_tibia.array != 0
-    return b if np.count_nonzero(a & tib) >= np.count_nonzero(b & tib) else a
+    return seg.other_tibia if np.count_nonzero(a & tib) >= np.count_nonzero(b & tib) else seg.tibia
 
 
 def _check_pair(grid: Grid, tib: np.ndarray, other: np.ndarray) -> None:
@@ -240,6 +252,15 @@ def _check_pair(grid: Grid, tib: np.ndarray, other: np.ndarray) -> None:
     if dx < MIN_SEPARATION_MM:
         raise InputError(f"The two tibiae lie only {dx:.0f} mm apart left to right (LPS x), so they are not the two "
                          f"legs of one patient (expected at least {MIN_SEPARATION_MM:.0f} mm). Check the masks.")
+
+
+def _lattice(grid: Grid, *masks: np.ndarray) -> tuple[Grid, list[np.ndarray]]:
+    """The lattice of every n-th voxel of ``grid`` along each axis (n = FIT_MM / spacing, at least 1; it starts at
+    the first voxel) and the masks (Z, Y, X; nonzero: inside) read on it (bool)."""
+    step = np.maximum(1, np.floor(FIT_MM / grid.spacing + 1e-6)).astype(int)  # (i, j, k)
+    size = (np.asarray(grid.size) - 1) // step + 1
+    sub = tuple(slice(None, None, s) for s in step[::-1])
+    return Grid(tuple(size), grid.spacing * step, grid.origin, grid.direction), [m[sub] != 0 for m in masks]
 
 
 def _box(grid: Grid, mask: np.ndarray, margin: int) -> tuple[tuple[slice, ...], Grid]:
@@ -265,10 +286,11 @@ def _centroid(grid: Grid, mask: np.ndarray) -> np.ndarray:
     return _voxel_points(grid, mask).mean(axis=0)
 
 
-def _surface_points(grid: Grid, mask: np.ndarray, keep: np.ndarray, with_index: bool = False) -> tuple:
-    """LPS centres of ``mask``'s boundary voxels (6-neighbour outside) within ``keep``, off the array border,
-    and the outward unit normals there (LPS; from the gradient of the mask smoothed by 1.5 voxels); with
-    ``with_index`` also their (k, j, i) indices."""
+def _surface_points(grid: Grid, mask: np.ndarray, keep: np.ndarray, with_index: bool = False,
+                    limit: int = MAX_POINTS) -> tuple:
+    """LPS centres of ``mask``'s boundary voxels (6-neighbour outside) within ``keep``, off the array border
+    (about ``limit`` of them, evenly strided), and the outward unit normals there (LPS; from the gradient of the
+    mask smoothed by 1.5 voxels); with ``with_index`` also their (k, j, i) indices."""
     edge = mask & ~ndimage.binary_erosion(mask) & keep
     for axis in range(3):
         idx = [slice(None)] * 3
@@ -276,7 +298,7 @@ def _surface_points(grid: Grid, mask: np.ndarray, keep: np.ndarray, with_index: 
             idx[axis] = end
             edge[tuple(idx)] = False
     kji = np.argwhere(edge)
-    kji = kji[::max(1, len(kji) // MAX_POINTS)]
+    kji = kji[::max(1, len(kji) // limit)]
     smooth = ndimage.gaussian_filter(mask.astype(np.float32), 1.5)
     grad_kji = np.stack([g[tuple(kji.T)] for g in np.gradient(smooth)], axis=1)
     normals = -(grad_kji[:, ::-1] / grid.spacing) @ grid.direction.T  # d/d(index) -> d/d(LPS), outward
@@ -466,7 +488,7 @@ def _bone_crop(mask: Volume, margin: int = 2) -> Volume:
     return crop(mask, lo - margin, hi + margin)
 
 
-def _place(ct: Volume, other: np.ndarray, transform: np.ndarray) -> tuple[Volume, vtk.vtkPolyData]:
+def _place(ct: Volume, other: np.ndarray, transform: np.ndarray) -> tuple[Volume, vtkPolyData]:
     """The other tibia moved by ``transform``: a labelmap on the CT grid (linear interpolation of the mask,
     threshold 0.5, on the box it lands in) and its surface (LPS)."""
     source = _bone_crop(ct.with_array(other.astype(np.float32)))

@@ -29,7 +29,7 @@ from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, 
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
 from .fusion import Fused, fuse_visible_bone
-from .template import template_occupancy
+from .template import template_box, template_occupancy
 from .refine import Placement, reduce_and_reconstruct
 from .resources import DEFAULT_BUNDLE
 from .surface import UNCERTAINTY_ARRAY, add_point_array, level_surface, polydata_points
@@ -354,8 +354,10 @@ class Predictor:
         if self.keep_visible_bone and run.placement is not None:
             fuse = lambda occ, grid: fuse_visible_bone(  # noqa: E731
                 occ, grid, ct, tibia_mask, fracture_mask, box, run.placement, self.bundle.grid, p,
-                self.reassemble_fragments, None if other is None else template_occupancy(other.labelmap, grid))
-        work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse, None if other is None else other.labelmap)
+                self.reassemble_fragments,
+                None if other is None else template_occupancy(other.other_tibia, other.transform, grid))
+        work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse,
+                                  None if other is None else template_box(other.other_tibia, other.transform))
         # the surface (VTK, which releases the GIL) is built while the work grid is interpolated onto the CT
         with ThreadPoolExecutor(1) as pool:
             building = pool.submit(self._surface_of, work, recon, chain.matrix(), std)
@@ -391,7 +393,8 @@ class Predictor:
         from .contralateral import contralateral_target  # imports all of VTK (1 s): only when asked for
 
         try:
-            other = contralateral_target(ct, tibia, fracture, None if isinstance(other_tibia, str) else other_tibia)
+            other = contralateral_target(ct, tibia, fracture, None if isinstance(other_tibia, str) else other_tibia,
+                                         place=False)
         except InputError as error:
             warnings.append(f"The other leg was not used: {error}")
             return None
@@ -425,21 +428,20 @@ class Predictor:
 
     def _to_work_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
                       std: np.ndarray | None = None, fuse: Callable[[np.ndarray, Grid], Fused] | None = None,
-                      cover: Volume | None = None) -> WorkGrid:
+                      cover: tuple[np.ndarray, np.ndarray] | None = None) -> WorkGrid:
         """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the work grid (:class:`WorkGrid`),
         over the CT box that the predicted tibia can reach; with ``std`` (Z, Y, X) also the occupancy's standard
         deviation, which is as smooth as the model, so interpolating it linearly gives the values on the CT's voxels
         (0 where the patient's bone is kept where it lies). ``fuse`` (occupancy, its grid: the work grid) puts the
-        patient's visible bone into the occupancy; the box also covers the labelmap ``cover`` (on the CT grid)."""
+        patient's visible bone into the occupancy; the box also covers ``cover`` (a CT index box, (i, j, k) lo, hi)."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
         inside = np.argwhere(occ > 0.25)
         lo, hi = self._reach(inside, patient_to_standard, ct) if len(inside) else (np.zeros(3, int),
                                                                                     np.array(ct.grid.size) - 1)
-        if cover is not None and cover.array.any():
-            c_lo, c_hi = bounding_box(cover.array != 0)
-            lo = np.maximum(np.minimum(lo, c_lo[::-1] - 2), 0)
-            hi = np.minimum(np.maximum(hi, c_hi[::-1] + 2), np.array(ct.grid.size) - 1)
+        if cover is not None:
+            lo = np.maximum(np.minimum(lo, cover[0] - 2), 0)
+            hi = np.minimum(np.maximum(hi, cover[1] + 2), np.array(ct.grid.size) - 1)
         factors = np.maximum(1, np.floor(grid.spacing.min() / WORK_FRACTION / ct.spacing)).astype(int)  # (i, j, k)
         work = Grid(tuple((hi - lo) // factors + 2), ct.spacing * factors, ct.index_to_physical(lo.astype(float)),
                     ct.direction)

@@ -61,14 +61,16 @@ class SegmentationResult:
 
 
 def segment_tibia(ct: Volume, side: str = "auto", fracture_mask: Volume | None = None,
-                  progress: Progress | None = None) -> SegmentationResult:
+                  progress: Progress | None = None, refine_tibia: bool = True) -> SegmentationResult:
     """Segment the tibia (all fragments) of a lower-leg CT in HU.
 
     ``side``: 'left' or 'right' (the patient's; left = larger LPS x) picks that leg when both legs
     are in the CT; 'auto' picks the leg holding the fracture mask, else the more fragmented tibia.
     ``fracture_mask`` (optional, on the CT grid): pieces mostly inside it join the tibia unless
-    they are fibula. ``progress(fraction, message)`` is called along the way. Inputs are not
-    modified. Raises InputError for an image that is not a CT in HU or shows no tibia.
+    they are fibula. ``progress(fraction, message)`` is called along the way. ``refine_tibia``:
+    False maps the chosen tibia onto the CT grid without refining its surface (for callers that need
+    only the other leg's). Inputs are not modified. Raises InputError for an image that is not a CT
+    in HU or shows no tibia.
     """
     report = progress or (lambda f, m: None)
     if side not in SIDES:
@@ -97,7 +99,7 @@ def segment_tibia(ct: Volume, side: str = "auto", fracture_mask: Volume | None =
     chosen, other, chosen_side, warnings = _choose_leg(pieces, legs, len(groups), side, in_fracture)
     clock.lap("identify")
     report(0.7, "Refining the tibia surface on the CT grid")
-    tibia = _on_ct_grid(ct, _solid(pieces, chosen), work.grid)
+    tibia = _on_ct_grid(ct, _solid(pieces, chosen), work.grid, refine_tibia)
     other_tibia = None if other is None else _on_ct_grid(ct, _solid(pieces, other), work.grid)
     clock.lap("refine")
     report(1.0, "Done")
@@ -217,10 +219,10 @@ def _solid(pieces: Pieces, leg: LegTibia) -> np.ndarray:
     return fill_open_canal(mask, max(1, int(round(CANAL_GAP_MM / 2 / pieces.spacing))), pieces.labels == 0)
 
 
-def _on_ct_grid(ct: Volume, mask: np.ndarray, work: Grid) -> Volume:
-    """The working-grid tibia ``mask`` as a uint8 volume on the CT grid with its surface refined by
-    the CT: within BAND_MM below the working surface, voxels at or below the local edge level
-    (:func:`_edge_level`) that connect to the outside through such voxels are peeled off."""
+def _on_ct_grid(ct: Volume, mask: np.ndarray, work: Grid, refine: bool = True) -> Volume:
+    """The working-grid tibia ``mask`` as a uint8 volume on the CT grid with (``refine``) its surface
+    refined by the CT: within BAND_MM below the working surface, voxels at or below the local edge
+    level (:func:`_edge_level`) that connect to the outside through such voxels are peeled off."""
     step = float(work.spacing[0])
     r = np.arange(-int(BAND_MM / step), int(BAND_MM / step) + 1)
     ball = (r[:, None, None] ** 2 + r[None, :, None] ** 2 + r[None, None, :] ** 2) * step**2 <= BAND_MM**2
@@ -233,6 +235,11 @@ def _on_ct_grid(ct: Volume, mask: np.ndarray, work: Grid) -> Volume:
     sub = crop(ct, lo, hi)
     f = resample(Volume.on_grid(field, work), sub.grid, default_value=0.0).array
     inside = f >= 0.5
+    out = np.zeros(ct.array.shape, np.uint8)
+    where = tuple(slice(a, a + n) for a, n in zip(lo, inside.shape))
+    if not refine:
+        out[where] = inside
+        return ct.with_array(out)
     band = np.nonzero(inside & (f < 1.5))
     level, pool = _edge_level(sub)
     dark = sub.array[band] <= level[tuple(c // p for c, p in zip(band, pool))]
@@ -241,8 +248,7 @@ def _on_ct_grid(ct: Volume, mask: np.ndarray, work: Grid) -> Volume:
     reach, _ = ndimage.label(low | ~inside)
     outside = np.bincount(reach[~inside], minlength=reach.max() + 1) > 0
     outside[0] = False
-    out = np.zeros(ct.array.shape, np.uint8)
-    out[tuple(slice(a, a + n) for a, n in zip(lo, inside.shape))] = inside & ~outside[reach]
+    out[where] = inside & ~outside[reach]
     return ct.with_array(out)
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .geometry import Grid, Volume, resample
+from .geometry import Grid, Volume, apply_affine, bounding_box, crop, invert_affine, resample
 from .reassembly import Field, as_affine, turn_after
 from .refine import adam_direction, signed_distance
 
@@ -36,10 +36,23 @@ MAX_TURN_DEG = 30.0  # a registration that turns the fragment or moves its centr
 MAX_SHIFT_MM = 40.0
 
 
-def template_occupancy(labelmap: Volume, destination: Grid) -> np.ndarray:
-    """The template's labelmap (on the CT grid) as an occupancy in [0, 1] on ``destination`` (linear)."""
-    return resample(labelmap.with_array((labelmap.array != 0).astype(np.float32)), destination, None,
+def template_occupancy(mask: Volume, transform: np.ndarray, destination: Grid) -> np.ndarray:
+    """The other tibia's ``mask`` (on the CT grid) moved by ``transform`` (4x4 patient map, mirror and fit) as an
+    occupancy in [0, 1] on ``destination`` (linear)."""
+    lo, hi = bounding_box(mask.array != 0)
+    part = crop(mask, lo - 1, hi + 1)
+    return resample(part.with_array((part.array != 0).astype(np.float32)), destination, invert_affine(transform),
                     "linear").array
+
+
+def template_box(mask: Volume, transform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CT index box (lo, hi; (i, j, k), inclusive, within the grid) that the other tibia's ``mask`` (on the CT
+    grid) covers once moved by ``transform``."""
+    lo, hi = bounding_box(mask.array != 0)
+    kji = np.argwhere(mask.array[tuple(slice(a, b + 1) for a, b in zip(lo, hi))]) + lo
+    ijk = mask.grid.physical_to_index(apply_affine(transform, mask.index_to_physical(kji[:, ::-1].astype(float))))
+    top = np.asarray(mask.grid.size) - 1
+    return np.clip(np.floor(ijk.min(0)), 0, top).astype(int), np.clip(np.ceil(ijk.max(0)), 0, top).astype(int)
 
 
 def register_onto(field: Field, points: np.ndarray, move: np.ndarray, depth_mm: float = 0.0) -> tuple[np.ndarray, dict]:
