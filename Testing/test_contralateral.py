@@ -205,10 +205,19 @@ def test_refusals(exact):
         contralateral_target(ct, tibia, frac, shifted)
 
 
-def test_one_leg_ct_says_to_use_the_prediction():
+def test_one_leg_ct_says_to_use_the_prediction(monkeypatch):
+    """A quick look finds no bone beside the fractured leg, so the segmentation (seconds on a fine CT) is not run."""
+    import TibiaReconstructionLib.segment as segment
+
     c = case(3, spacing=(2.0, 2.0, 2.0), side="left", fracture_type="transverse")
     with pytest.raises(InputError, match="No other leg was found.*prediction"):
         contralateral_target(*fractured_inputs(c))
+    monkeypatch.setattr(segment, "segment_tibia", lambda *a, **k: pytest.fail("segmented a one-leg CT"))
+    with pytest.raises(InputError, match="No other leg was found"):
+        contralateral_target(*fractured_inputs(c))
+    two = case(5, spacing=(2.0, 2.0, 2.0), both_legs=True, side="left", fracture_type="transverse")
+    with pytest.raises(pytest.fail.Exception, match="segmented"):  # with both legs it does segment
+        contralateral_target(*fractured_inputs(two))
 
 
 # ---------------------------------------------------------------------------------------------

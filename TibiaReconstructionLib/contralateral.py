@@ -47,6 +47,12 @@ from .surface import add_point_array, labelmap_surface, polydata_points, transfo
 FRACTURE_CLEARANCE_MM = 3.0  # fragment surface points at least this far from the fracture mask
 KNEE_ZONE = 0.15             # the knee end: this top fraction of the tibia's length
 MIN_SEPARATION_MM = 40.0     # the two tibiae's centroids lie at least this far apart along x
+# The other leg is segmented only when the CT shows at least BESIDE_ML of bone above BESIDE_HU farther than BESIDE_MM
+# to the side of the fractured tibia (one-leg phantoms: at most 0.6 ml; with both legs 178-500 ml)
+BESIDE_HU, BESIDE_ML, BESIDE_MM, BESIDE_STEP_MM = 300.0, 20.0, 60.0, 3.0
+NO_OTHER_LEG = ("No other leg was found in the CT, so there is no contralateral tibia to mirror. Use the model's "
+                "prediction (tibia-recon predict), or give the other tibia's mask (--other-tibia-mask) if the "
+                "segmentation missed it.")
 MAX_OVERLAP = 0.1            # share of the other tibia allowed inside the fractured tibia mask
 MIN_FRAGMENT_SHARE = 0.2     # a proximal fragment smaller than this share of the tibia gives a warning
 MIN_PIECE_SHARE = 0.01       # intact pieces smaller than this share of the tibia neither seed nor join a fit
@@ -135,7 +141,8 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
     warnings += [f"The {what} touches the CT's first or last slice: it may be cut off by the field of view, "
                  "which weakens the fit." for what, m in (("other tibia", other_tibia), ("fractured tibia", tibia))
                  if _touches_end(m.array)]
-    lattice, (tib, frac, other) = _lattice(ct.grid, tibia.array, fracture.array, other_tibia.array)
+    lattice, sub = _lattice(ct.grid, FIT_MM)
+    tib, frac, other = (v.array[sub] != 0 for v in (tibia, fracture, other_tibia))
     _check_pair(lattice, tib, other)
 
     report(0.2, "Finding the intact pieces")
@@ -234,13 +241,26 @@ def _segment_other(ct: Volume, tib: np.ndarray, fracture: Volume) -> Volume:
     the one apart from the given tibia mask (``tib``, bool)."""
     from .segment import segment_tibia
 
+    if not _bone_beside(ct, tib):
+        raise InputError(NO_OTHER_LEG)
     seg = segment_tibia(ct, "auto", fracture, refine_tibia=False)
     if seg.other_tibia is None:
-        raise InputError("No other leg was found in the CT, so there is no contralateral tibia to mirror. Use the "
-                         "model's prediction (tibia-recon predict), or give the other tibia's mask "
-                         "(--other-tibia-mask) if the segmentation missed it.")
+        raise InputError(NO_OTHER_LEG)
     a, b = seg.tibia.array != 0, seg.other_tibia.array != 0
     return seg.other_tibia if np.count_nonzero(a & tib) >= np.count_nonzero(b & tib) else seg.tibia
+
+
+def _bone_beside(ct: Volume, tib: np.ndarray) -> bool:
+    """Whether the CT shows at least BESIDE_ML of bone (above BESIDE_HU) farther than BESIDE_MM to either side
+    (LPS x) of the tibia mask ``tib``'s centroid, read on a lattice of about BESIDE_STEP_MM: a quick look for the
+    other leg before segmenting it."""
+    lattice, sub = _lattice(ct.grid, BESIDE_STEP_MM)
+    t = tib[sub]
+    if not t.any():
+        return False
+    x = lattice.index_to_physical(np.argwhere(ct.array[sub] > BESIDE_HU)[:, ::-1].astype(float))[:, 0]
+    beside = np.count_nonzero(np.abs(x - _centroid(lattice, t)[0]) > BESIDE_MM)
+    return beside * float(np.prod(lattice.spacing)) / 1000.0 >= BESIDE_ML
 
 
 def _check_pair(grid: Grid, tib: np.ndarray, other: np.ndarray) -> None:
@@ -254,13 +274,13 @@ def _check_pair(grid: Grid, tib: np.ndarray, other: np.ndarray) -> None:
                          f"legs of one patient (expected at least {MIN_SEPARATION_MM:.0f} mm). Check the masks.")
 
 
-def _lattice(grid: Grid, *masks: np.ndarray) -> tuple[Grid, list[np.ndarray]]:
-    """The lattice of every n-th voxel of ``grid`` along each axis (n = FIT_MM / spacing, at least 1; it starts at
-    the first voxel) and the masks (Z, Y, X; nonzero: inside) read on it (bool)."""
-    step = np.maximum(1, np.floor(FIT_MM / grid.spacing + 1e-6)).astype(int)  # (i, j, k)
+def _lattice(grid: Grid, step_mm: float) -> tuple[Grid, tuple[slice, ...]]:
+    """The lattice of every n-th voxel of ``grid`` along each axis (n = step_mm / spacing, at least 1; it starts at
+    the first voxel) and the array slices (Z, Y, X) that read it."""
+    step = np.maximum(1, np.floor(step_mm / grid.spacing + 1e-6)).astype(int)  # (i, j, k)
     size = (np.asarray(grid.size) - 1) // step + 1
-    sub = tuple(slice(None, None, s) for s in step[::-1])
-    return Grid(tuple(size), grid.spacing * step, grid.origin, grid.direction), [m[sub] != 0 for m in masks]
+    return (Grid(tuple(size), grid.spacing * step, grid.origin, grid.direction),
+            tuple(slice(None, None, s) for s in step[::-1]))
 
 
 def _box(grid: Grid, mask: np.ndarray, margin: int) -> tuple[tuple[slice, ...], Grid]:
