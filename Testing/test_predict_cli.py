@@ -37,16 +37,20 @@ def test_predict_without_tibia_mask_segments_it_and_saves_it(tmp_path, capsys):
     # then nothing is kept anyway). The report says which.
     runs = {}
     for name, extra in (("default", []), ("model-only", ["--model-only"]), ("no-reassembly", ["--no-reassembly"]),
-                        ("other-leg", ["--other-tibia-mask", "auto"])):
+                        ("one-leg", ["--other-tibia-mask", "none"])):
         runs[name] = tmp_path / name
         assert main(["predict", "--ct", str(ct), "--tibia-mask", str(out / "tibia_mask_auto.nrrd"),
                      "--fracture-mask", str(frac), "--out", str(runs[name])] + extra) == 0
-    fused, model, placed, other = (json.loads((d / "report.json").read_text(encoding="utf-8")) for d in runs.values())
+    fused, model, placed, alone = (json.loads((d / "report.json").read_text(encoding="utf-8")) for d in runs.values())
     assert model["visible_bone"] == {} and any(f["pasted"] for f in fused["visible_bone"]["fragments"])
     assert "contact_before" in fused["visible_bone"]["reassembly"] and placed["visible_bone"]["reassembly"] == {}
     labels = [read_volume(d / "predicted_tibia_label.nrrd").array for d in runs.values()]
     assert (labels[0] != labels[1]).any()
-    # --other-tibia-mask auto on a CT of one leg: no other tibia is found, so the model's prediction, with a warning
-    assert other["inputs"]["other_tibia_mask"] == "auto" and "other_leg" not in other["visible_bone"]
-    assert any(w.startswith("The other leg was not used: No other leg was found") for w in other["warnings"])
+    # by default the other leg is looked for: on a CT of one leg none is found, the report says so, no warning, and
+    # the prediction is that of --other-tibia-mask none
+    assert fused["inputs"]["other_tibia_mask"] == "auto" and alone["inputs"]["other_tibia_mask"] == "none"
+    assert fused["visible_bone"]["other_leg"] == {"requested": "auto", "used": False,
+                                                  "why_not": fused["visible_bone"]["other_leg"]["why_not"]}
+    assert fused["visible_bone"]["other_leg"]["why_not"].startswith("No other leg was found")
+    assert not any("other leg" in w for w in fused["warnings"]) and "other_leg" not in alone["visible_bone"]
     np.testing.assert_array_equal(labels[0], labels[3])

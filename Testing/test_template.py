@@ -7,11 +7,11 @@ import pytest
 from TibiaReconstructionLib import fusion
 from TibiaReconstructionLib.contralateral import contralateral_target
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
-from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, translation
+from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, resample, translation
 from TibiaReconstructionLib.metrics import dice
 from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.refine import Placement
-from TibiaReconstructionLib.template import template_box, template_occupancy
+from TibiaReconstructionLib.template import mismatch, template_box, template_occupancy
 import test_contralateral
 import test_fusion
 from test_fusion import GRID
@@ -61,7 +61,7 @@ def test_the_other_leg_makes_the_prediction_match_the_healthy_tibia(default_pred
     """A displaced transverse fracture beside the leg's own mirror image: with the other leg the prediction is the
     healthy tibia within a voxel; the model alone is further off. The report says how the template was fitted."""
     ct, tibia, fracture, other, truth, _ = exact
-    alone = default_predictor.predict(ct, tibia, fracture, side="left")
+    alone = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=None)
     with_other = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=other)
     assert not with_other.warnings
     score, baseline = dice(with_other.labelmap.array != 0, truth), dice(alone.labelmap.array != 0, truth)
@@ -70,11 +70,16 @@ def test_the_other_leg_makes_the_prediction_match_the_healthy_tibia(default_pred
     assert all(f["kept"] for f in with_other.fusion["template"]) and with_other.fusion["template"]
     assert "other_leg" in with_other.timings and "template" not in alone.fusion
     assert with_other.occupancy_std is None and alone.occupancy_std is not None  # the model's posterior only
+    assert with_other.fusion["other_leg"]["requested"] == "mask" and "other_leg" not in alone.fusion
+    # by default the other leg is looked for in the CT, segmented and used the same way
+    found = default_predictor.predict(ct, tibia, fracture, side="left")
+    assert found.fusion["other_leg"]["requested"] == "auto" and found.fusion["other_leg"]["used"]
+    assert dice(found.labelmap.array != 0, truth) > baseline and not found.warnings  # 0.989 (segmented at 2 mm)
 
 
 def test_an_unfit_other_tibia_leaves_the_model_prediction_and_a_malformed_one_is_refused(default_predictor, exact):
     ct, tibia, fracture, *_ = exact
-    alone = default_predictor.predict(ct, tibia, fracture, side="left")
+    alone = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=None)
     wrong = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=tibia)  # the fractured tibia
     assert any(w.startswith("The other leg was not used: The other tibia mask overlaps") for w in wrong.warnings)
     np.testing.assert_array_equal(wrong.labelmap.array, alone.labelmap.array)
@@ -83,3 +88,33 @@ def test_an_unfit_other_tibia_leaves_the_model_prediction_and_a_malformed_one_is
     with pytest.raises(GeometryMismatchError, match="other tibia mask"):  # refused before the model runs
         default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=Volume.on_grid(
             tibia.array[1:], Grid(tuple(np.array(tibia.grid.size) - [0, 0, 1]), tibia.spacing, tibia.origin)))
+
+
+def test_mismatch_names_a_fragment_that_does_not_fit_and_a_template_unlike_the_model():
+    grid = Grid((30, 30, 60), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    k, j, i = np.indices(grid.shape)
+    def rod(x0):  # radius 8 mm, 48 mm long, along z
+        return (((i - x0) ** 2 + (j - 15) ** 2 < 64) & (k > 5) & (k < 54)).astype(np.float32)
+
+    fragment = {"id": 2, "points": 500, "misfit_after_mm": 0.4}
+    assert mismatch(rod(11), rod(11), grid, [fragment]) is None
+    assert mismatch(rod(11), rod(13), grid, []) is None  # 2 mm apart (mean surface distance 1 mm): alike
+    assert "differs from the model's reconstruction" in mismatch(rod(11), rod(19), grid, [fragment])  # 8 mm: 4 mm
+    small = {"id": 3, "points": 60, "misfit_after_mm": 2.0}  # a small piece's misfit does not decide
+    assert mismatch(rod(11), rod(11), grid, [fragment, small]) is None
+    bad = dict(fragment, misfit_after_mm=1.4)
+    assert "1.4 mm (mean)" in mismatch(rod(11), rod(11), grid, [bad, small])
+
+
+def test_another_persons_leg_is_not_used(default_predictor, exact):
+    """The other tibia 10 % larger (not this patient's): refused with a warning, the model's prediction unchanged."""
+    ct, tibia, fracture, other, *_ = exact
+    alone = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=None)
+    centre = other.index_to_physical(np.argwhere(other.array)[:, ::-1].astype(float)).mean(0)
+    shrink = translation(centre) @ np.diag([1 / 1.1, 1 / 1.1, 1 / 1.1, 1.0]) @ translation(-centre)
+    larger = resample(other, other.grid, output_to_input=shrink, interpolation="nearest")
+    result = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=larger)
+    assert any(w.startswith("The other leg was not used") for w in result.warnings), result.warnings
+    np.testing.assert_array_equal(result.labelmap.array, alone.labelmap.array)
+    assert "template" not in result.fusion and result.occupancy_std is not None
+    assert not result.fusion["other_leg"]["used"] and "RMS residual" in result.fusion["other_leg"]["why_not"]

@@ -91,8 +91,8 @@ class TibiaReconstructionParameterNode:
     keepVisibleBone - keep the patient's visible bone outside the fracture mask in the prediction (needs the reduction).
     reassembleFragments - put the main moved fragment where its broken face meets the proximal one's (with the
         visible bone).
-    useOtherLeg - when the CT holds the other leg, segment its tibia and use it, mirrored and fitted to the proximal
-        main fragment, as the template (with the visible bone).
+    useOtherLeg - look for the other leg in the CT and, when its tibia fits this patient's, use it, mirrored and
+        fitted to the proximal main fragment, as the template (with the visible bone; on by default).
     outputSegmentationName, outputModelName - names of the new result nodes.
     createIntensityVolume - also create a volume with the predicted intensities (HU).
     stlCoordinateSystem - frame of exported STL files.
@@ -108,7 +108,7 @@ class TibiaReconstructionParameterNode:
     reduceFragments: bool = True
     keepVisibleBone: bool = True
     reassembleFragments: bool = True
-    useOtherLeg: bool = False
+    useOtherLeg: bool = True
     outputSegmentationName: str = logicPackage.DEFAULT_SEGMENTATION_NAME
     outputModelName: str = logicPackage.DEFAULT_MODEL_NAME
     createIntensityVolume: bool = False

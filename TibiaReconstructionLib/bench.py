@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ SIZE_LIMIT_MM = (420.0, 170.0, 480.0)  # a lower-leg CT of both legs: 420 x 170 
 DEFAULT_SEED = 500_000  # far from the seeds used for training data (0, 1, 2, ...)
 MASKED_BINS = (0.0, 0.1, 0.2, 0.3, 1.0)  # bins of the fraction of the tibia hidden by the fracture mask
 METRICS = (("dice", "Dice"), ("rmsd_mm", "RMSD (mm)"), ("hd95_mm", "HD95 (mm)"), ("msd_mm", "MSD (mm)"))
-METHODS = {"model": "model", "other-leg": "model + other leg",
+METHODS = {"model": "model", "one-leg": "model, one leg", "other-leg": "model + other leg mask",
            "no-reassembly": "model, no reassembly", "model-only": "model, no visible bone",
            "single": "model, single pass",
            "prototype": "prototype only",
@@ -175,11 +175,6 @@ class NoReassemblyPredictor(Predictor):
         super().__init__(bundle, device, reassemble_fragments=False)
 
 
-class OtherLegPredictor(Predictor):
-    """The Predictor with the healthy other leg's tibia as the template (template.py); it is given the case's other
-    tibia mask, as the contralateral baseline is (see :func:`predict_case`)."""
-
-
 class ModelOnlyPredictor(Predictor):
     """The Predictor with the fragment reduction but without the patient's visible bone (fusion.py)."""
 
@@ -256,29 +251,41 @@ class ContralateralBaseline:
         return contralateral_target(ct, tibia, fracture, other_tibia)
 
 
-def predict_case(predictor, case, side: str):
-    """``predictor``'s prediction for a held-out case from its fractured CT, tibia mask and fracture mask (and
-    the other tibia's mask for the contralateral baseline and the other-leg template)."""
-    if isinstance(predictor, ContralateralBaseline):
-        return predictor.predict(*_inputs(case), case.other_tibia)
-    if isinstance(predictor, OtherLegPredictor):
-        if case.other_tibia is None:
-            raise InputError("This case has only one leg in the CT, so there is no other leg to use as template.")
-        return predictor.predict(*_inputs(case), side=side, other_tibia=case.other_tibia)
-    return predictor.predict(*_inputs(case), side=side)
+@dataclass
+class Method:
+    """A benchmarked method: its predictor and how it is given the other leg: 'auto' (looked for in the CT, as
+    ``tibia-recon predict`` does by default), 'mask' (the case's other tibia mask, as every method is given the
+    fractured tibia's) or None (not at all)."""
+
+    predictor: Predictor | ContralateralBaseline
+    other_leg: str | None
 
 
-def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[dict[str, Predictor], list[dict]]:
-    """One predictor per (bundle, method), named '<bundle folder>: <method>', each bundle loaded once, and the
-    contralateral baseline (no bundle) named by its method; and a description of each bundle."""
+def predict_case(method: Method, case, side: str):
+    """The method's prediction for a held-out case from its fractured CT, tibia mask and fracture mask (and the
+    other leg, see :class:`Method`)."""
+    other = {"auto": "auto", "mask": case.other_tibia, None: None}[method.other_leg]
+    if method.other_leg == "mask" and other is None:
+        raise InputError("This case has only one leg in the CT, so there is no other tibia mask.")
+    if isinstance(method.predictor, ContralateralBaseline):
+        return method.predictor.predict(*_inputs(case), other)
+    return method.predictor.predict(*_inputs(case), side=side, other_tibia=other)
+
+
+def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[dict[str, Method], list[dict]]:
+    """One :class:`Method` per (bundle, method), named '<bundle folder>: <method>', each bundle loaded once, and the
+    contralateral baseline (no bundle) named by its method; and a description of each bundle. The default ('model')
+    looks for the other leg in the CT; 'other-leg' and the contralateral baseline are given its mask; the others do
+    without it (the fractured leg alone)."""
     from .bundle import load_bundle
     from .predict import resolve_device
 
     names = [Path(b).name for b in bundles]
     labels = names if len(set(names)) == len(names) else [str(b) for b in bundles]
-    kinds = {"model": Predictor, "other-leg": OtherLegPredictor, "no-reassembly": NoReassemblyPredictor,
+    kinds = {"model": Predictor, "one-leg": Predictor, "other-leg": Predictor, "no-reassembly": NoReassemblyPredictor,
              "model-only": ModelOnlyPredictor,
              "single": SinglePassPredictor, "prototype": PrototypePredictor, "rigid": RigidFitPredictor}
+    other_leg = {"model": "auto", "other-leg": "mask"}
     predictors, info = {}, []
     for label, path in zip(labels, bundles):
         bundle = load_bundle(path, resolve_device(device))
@@ -286,14 +293,14 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
             if method != "model" and bundle.prototype is None:
                 raise InputError(f"The bundle {path} has no prototype, so the '{method}' baseline cannot be built; "
                                  "pass --methods model.")
-            predictors[f"{label}: {METHODS[method]}"] = kinds[method](bundle, device)
+            predictors[f"{label}: {METHODS[method]}"] = Method(kinds[method](bundle, device), other_leg.get(method))
         grid = bundle.grid
         info.append({"path": str(path), "grid": f"{'x'.join(map(str, grid.size))} at "
                                                 f"{'/'.join(f'{s:g}' for s in grid.spacing)} mm",
                      "autoencoder": bundle.config["autoencoder"].get("type", "?"),
                      "data": bundle.config["training"].get("data", "not stated")})
     if "contralateral" in methods:
-        predictors[METHODS["contralateral"]] = ContralateralBaseline()
+        predictors[METHODS["contralateral"]] = Method(ContralateralBaseline(), "mask")
     return predictors, info
 
 
@@ -345,7 +352,7 @@ def _inputs(case):
     return case.fractured_ct, tibia, case.fracture_mask
 
 
-def evaluate_case(case, predictors: dict[str, Predictor], side_mode: str = "auto") -> list[dict]:
+def evaluate_case(case, predictors: dict[str, Method], side_mode: str = "auto") -> list[dict]:
     """One row per method: the case's description and the prediction's scores (or why it was refused)."""
     truth = case.labels.array == 1
     fraction = masked_fraction(case)
@@ -429,7 +436,8 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         f"{' x '.join(f'{s:g}' for s in SIZE_LIMIT_MM)} mm; random side, pose and fracture type.",
         "- Input to every method: the fractured CT (both legs), the fractured tibia mask (label 1, all fragments) "
         f"and the coarse fracture mask; leg side {'given' if setup['side'] == 'known' else 'chosen automatically'}; "
-        "the contralateral baseline and the other-leg template also get the other leg's tibia mask (label 6).",
+        "*model + other leg mask* and the contralateral baseline also get the other leg's tibia mask (label 6); "
+        "*model* looks for the other leg in the CT itself, as `tibia-recon predict` does by default.",
         "- Ground truth: the same phantom's healthy tibia (label 1 before fracturing), on the CT grid.",
         "- Metrics on the CT grid in patient space (mm), between the predicted labelmap and the ground truth: "
         "Dice; RMSD (root mean square), HD95 (95th-percentile Hausdorff) and MSD (mean) of the symmetric "
@@ -437,15 +445,18 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         "width of the 95% Student-t confidence interval; distances average over non-empty predictions. "
         "'refused': cases the Predictor refused (e.g. more than 60% of the tibia masked); 'wrong side': "
         "predictions that took the leg for the other side; time: prediction without file input/output.",
-        "- Methods: *model* = the bundle's Predictor (LocNet + autoencoder, then displaced fragments reduced onto "
-        "the proximal main fragment and reconstructed again: `TibiaReconstructionLib.refine`; the main moved fragment "
-        "refitted to where its broken face meets the proximal one's: `TibiaReconstructionLib.reassembly`; the "
-        "visible fragments outside the fracture mask kept where they were placed: `TibiaReconstructionLib.fusion`); "
-        "*model + other leg* = the same with the other leg's tibia as template, mirrored and fitted to the "
-        "proximal main fragment, filling the prediction where the patient's bone is not kept and receiving the moved "
-        "fragments, registered onto it and then reassembled (`--other-tibia-mask`; "
-        "`TibiaReconstructionLib.template`); "
-        "*model, no reassembly* = the same with the fragments where the reduction placed them (`--no-reassembly`); "
+        "- Methods: *model, one leg* = the bundle's Predictor from the fractured leg alone (LocNet + autoencoder, then "
+        "displaced fragments reduced onto the proximal main fragment and reconstructed again: "
+        "`TibiaReconstructionLib.refine`; the main moved fragment refitted to where its broken face meets the proximal "
+        "one's: `TibiaReconstructionLib.reassembly`; the visible fragments outside the fracture mask kept where they "
+        "were placed: `TibiaReconstructionLib.fusion`; `--other-tibia-mask none`); *model* = the default: the same, "
+        "with the other leg's tibia, found and segmented in the CT, as template when it fits this patient "
+        "(`TibiaReconstructionLib.template`): mirrored and fitted to the proximal main fragment, it fills the "
+        "prediction where the patient's bone is not kept and receives the moved fragments, registered onto it and "
+        "then reassembled; *model + other leg mask* = the same given the other tibia's mask "
+        "(`--other-tibia-mask MASK`); "
+        "*model, no reassembly* = *model, one leg* with the fragments where the reduction placed them "
+        "(`--no-reassembly`); "
         "*model, no visible bone* = the model's reconstruction everywhere (`--model-only`); *model, single pass* = "
         "the paper's pipeline, one pass without the reduction and without the visible bone (`--single-pass`); "
         "*prototype only* = the single pass with the bundle's prototype (mean aligned tibia) in place of the "
@@ -488,7 +499,7 @@ def accuracy_boxplots(rows: list[dict], path: Path, overwrite: bool) -> None:
     _save_figure(fig, path, overwrite)
 
 
-def worst_case_figure(row: dict, predictor: Predictor, spacing, side_mode: str, path: Path, overwrite: bool) -> None:
+def worst_case_figure(row: dict, predictor: Method, spacing, side_mode: str, path: Path, overwrite: bool) -> None:
     """Regenerate the case of ``row``, predict it again and draw prediction, truth and fracture mask over it."""
     from .figures import overlay_png
 

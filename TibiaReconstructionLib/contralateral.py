@@ -37,7 +37,7 @@ from scipy.spatial import cKDTree
 from vtkmodules.vtkCommonDataModel import vtkPolyData
 from vtkmodules.vtkFiltersCore import vtkImplicitPolyDataDistance
 
-from .errors import InputError, OutputExistsError
+from .errors import InputError, NoOtherLegError, OutputExistsError
 from .geometry import (Grid, Volume, apply_affine, bounding_box, check_same_grid, crop, invert_affine, reflection,
                        resample)
 from .io import (check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json,
@@ -242,10 +242,10 @@ def _segment_other(ct: Volume, tib: np.ndarray, fracture: Volume) -> Volume:
     from .segment import segment_tibia
 
     if not _bone_beside(ct, tib):
-        raise InputError(NO_OTHER_LEG)
+        raise NoOtherLegError(NO_OTHER_LEG)
     seg = segment_tibia(ct, "auto", fracture, refine_tibia=False)
     if seg.other_tibia is None:
-        raise InputError(NO_OTHER_LEG)
+        raise NoOtherLegError(NO_OTHER_LEG)
     a, b = seg.tibia.array != 0, seg.other_tibia.array != 0
     return seg.other_tibia if np.count_nonzero(a & tib) >= np.count_nonzero(b & tib) else seg.tibia
 

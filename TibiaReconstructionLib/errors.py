@@ -9,6 +9,10 @@ class InputError(TibiaReconError, ValueError):
     """An input (file, volume, mask, argument) cannot be used as given."""
 
 
+class NoOtherLegError(InputError):
+    """The CT shows no other leg to take the contralateral tibia from."""
+
+
 class GeometryMismatchError(InputError):
     """Two volumes that must share one voxel grid do not."""
 

@@ -27,7 +27,7 @@ from .geometry import Grid, Volume, apply_affine, boundary_distance, bounding_bo
     resample
 from .reassembly import reassemble
 from .refine import Placement
-from .template import place_on_template
+from .template import mismatch, place_on_template
 
 OWN_MM = 5.0  # the prediction becomes the patient's bone this close to a pasted piece
 MAX_MISFIT_MM = 3.0  # fragments whose surface lies farther than this (mean) from the reconstruction are not pasted
@@ -159,7 +159,9 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     report's "reassembly"); ``template``: the other leg's tibia fitted to the anchor, as an occupancy on
     ``destination`` (:mod:`template`): it replaces ``model_occupancy`` and the moved fragments are registered onto
     it before the reassembly (the report's "template"; a registered fragment is pasted when it lies within
-    MAX_MISFIT_MM of the template rather than of the reconstruction). Inputs are not modified."""
+    MAX_MISFIT_MM of the template rather than of the reconstruction), unless :func:`template.mismatch` finds it
+    unlike the patient's tibia (the report's "template_refused" says why; the fusion is then made without it).
+    Inputs are not modified."""
     step = np.maximum(np.rint(destination.spacing / ct.spacing), 1).astype(int)[::-1]  # (k, j, i)
     start = np.rint(ct.grid.physical_to_index(destination.origin)[::-1]).astype(int)
     end = start + step * (np.asarray(destination.shape) - 1)
@@ -184,11 +186,16 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     owner[sizes * voxel_ml < MIN_PIECE_ML] = 0
     moves = rigid_moves(patient_moves(placement, patient_to_canonical), pieces, owner, source)
     misfits = dict(zip(placement.ids, placement.misfit_mm))
-    on_template = []
+    on_template, refused = [], None
     if template is not None:  # the other leg gives the fragments' pose; the broken faces then refine it
-        moves, on_template = place_on_template(template, destination, tib, hidden, pieces, owner, moves,
-                                               placement.anchor)
-        misfits.update((f["id"], f["misfit_after_mm"]) for f in on_template if f["kept"])
+        registered, on_template = place_on_template(template, destination, tib, hidden, pieces, owner, moves,
+                                                    placement.anchor)
+        refused = mismatch(template, model_occupancy, destination, on_template)
+        if refused is None:
+            moves = registered
+            misfits.update((f["id"], f["misfit_after_mm"]) for f in on_template if f["kept"])
+        else:
+            template = None
     reassembly = {}
     if reassemble_fragments:
         axis = invert_affine(patient_to_canonical)[:3, :3] @ np.array([0.0, 0.0, 1.0])
@@ -224,7 +231,8 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
         owned = _within(pasted >= 0.5, destination.spacing[::-1], OWN_MM) & ~covered
     occupancy = np.where(owned, pasted, model_occupancy if template is None else template).astype(np.float32)
     kept = occupancy >= 0.5
-    report = {"fragments": fragments, "reassembly": reassembly, **({"template": on_template} if template is not None
-                                                                   else {}),
+    report = {"fragments": fragments, "reassembly": reassembly,
+              **({"template": on_template} if template is not None else {}),
+              **({"template_refused": refused} if refused is not None else {}),
               "patient_bone_share": round(float((kept & owned).sum() / max(kept.sum(), 1)), 4)}
     return Fused(destination, occupancy, hu, owned, owned & still, report)

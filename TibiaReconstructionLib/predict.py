@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,13 +23,13 @@ from scipy import ndimage
 from vtkmodules.vtkCommonDataModel import vtkPolyData
 
 from .bundle import Bundle, load_bundle
-from .errors import InputError
+from .errors import InputError, NoOtherLegError
 from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, invert_affine, \
     resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
 from .fusion import Fused, fuse_visible_bone
-from .template import template_box, template_occupancy
+from .template import MAX_FIT_RMS_MM, template_box, template_occupancy
 from .refine import Placement, reduce_and_reconstruct
 from .resources import DEFAULT_BUNDLE
 from .surface import UNCERTAINTY_ARRAY, add_point_array, level_surface, polydata_points
@@ -297,15 +297,17 @@ class Predictor:
 
     def predict(self, ct: Volume, tibia_mask: Volume, fracture_mask: Volume, side: str = "auto",
                 progress: Progress | None = None, crops: SmoothedCrops | None = None,
-                other_tibia: Volume | str | None = None) -> Prediction:
+                other_tibia: Volume | str | None = "auto") -> Prediction:
         """Predict the healthy tibia. ``side``: 'left', 'right' or 'auto' (from the fibula's position, see
         :func:`fibula_side`; without a clear fibula, the side whose mirror image the model aligns better).
         ``crops``: :func:`prepare.smoothed_crops` of these three inputs, when made beforehand (the command makes
         them while torch loads); used only when made for the bundle's spacing. ``other_tibia``: the healthy other
-        leg's tibia mask on the CT grid, or 'auto' to segment it from the CT: mirrored and fitted to the proximal
-        main fragment, it becomes the template (:mod:`template`; with the visible bone kept; no uncertainty map then,
-        the model's posterior does not describe it); when it cannot be fitted, a warning says why and the model's
-        prediction is made as without it. Inputs are not modified."""
+        leg's tibia mask on the CT grid, 'auto' (the default) to look for the other leg in the CT and segment it, or
+        None not to use it: mirrored and fitted to the proximal main fragment, it becomes the template
+        (:mod:`template`; with the visible bone kept; no uncertainty map then, the model's posterior does not describe
+        it). When it cannot be used (the CT shows no other leg, or its tibia does not fit this patient's, see
+        :func:`template.mismatch`), the prediction is the model's; a warning says why unless 'auto' found no other
+        leg; the report's ``fusion["other_leg"]`` says what was used. Inputs are not modified."""
         report = progress or (lambda f, m: None)
         t = {}
         t0 = time.perf_counter()
@@ -334,17 +336,15 @@ class Predictor:
         std = self._uncertainty(run)
         t["model"] = time.perf_counter() - t0
 
-        other = None
+        other, why_not, quiet = None, None, False
         if other_tibia is not None and self.keep_visible_bone and run.placement is not None:
-            report(0.5, "Fitting the other leg's tibia")
+            report(0.5, "Looking for the other leg" if isinstance(other_tibia, str) else "Fitting the other leg's tibia")
             t0 = time.perf_counter()
-            other = self._other_leg(ct, tibia_mask, fracture_mask, other_tibia, chosen, warnings)
-            if other is not None:
-                std = None  # the model's posterior says nothing about the template
+            other, why_not, quiet = self._other_leg(ct, tibia_mask, fracture_mask, other_tibia, chosen, warnings)
             t["other_leg"] = time.perf_counter() - t0
-        elif other_tibia is not None:
-            warnings.append("The other leg was not used: it serves as the template of the visible fragments, which "
-                            "needs the fragment reduction and the visible bone kept.")
+        elif isinstance(other_tibia, Volume):
+            why_not = ("it serves as the template of the visible fragments, which needs the fragment reduction and the "
+                       "visible bone kept")
 
         report(0.6, "Mapping the prediction into the CT grid")
         t0 = time.perf_counter()
@@ -358,6 +358,13 @@ class Predictor:
                 None if other is None else template_occupancy(other.other_tibia, other.transform, grid))
         work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse,
                                   None if other is None else template_box(other.other_tibia, other.transform))
+        if other is not None and "template" in work.fused.report:
+            std, work = None, replace(work, spread=None)  # the model's posterior says nothing about the template
+        elif other is not None:
+            why_not = work.fused.report["template_refused"]
+            other = None
+        if why_not is not None and not quiet:
+            warnings.append(f"The other leg was not used: {why_not.rstrip('.')}.")
         # the surface (VTK, which releases the GIL) is built while the work grid is interpolated onto the CT
         with ThreadPoolExecutor(1) as pool:
             building = pool.submit(self._surface_of, work, recon, chain.matrix(), std)
@@ -378,32 +385,36 @@ class Predictor:
                 warnings.append("The leg side was chosen automatically with low margin; pass side='left' or "
                                 "'right' if known.")
         fusion = {} if fused is None else dict(fused.report)
-        if other is not None:
-            fusion["other_leg"] = {"fit": other.fit, "transform_other_to_target_lps": other.transform.tolist(),
-                                   "warnings": other.warnings}
+        if other_tibia is not None and (why_not is not None or other is not None):
+            fusion["other_leg"] = {"requested": "auto" if isinstance(other_tibia, str) else "mask",
+                                   "used": other is not None, "why_not": why_not}
+            if other is not None:
+                fusion["other_leg"].update(fit=other.fit, transform_other_to_target_lps=other.transform.tolist(),
+                                           warnings=other.warnings)
         return Prediction(labelmap, intensity, surface, chosen, chain, theta, t, volumes, warnings,
                           self.bundle_path, str(self.device), occupancy_std, run.reduction, fusion)
 
     @staticmethod
     def _other_leg(ct: Volume, tibia: Volume, fracture: Volume, other_tibia: Volume | str, side: str,
-                   warnings: list):
+                   warnings: list) -> tuple:
         """The other leg's tibia mirrored and fitted to the proximal main fragment (``other_tibia``: its mask, or
-        'auto'), a :class:`contralateral.ContralateralResult`; None, with a warning saying why, when it cannot be
-        used."""
-        from .contralateral import contralateral_target  # imports all of VTK (1 s): only when asked for
+        'auto'), a :class:`contralateral.ContralateralResult`, and None; or None and why it cannot be used; and
+        whether that goes without a warning ('auto' found no other leg in the CT)."""
+        from .contralateral import contralateral_target  # only when asked for
 
         try:
             other = contralateral_target(ct, tibia, fracture, None if isinstance(other_tibia, str) else other_tibia,
                                          place=False)
         except InputError as error:
-            warnings.append(f"The other leg was not used: {error}")
-            return None
+            return None, str(error), isinstance(error, NoOtherLegError) and isinstance(other_tibia, str)
+        if other.fit["rms_mm"] > MAX_FIT_RMS_MM:
+            return None, (f"its mirrored tibia fits the intact proximal fragment with a {other.fit['rms_mm']:.1f} mm "
+                          f"RMS residual (at most {MAX_FIT_RMS_MM:g} mm for a template): the legs differ"), False
         if other.side != side:
-            warnings.append(f"The other leg was not used: it lies on the {other.side} side of the fractured tibia "
-                            f"by position, but the prediction is for a {side} leg.")
-            return None
+            return None, (f"it lies on the {other.side} side of the fractured tibia by position, but the prediction "
+                          f"is for a {side} leg"), False
         warnings.extend(f"Other leg: {w}" for w in other.warnings)
-        return other
+        return other, None, False
 
     def _surface_of(self, work: WorkGrid, recon: np.ndarray, patient_to_standard: np.ndarray,
                     std: np.ndarray | None) -> vtkPolyData:

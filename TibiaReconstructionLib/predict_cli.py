@@ -40,11 +40,12 @@ def output_paths(out: Path, suffix: str, auto_tibia: bool = False) -> dict:
 
 def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="auto", side="auto",
                 overwrite=False, tibia_label=None, progress=None, reduce_fragments=True, keep_visible_bone=True,
-                reassemble_fragments=True, other_tibia_path=None):
+                reassemble_fragments=True, other_tibia_path="auto"):
     """Read inputs, predict, write all outputs; returns (Prediction, paths). Without ``tibia_path`` the tibia is
     segmented automatically first and the mask used is saved beside the outputs. ``reduce_fragments``,
     ``keep_visible_bone``, ``reassemble_fragments``: see :class:`~TibiaReconstructionLib.predict.Predictor`;
-    ``other_tibia_path``: the healthy other leg's tibia mask, or 'auto' to segment it (the ``other_tibia`` of
+    ``other_tibia_path``: the healthy other leg's tibia mask, 'auto' to look for it in the CT (the tibia found by
+    the automatic segmentation when that ran), or 'none' (or None) not to use it (the ``other_tibia`` of
     :meth:`~TibiaReconstructionLib.predict.Predictor.predict`). All or nothing: nothing is
     written if any output exists and ``overwrite`` is false, if an input is bad, or if writing fails (the
     outputs are written into a hidden staging folder inside ``out`` and renamed into place once complete)."""
@@ -70,8 +71,10 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
             side = segmentation.side  # found from the fibula's position, more reliable than the model's fit
     else:
         tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
-    other = None if other_tibia_path is None else "auto" if str(other_tibia_path) == "auto" else \
-        read_mask(other_tibia_path, ct, "other tibia mask")
+    other = None if other_tibia_path is None or str(other_tibia_path) == "none" else \
+        "auto" if str(other_tibia_path) == "auto" else read_mask(other_tibia_path, ct, "other tibia mask")
+    if other == "auto" and segmentation is not None:  # it has looked for the other leg's tibia already
+        other = segmentation.other_tibia
     crops = crops_ahead(ct, tibia, fracture, bundle)  # while torch is still loading
     from .predict import Predictor  # waits for the background import if it is still running
 
@@ -82,7 +85,7 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     report = result.report()
     report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path or "automatic segmentation"),
                         "fracture_mask": str(fracture_path),
-                        "other_tibia_mask": None if other_tibia_path is None else str(other_tibia_path)}
+                        "other_tibia_mask": str(other_tibia_path)}
     if segmentation is not None:
         report["segmentation"] = segmentation.report()
         result.warnings.extend(segmentation.warnings)
@@ -159,11 +162,12 @@ def register_cli(sub) -> None:
     p.add_argument("--no-reassembly", action="store_true",
                    help="keep the moved fragment where the reduction put it: do not refit it to where its broken "
                         "face meets the proximal main fragment's")
-    p.add_argument("--other-tibia-mask", default=None, metavar="MASK|auto",
-                   help="the healthy other leg's tibia mask on the CT grid, or 'auto' to segment it from the CT: "
-                        "mirrored and fitted to the proximal main fragment, it becomes the template that fills the "
-                        "prediction and that the moved fragments are registered onto (when it cannot be fitted, a "
-                        "warning says why and the model's prediction is written)")
+    p.add_argument("--other-tibia-mask", default="auto", metavar="MASK|auto|none",
+                   help="the healthy other leg's tibia mask on the CT grid; 'auto' (default): look for the other leg "
+                        "in the CT and segment it; 'none': do not use it. Mirrored and fitted to the proximal main "
+                        "fragment, it becomes the template that fills the prediction and that the moved fragments "
+                        "are registered onto; when it does not fit this patient's tibia, a warning says why and the "
+                        "model's prediction is written")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 

@@ -71,7 +71,7 @@ class PredictionJob:
     """One background prediction. States: 'created', 'running', 'succeeded', 'failed', 'cancelled'."""
 
     def __init__(self, inputs, bundlePath=None, device="auto", side="auto", python=None, workDir=None,
-                 reduceFragments=True, keepVisibleBone=True, reassembleFragments=True, useOtherLeg=False):
+                 reduceFragments=True, keepVisibleBone=True, reassembleFragments=True, useOtherLeg=True):
         self.inputs = inputs
         self.reduceFragments = bool(reduceFragments)
         self.keepVisibleBone = bool(keepVisibleBone)

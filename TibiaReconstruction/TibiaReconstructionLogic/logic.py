@@ -199,7 +199,7 @@ class TibiaReconstructionLogic:
         return self._predictors[key]
 
     def runPrediction(self, inputs, bundlePath=None, device="auto", side="auto", progress=None, reduceFragments=True,
-                      keepVisibleBone=True, reassembleFragments=True, useOtherLeg=False):
+                      keepVisibleBone=True, reassembleFragments=True, useOtherLeg=True):
         """Run the library Predictor in this process on prepared inputs (no MRML access)."""
         return self.predictor(bundlePath, device, reduceFragments, keepVisibleBone, reassembleFragments).predict(
             inputs.ct, inputs.tibia, inputs.fracture, side=side, progress=progress,
@@ -208,7 +208,7 @@ class TibiaReconstructionLogic:
     def predict(self, volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId, bundlePath=None,
                 device="auto", progress=None, side="auto", segmentationName=DEFAULT_SEGMENTATION_NAME,
                 modelName=DEFAULT_MODEL_NAME, intensityName=None, reduceFragments=True, keepVisibleBone=True,
-                reassembleFragments=True, useOtherLeg=False):
+                reassembleFragments=True, useOtherLeg=True):
         """Predict the healthy tibia and return (new segmentation node, new model node). Blocks until done.
 
         ``progress(fraction, message)`` is called during the prediction. With ``intensityName`` a volume
@@ -216,8 +216,9 @@ class TibiaReconstructionLogic:
         onto the proximal main fragment before the final reconstruction (False: the paper's single pass).
         ``keepVisibleBone``: keep the patient's visible bone outside the fracture mask (False: the model everywhere).
         ``reassembleFragments``: put the main moved fragment where its broken face meets the proximal one's (False:
-        where the reduction put it). ``useOtherLeg``: segment the other leg's tibia in the CT and use it, mirrored and
-        fitted to the proximal main fragment, as the template (when it cannot be, the result's warnings say why).
+        where the reduction put it). ``useOtherLeg``: look for the other leg in the CT and use its tibia, mirrored and
+        fitted to the proximal main fragment, as the template when it fits this patient's (when it is found but does
+        not fit, the result's warnings say why; False: the fractured leg alone).
         """
         self._checkDevice(device)
         inputs = self.prepareInputs(volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId)
@@ -227,7 +228,7 @@ class TibiaReconstructionLogic:
 
     def startPrediction(self, volumeNode, segmentationNode, tibiaSegmentId, fractureSegmentId, bundlePath=None,
                         device="auto", side="auto", python=None, reduceFragments=True, keepVisibleBone=True,
-                        reassembleFragments=True, useOtherLeg=False):
+                        reassembleFragments=True, useOtherLeg=True):
         """Read the inputs now and start the prediction in a background process; returns a running PredictionJob.
 
         Poll it (``job.poll()``) or wait for it (``job.wait()``), then call ``finishPrediction(job)``.
