@@ -382,8 +382,11 @@ class TibiaReconstructionWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 pn.outputSegmentation = segmentation
                 pn.outputModel = model
                 self._showResult(job.inputs.volumeNode)
-                warnings = (self.logic.lastReport or {}).get("warnings") or []
+                report = self.logic.lastReport or {}
+                warnings = report.get("warnings") or []
+                otherLeg = (report.get("visible_bone") or {}).get("other_leg") or {}
                 self.ui.statusLabel.text = _("Done in {seconds:.0f} s.").format(seconds=job.elapsed) + (
+                    " " + _("The other leg's tibia was the template.") if otherLeg.get("used") else "") + (
                     " " + " ".join(warnings) if warnings else "")
         elif job.state == "failed":
             log = job.log()

@@ -772,7 +772,9 @@ def speed_markdown(rows: list[dict], train_rows: list[dict], setup: dict) -> str
                            [f"{s}_s" for s in PREDICT_STAGES] + ["total_s", "command_s", "peak_rss_mib"])
         spacing = {r["size"]: r["spacing_mm"] for r in rows}
         lines += ["## predict, end to end", "",
-                  f"Input: fractured phantom seed {setup['seed']} (oblique fracture, left leg), generated at "
+                  f"Input: fractured phantom seed {setup['seed']} (oblique fracture, left leg"
+                  f"{', the healthy right leg beside it, which predict finds and uses' if setup.get('both_legs') else ''}"
+                  "), generated at "
                   f"{'/'.join(f'{s:g}' for s in setup['spacing'])} mm and resampled onto each CT size over the same "
                   f"field of view (int16 NRRD, uncompressed); outputs as `tibia-recon predict` writes them "
                   "(compressed NRRD labelmap, intensity and uncertainty, two STL, a VTP, report.json). Side: automatic "
@@ -827,8 +829,9 @@ def speed_plot(rows: list[dict], path: Path, overwrite: bool) -> None:
 def run_speed(bundle: str, out, sizes=("256x256x200", "512x512x400", "512x512x800"), threads=(1, 2),
               repeat: int = 1, training: bool = False, training_steps: int = 3, batch: int = 4,
               seed: int = DEFAULT_SEED, spacing=(1.0, 1.0, 2.0), device: str = "auto", overwrite: bool = False,
-              progress: bool = True) -> dict[str, Path]:
-    """Run the speed benchmark and write its report files into ``out``; returns their paths."""
+              progress: bool = True, both_legs: bool = False) -> dict[str, Path]:
+    """Run the speed benchmark and write its report files into ``out``; returns their paths. ``both_legs``: the
+    phantom has the healthy other leg beside the fractured one (which predict then finds and uses)."""
     from tqdm import tqdm
 
     from .phantoms import generate_case
@@ -843,13 +846,13 @@ def run_speed(bundle: str, out, sizes=("256x256x200", "512x512x400", "512x512x80
     command = ["tibia-recon", "bench", "speed", "--bundle", bundle, "--sizes", *sizes, "--threads", *threads,
                "--repeat", repeat, *(["--training", "--training-steps", training_steps, "--batch", batch]
                                      if training else []), "--seed", seed, "--spacing", *spacing,
-               "--device", device, "--out", out]
+               *(["--both-legs"] if both_legs else []), "--device", device, "--out", out]
     rows, train_rows = [], []
     bar = tqdm(total=len(parsed) * len(threads) * repeat + (2 * len(threads) if training else 0), desc="bench speed",
                disable=not progress)
     with tempfile.TemporaryDirectory(prefix="tibia-recon-bench-") as tmp:
         base = generate_case(seed, fractured=True, side="left", spacing=tuple(spacing), fracture_type="oblique",
-                             size_limit_mm=SIZE_LIMIT_MM) if parsed else None
+                             size_limit_mm=SIZE_LIMIT_MM, both_legs=both_legs) if parsed else None
         for size in parsed:
             name = "x".join(map(str, size))
             inputs = write_speed_inputs(base, size, Path(tmp) / name)
@@ -874,6 +877,7 @@ def run_speed(bundle: str, out, sizes=("256x256x200", "512x512x400", "512x512x80
     measured = rows or train_rows
     setup = {"date": _today(), "command": _quote(command), "machine": machine_description(), "bundle": bundle,
              "device": measured[0]["device"], "seed": seed, "spacing": list(spacing), "batch": batch,
+             "both_legs": both_legs,
              "training_steps": training_steps,
              "import_rss_mib": float(np.median([r["rss_after_imports_mib"] for r in measured]))}
     if rows:
@@ -929,6 +933,8 @@ def register_cli(sub) -> None:
     s.add_argument("--seed", type=int, default=DEFAULT_SEED, help="phantom seed of the synthetic CT")
     s.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 2.0), metavar=("I", "J", "K"),
                    help="spacing (mm) the phantom is generated at before resampling to each size (default 1 1 2)")
+    s.add_argument("--both-legs", action="store_true",
+                   help="the phantom with the healthy other leg beside the fractured one (default: one leg)")
     for q in (a, s):
         q.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
         q.add_argument("--out", default="docs/benchmarks", help="report folder (default docs/benchmarks)")
@@ -941,7 +947,7 @@ def register_cli(sub) -> None:
         else:
             paths = run_speed(args.bundle, args.out, tuple(args.sizes), tuple(args.threads), args.repeat,
                               args.training, args.training_steps, args.batch, args.seed, tuple(args.spacing),
-                              args.device, args.overwrite)
+                              args.device, args.overwrite, both_legs=args.both_legs)
         for name, path in paths.items():
             print(f"  {name}: {path}")
 
