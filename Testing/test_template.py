@@ -91,19 +91,20 @@ def test_an_unfit_other_tibia_leaves_the_model_prediction_and_a_malformed_one_is
 
 
 def test_mismatch_names_a_fragment_that_does_not_fit_and_a_template_unlike_the_model():
-    grid = Grid((30, 30, 60), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    grid = Grid((40, 30, 60), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     k, j, i = np.indices(grid.shape)
+
     def rod(x0):  # radius 8 mm, 48 mm long, along z
         return (((i - x0) ** 2 + (j - 15) ** 2 < 64) & (k > 5) & (k < 54)).astype(np.float32)
 
     fragment = {"id": 2, "points": 500, "misfit_after_mm": 0.4}
-    assert mismatch(rod(11), rod(11), grid, [fragment]) is None
-    assert mismatch(rod(11), rod(13), grid, []) is None  # 2 mm apart (mean surface distance 1 mm): alike
-    assert "differs from the model's reconstruction" in mismatch(rod(11), rod(19), grid, [fragment])  # 8 mm: 4 mm
+    assert mismatch(rod(10), rod(10), grid, [fragment]) is None
+    assert mismatch(rod(10), rod(16), grid, []) is None  # 6 mm apart (mean surface distance 3 mm): alike enough
+    assert "differs from the model's reconstruction" in mismatch(rod(10), rod(22), grid, [fragment])  # 12 mm: 6 mm
     small = {"id": 3, "points": 60, "misfit_after_mm": 2.0}  # a small piece's misfit does not decide
-    assert mismatch(rod(11), rod(11), grid, [fragment, small]) is None
+    assert mismatch(rod(10), rod(10), grid, [fragment, small]) is None
     bad = dict(fragment, misfit_after_mm=1.4)
-    assert "1.4 mm (mean)" in mismatch(rod(11), rod(11), grid, [bad, small])
+    assert "1.4 mm (mean)" in mismatch(rod(10), rod(10), grid, [bad, small])
 
 
 def test_another_persons_leg_is_not_used(default_predictor, exact):

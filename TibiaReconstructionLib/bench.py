@@ -48,7 +48,7 @@ METHODS = {"model": "model", "one-leg": "model, one leg", "other-leg": "model + 
 ACCURACY_FILES = {"md": "accuracy.md", "csv": "accuracy.csv", "boxplots": "accuracy_boxplots.png",
                   "worst": "accuracy_worst_case.png"}
 SPEED_FILES = {"md": "speed.md", "csv": "speed.csv", "training_csv": "speed_training.csv", "plot": "speed.png"}
-PREDICT_STAGES = ("start", "read", "load", "check", "model", "resample", "surface", "write")
+PREDICT_STAGES = ("start", "read", "load", "check", "model", "other_leg", "resample", "surface", "write")
 TRAINING_STEPS = {"step1": "step 1: LocNet + prototype (D-SSIM at 1/2 resolution)",
                   "step3-vae": "step 3: VAE (masked MSE + KL)"}
 
@@ -619,7 +619,7 @@ def _measure_predict(job: dict) -> dict:
     predictor = Predictor(job["bundle"], job["device"])
     t["load"] = time.perf_counter() - t0
     result = predictor.predict(ct, tibia, fracture, side="auto")
-    t.update(result.timings)
+    t.update({"other_leg": 0.0, **result.timings})
     t0 = time.perf_counter()
     paths = output_paths(Path(job["out"]), ".nrrd")
     _write_outputs(result, result.report(), paths, overwrite=True)
@@ -781,7 +781,8 @@ def speed_markdown(rows: list[dict], train_rows: list[dict], setup: dict) -> str
                   "(from the fibula's position; the model runs for both sides only when no fibula is found). Median "
                   "of the runs, in seconds; *start*: from launching Python to the code of `tibia-recon predict` "
                   "imported (torch, SimpleITK, VTK...); *read*: CT and masks; *load*: model bundle; "
-                  "*check*, *model*, *resample*, *surface*: `Prediction.timings` (the surface is built while the "
+                  "*check*, *model*, *other_leg* (looking for the other leg; with both legs, segmenting and fitting "
+                  "it), *resample*, *surface*: `Prediction.timings` (the surface is built while the "
                   "prediction is resampled onto the CT grid: *surface* is only what it takes beyond that); *write*: "
                   "all outputs; *total*: their sum. *command*: the same prediction as the command itself runs it "
                   "(`tibia-recon predict` in its own process, from launch to exit); it imports torch while it reads "

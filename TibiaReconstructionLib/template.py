@@ -36,13 +36,13 @@ MAX_TURN_DEG = 30.0  # a registration that turns the fragment or moves its centr
 MAX_SHIFT_MM = 40.0
 # The template is not used when it does not describe this patient's tibia (the other leg deformed, mis-segmented or
 # not the patient's): its fit to the proximal main fragment leaves more than MAX_FIT_RMS_MM, the main moved fragment's
-# intact surface lies farther than MAX_FRAGMENT_MISFIT_MM from it once registered (mean), or it differs from the
-# model's reconstruction by more than MAX_SHAPE_MSD_MM (mean surface distance). On 20 held-out cases with the own
-# other leg: at most 0.94, 0.54 and 2.74 mm; with another subject's leg (seed + 1): 16 of 20 over the first, all
-# over one of them.
+# intact surface lies farther than MAX_FRAGMENT_MISFIT_MM from it once registered (mean), or it differs grossly from
+# the model's reconstruction (mean surface distance above MAX_SHAPE_MSD_MM; the model itself can be a few millimetres
+# off, where the template is most needed). With the patient's own other leg (21 held-out cases): at most 0.94, 0.54
+# and 3.7 mm; with another phantom's (seed + 1): over the first in 13 of 16 fitted, 16 mm for a plateau fracture.
 MAX_FIT_RMS_MM = 1.5
 MAX_FRAGMENT_MISFIT_MM = 1.0
-MAX_SHAPE_MSD_MM = 3.0
+MAX_SHAPE_MSD_MM = 5.0
 
 
 def template_occupancy(mask: Volume, transform: np.ndarray, destination: Grid) -> np.ndarray:
