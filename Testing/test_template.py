@@ -119,3 +119,23 @@ def test_another_persons_leg_is_not_used(default_predictor, exact):
     np.testing.assert_array_equal(result.labelmap.array, alone.labelmap.array)
     assert "template" not in result.fusion and result.occupancy_std is not None
     assert not result.fusion["other_leg"]["used"] and "RMS residual" in result.fusion["other_leg"]["why_not"]
+
+
+def test_the_command_uses_the_other_leg_by_default_and_writes_no_uncertainty_then(exact, tmp_path):
+    """`tibia-recon predict` on a CT of both legs: the other leg is found and is the template; the outputs hold no
+    uncertainty volume (the model's posterior does not describe the template) and the report says what was used."""
+    import json
+
+    from TibiaReconstructionLib.cli import main
+    from TibiaReconstructionLib.io import write_volume
+
+    ct, tibia, fracture, *_ = exact
+    files = [write_volume(v, tmp_path / f"{name}.nrrd", label=name != "ct")
+             for name, v in (("ct", ct), ("tibia", tibia), ("fracture", fracture))]
+    out = tmp_path / "out"
+    assert main(["predict", "--ct", str(files[0]), "--tibia-mask", str(files[1]), "--fracture-mask", str(files[2]),
+                 "--side", "left", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["visible_bone"]["other_leg"]["used"] and report["inputs"]["other_tibia_mask"] == "auto"
+    assert "uncertainty" not in report["outputs"] and not list(out.glob("*uncertainty*"))
+    assert (out / "predicted_tibia_label.nrrd").exists() and (out / "predicted_tibia_LPS.stl").exists()

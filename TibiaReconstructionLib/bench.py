@@ -607,7 +607,7 @@ def _measure_predict(job: dict) -> dict:
     """Read, load the bundle, predict and write the outputs, timing each stage; ``start`` is the time from launching
     the process to the command's code imported (``job['ready'] - job['launched']``, wall-clock seconds)."""
     from .io import read_mask, read_volume
-    from .predict_cli import _write_outputs, output_paths
+    from .predict_cli import _write_outputs, output_paths, written_paths
 
     t = {"start": job["ready"] - job["launched"]}
     t0 = time.perf_counter()
@@ -621,7 +621,7 @@ def _measure_predict(job: dict) -> dict:
     result = predictor.predict(ct, tibia, fracture, side="auto")
     t.update({"other_leg": 0.0, **result.timings})
     t0 = time.perf_counter()
-    paths = output_paths(Path(job["out"]), ".nrrd")
+    paths = written_paths(result, output_paths(Path(job["out"]), ".nrrd"))
     _write_outputs(result, result.report(), paths, overwrite=True)
     t["write"] = time.perf_counter() - t0
     return {**{f"{k}_s": round(t[k], 4) for k in PREDICT_STAGES},

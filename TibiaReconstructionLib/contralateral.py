@@ -33,7 +33,6 @@ from typing import Callable
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import cKDTree
 from vtkmodules.vtkCommonDataModel import vtkPolyData
 from vtkmodules.vtkFiltersCore import vtkImplicitPolyDataDistance
 
@@ -369,7 +368,7 @@ def _fit_anchor(grid: Grid, tib: np.ndarray, pieces: np.ndarray, n_pieces: int, 
 
     def on_surface(transform):
         """Distance (mm) of every intact surface point to the fitted tibia's surface points."""
-        return cKDTree(apply_affine(transform, other_pts)).query(source)[0]
+        return _tree(apply_affine(transform, other_pts)).query(source)[0]
 
     hypotheses, seen = [], {}
     for seed in seeds:
@@ -415,7 +414,7 @@ def _check_fit(anchor: dict, target_pts: np.ndarray, tibia_pts: np.ndarray, warn
     """Refuse (InputError) an implausible fit, warn about a doubtful one: the fit's RMS, the share of the
     anchor's surface on the fitted tibia, and the share of the fitted tibia's surface within NEAR_MM of the
     fractured tibia or the fracture mask (``tibia_pts``). Returns those figures."""
-    near = float(np.mean(cKDTree(tibia_pts).query(target_pts, distance_upper_bound=NEAR_MM)[0] <= NEAR_MM))
+    near = float(np.mean(_tree(tibia_pts).query(target_pts, distance_upper_bound=NEAR_MM)[0] <= NEAR_MM))
     rms, inliers = anchor["rms"], anchor["inlier_share"]
     figures = {"inlier_share": inliers, "near_tibia_share": near}
     problems = []
@@ -440,6 +439,14 @@ def _check_fit(anchor: dict, target_pts: np.ndarray, tibia_pts: np.ndarray, warn
         warnings.append(f"Only {near:.0%} of the fitted contralateral tibia's surface lies within {NEAR_MM:g} mm of "
                         "the fractured tibia; check the fit against the CT.")
     return figures
+
+
+def _tree(points: np.ndarray):
+    """A k-d tree of ``points`` (scipy.spatial takes 0.2 s to import: only once a fit is made, not for a CT of one
+    leg)."""
+    from scipy.spatial import cKDTree
+
+    return cKDTree(points)
 
 
 def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -478,7 +485,7 @@ def _icp(source: np.ndarray, target: np.ndarray, normals: np.ndarray) -> tuple[n
     """Rigid 4x4 taking ``source`` points onto the surface sampled by ``target`` points with unit ``normals``
     (trimmed point-to-plane ICP: the ICP_TRIM closest matches count); the RMS point-to-point distance over
     those matches (mm) and the iterations used. Returns the pose of lowest RMS met, so it never diverges."""
-    tree = cKDTree(target)
+    tree = _tree(target)
     m = np.eye(4)
     best = (np.inf, m, 0)
     for iteration in range(1, ICP_ITERATIONS + 1):

@@ -80,8 +80,7 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
 
     predictor = Predictor(bundle, device, reduce_fragments, keep_visible_bone, reassemble_fragments)
     result = predictor.predict(ct, tibia, fracture, side=side, progress=progress, crops=crops, other_tibia=other)
-    if result.occupancy_std is None:  # the bundle's autoencoder has no posterior
-        paths.pop("uncertainty")
+    paths = written_paths(result, paths)
     report = result.report()
     report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path or "automatic segmentation"),
                         "fracture_mask": str(fracture_path),
@@ -118,6 +117,12 @@ def import_in_background(module: str) -> None:
             pass
 
     threading.Thread(target=load, name=f"import {module}", daemon=True).start()
+
+
+def written_paths(result, paths: dict) -> dict:
+    """The output paths a prediction fills: no uncertainty volume without the model's posterior (a bundle without
+    one, or the other leg as the template)."""
+    return {k: v for k, v in paths.items() if k != "uncertainty" or result.occupancy_std is not None}
 
 
 def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibia=None) -> None:
