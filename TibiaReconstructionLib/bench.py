@@ -773,8 +773,8 @@ def speed_markdown(rows: list[dict], train_rows: list[dict], setup: dict) -> str
         spacing = {r["size"]: r["spacing_mm"] for r in rows}
         lines += ["## predict, end to end", "",
                   f"Input: fractured phantom seed {setup['seed']} (oblique fracture, left leg"
-                  f"{', the healthy right leg beside it, which predict finds and uses' if setup.get('both_legs') else ''}"
-                  "), generated at "
+                  + (", the healthy right leg beside it, which predict finds and uses" if setup.get("both_legs") else "")
+                  + "), generated at "
                   f"{'/'.join(f'{s:g}' for s in setup['spacing'])} mm and resampled onto each CT size over the same "
                   f"field of view (int16 NRRD, uncompressed); outputs as `tibia-recon predict` writes them "
                   "(compressed NRRD labelmap, intensity and uncertainty, two STL, a VTP, report.json). Side: automatic "

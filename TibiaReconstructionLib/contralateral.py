@@ -75,8 +75,8 @@ Progress = Callable[[float, str], None]
 @dataclass
 class ContralateralResult:
     """The mirrored, fitted other tibia: ``labelmap`` (uint8 0/1 on the CT grid), ``surface`` (LPS mm; with the
-    point-data array DISTANCE_ARRAY after a comparison; both None when not placed), ``transform`` (4x4 LPS, other tibia -> target; a
-    reflection), ``other_tibia`` (the other leg's tibia mask used), ``side`` (the fractured leg's: 'left' when it
+    point-data array DISTANCE_ARRAY after a comparison; both None when not placed), ``transform`` (4x4 LPS, other
+    tibia -> target; a reflection), ``other_tibia`` (the other leg's tibia mask used), ``side`` (the fractured leg's: 'left' when it
     lies at larger LPS x than the other), the mirror plane, the fit's figures, the comparison with a prediction,
     timings and warnings."""
 

@@ -338,7 +338,8 @@ class Predictor:
 
         other, why_not, quiet = None, None, False
         if other_tibia is not None and self.keep_visible_bone and run.placement is not None:
-            report(0.5, "Looking for the other leg" if isinstance(other_tibia, str) else "Fitting the other leg's tibia")
+            report(0.5, "Looking for the other leg" if isinstance(other_tibia, str) else
+                   "Fitting the other leg's tibia")
             t0 = time.perf_counter()
             other, why_not, quiet = self._other_leg(ct, tibia_mask, fracture_mask, other_tibia, chosen, warnings)
             t["other_leg"] = time.perf_counter() - t0

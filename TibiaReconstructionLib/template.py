@@ -82,8 +82,8 @@ def mismatch(template: np.ndarray, model_occupancy: np.ndarray, destination: Gri
     da, db = boundary_distance(a, destination.spacing), boundary_distance(b, destination.spacing)
     msd = float(np.mean(np.abs(np.concatenate([db[da == 0], da[db == 0]]))))
     if msd > MAX_SHAPE_MSD_MM:
-        return (f"the mirrored other tibia differs from the model's reconstruction of the fractured one by {msd:.1f} mm "
-                f"(mean surface distance; at most {MAX_SHAPE_MSD_MM:g} mm)")
+        return (f"the mirrored other tibia differs from the model's reconstruction of the fractured one by "
+                f"{msd:.1f} mm (mean surface distance; at most {MAX_SHAPE_MSD_MM:g} mm)")
     return None
 
 
