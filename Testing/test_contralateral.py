@@ -153,6 +153,22 @@ def test_a_fine_ct_gives_the_same_fit_and_the_placing_can_be_left_out(exact):
     assert r.other_tibia is fine[3]  # the given mask, neither copied nor changed
 
 
+def test_both_legs_on_an_oblique_grid_are_segmented_whole(exact):
+    """The other leg is found in a CT whose axes are turned 20 deg about z (no half of it to crop): the whole CT is
+    segmented, the other tibia found and the fit as good as on the straight grid."""
+    ct, tibia, frac, other, *_ = exact
+    turn = np.radians(20.0)
+    direction = np.array([[np.cos(turn), -np.sin(turn), 0.0], [np.sin(turn), np.cos(turn), 0.0], [0.0, 0.0, 1.0]])
+    centre = ct.grid.index_to_physical((np.asarray(ct.grid.size) - 1) / 2.0)
+    size = np.asarray(ct.grid.size) + [0, 40, 0]
+    grid = Grid(tuple(size), ct.spacing, centre - direction @ ((size - 1) / 2.0 * ct.spacing), direction)
+    turned = [resample(ct, grid, default_value=-1000.0)] + [resample(v, grid, interpolation="nearest")
+                                                             for v in (tibia, frac, other)]
+    r = contralateral_target(*turned[:3], place=False)
+    assert r.fit["rms_mm"] < 1.5
+    assert dice(r.other_tibia.array != 0, turned[3].array != 0) > 0.9
+
+
 def test_the_displaced_distal_fragment_does_not_pull_the_target(exact):
     """Displacing the distal fragment 16 mm further does not move the target: only the proximal fragment counts."""
     ct, tibia, frac, other, truth, ids = exact

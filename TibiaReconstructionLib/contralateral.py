@@ -236,12 +236,24 @@ def compare(result: ContralateralResult, prediction) -> dict:
 
 
 def _segment_other(ct: Volume, tib: np.ndarray, fracture: Volume) -> Volume:
-    """The other leg's tibia (a mask on the CT grid) from the automatic segmentation: of the two tibiae it finds,
-    the one apart from the given tibia mask (``tib``, bool)."""
+    """The other leg's tibia (a mask on the CT grid) from the automatic segmentation (``tib``: the fractured tibia
+    mask, bool). When the CT's first axis runs along LPS x, only its part beyond the plane half-way between the two
+    legs is segmented (half the work); else the whole CT, and of the two tibiae found the one apart from ``tib``."""
     from .segment import segment_tibia
 
-    if not _bone_beside(ct, tib):
+    split = _bone_beside(ct, tib)
+    if split is None:
         raise NoOtherLegError(NO_OTHER_LEG)
+    x_split, side = split
+    along_x = float(ct.direction[0, 0])
+    if abs(along_x) > 0.99:  # index i runs along x: keep the columns on the other leg's side of the plane
+        i_split = int(np.clip(round((x_split - ct.origin[0]) / (ct.spacing[0] * along_x)), 0, ct.grid.size[0] - 1))
+        lo, hi = (i_split, ct.grid.size[0] - 1) if side * along_x > 0 else (0, i_split)
+        part = crop(ct, (0, 0, lo), (ct.grid.size[2] - 1, ct.grid.size[1] - 1, hi))
+        found = segment_tibia(part, "auto").tibia.array
+        out = np.zeros(ct.array.shape, np.uint8)
+        out[:, :, lo:hi + 1] = found
+        return ct.with_array(out)
     seg = segment_tibia(ct, "auto", fracture, refine_tibia=False)
     if seg.other_tibia is None:
         raise NoOtherLegError(NO_OTHER_LEG)
@@ -249,17 +261,22 @@ def _segment_other(ct: Volume, tib: np.ndarray, fracture: Volume) -> Volume:
     return seg.other_tibia if np.count_nonzero(a & tib) >= np.count_nonzero(b & tib) else seg.tibia
 
 
-def _bone_beside(ct: Volume, tib: np.ndarray) -> bool:
-    """Whether the CT shows at least BESIDE_ML of bone (above BESIDE_HU) farther than BESIDE_MM to either side
-    (LPS x) of the tibia mask ``tib``'s centroid, read on a lattice of about BESIDE_STEP_MM: a quick look for the
-    other leg before segmenting it."""
+def _bone_beside(ct: Volume, tib: np.ndarray) -> tuple[float, float] | None:
+    """A quick look for the other leg before segmenting it: bone (above BESIDE_HU) farther than BESIDE_MM to one side
+    (LPS x) of the tibia mask ``tib``'s centroid, read on a lattice of about BESIDE_STEP_MM. The LPS x half-way
+    between that centroid and the bone's median, and the side (+1 or -1 along x) the bone lies on; None when there
+    is less than BESIDE_ML of it."""
     lattice, sub = _lattice(ct.grid, BESIDE_STEP_MM)
     t = tib[sub]
     if not t.any():
-        return False
+        return None
     x = lattice.index_to_physical(np.argwhere(ct.array[sub] > BESIDE_HU)[:, ::-1].astype(float))[:, 0]
-    beside = np.count_nonzero(np.abs(x - _centroid(lattice, t)[0]) > BESIDE_MM)
-    return beside * float(np.prod(lattice.spacing)) / 1000.0 >= BESIDE_ML
+    x_tib = _centroid(lattice, t)[0]
+    plus, minus = x[x > x_tib + BESIDE_MM], x[x < x_tib - BESIDE_MM]
+    far = plus if len(plus) >= len(minus) else minus
+    if len(far) * float(np.prod(lattice.spacing)) / 1000.0 < BESIDE_ML:
+        return None
+    return 0.5 * (x_tib + float(np.median(far))), 1.0 if far is plus else -1.0
 
 
 def _check_pair(grid: Grid, tib: np.ndarray, other: np.ndarray) -> None:
