@@ -7,7 +7,7 @@ import pytest
 from TibiaReconstructionLib import fusion
 from TibiaReconstructionLib.contralateral import contralateral_target
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
-from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, resample, translation
+from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, crop_to_mask, resample, translation
 from TibiaReconstructionLib.metrics import dice
 from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.refine import Placement
@@ -44,9 +44,10 @@ def test_the_template_is_the_other_tibia_moved_by_the_fit(exact):
     labelmap of the contralateral target; template_box covers it."""
     ct, tibia, fracture, other, *_ = exact
     placed = contralateral_target(ct, tibia, fracture, other)
-    occupancy = template_occupancy(other, placed.transform, ct.grid)
+    bone = crop_to_mask(other, other, 2.0)
+    occupancy = template_occupancy(bone, placed.transform, ct.grid)
     assert dice(occupancy >= 0.5, placed.labelmap.array != 0) > 0.97
-    lo, hi = template_box(other, placed.transform)
+    lo, hi = template_box(bone, placed.transform, ct.grid)
     box = bounding_box(placed.labelmap.array != 0)
     assert np.all(lo <= box[0][::-1]) and np.all(hi >= box[1][::-1])
     assert np.all(hi - lo <= box[1][::-1] - box[0][::-1] + 2)  # and not much more

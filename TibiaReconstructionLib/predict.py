@@ -24,8 +24,8 @@ from vtkmodules.vtkCommonDataModel import vtkPolyData
 
 from .bundle import Bundle, load_bundle
 from .errors import InputError, NoOtherLegError
-from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, invert_affine, \
-    resample, upsample_linear
+from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, crop_to_mask, \
+    invert_affine, resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
 from .fusion import Fused, fuse_visible_bone
@@ -352,13 +352,14 @@ class Predictor:
         chain = TransformChain().then("mirror, align long axis, centre", p, "canonical") \
             .then("inverse theta (LocNet)", invert_affine(theta), "standard")
         fuse = None
+        # the other tibia's mask cropped to it, once: a CT-sized array is slow to scan
+        bone = None if other is None else crop_to_mask(other.other_tibia, other.other_tibia, float(ct.spacing.max()))
         if self.keep_visible_bone and run.placement is not None:
             fuse = lambda occ, grid: fuse_visible_bone(  # noqa: E731
                 occ, grid, ct, tibia_mask, fracture_mask, box, run.placement, self.bundle.grid, p,
-                self.reassemble_fragments,
-                None if other is None else template_occupancy(other.other_tibia, other.transform, grid))
+                self.reassemble_fragments, None if bone is None else template_occupancy(bone, other.transform, grid))
         work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse,
-                                  None if other is None else template_box(other.other_tibia, other.transform))
+                                  None if bone is None else template_box(bone, other.transform, ct.grid))
         if other is not None and "template" in work.fused.report:
             std, work = None, replace(work, spread=None)  # the model's posterior says nothing about the template
         elif other is not None:

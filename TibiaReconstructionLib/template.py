@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .geometry import Grid, Volume, apply_affine, boundary_distance, bounding_box, crop, invert_affine, resample
+from .geometry import Grid, Volume, apply_affine, boundary_distance, invert_affine, resample
 from .reassembly import Field, as_affine, turn_after
 from .refine import adam_direction, signed_distance
 
@@ -45,22 +45,19 @@ MAX_FRAGMENT_MISFIT_MM = 1.0
 MAX_SHAPE_MSD_MM = 5.0
 
 
-def template_occupancy(mask: Volume, transform: np.ndarray, destination: Grid) -> np.ndarray:
-    """The other tibia's ``mask`` (on the CT grid) moved by ``transform`` (4x4 patient map, mirror and fit) as an
-    occupancy in [0, 1] on ``destination`` (linear)."""
-    lo, hi = bounding_box(mask.array != 0)
-    part = crop(mask, lo - 1, hi + 1)
-    return resample(part.with_array((part.array != 0).astype(np.float32)), destination, invert_affine(transform),
+def template_occupancy(bone: Volume, transform: np.ndarray, destination: Grid) -> np.ndarray:
+    """The other tibia's mask ``bone`` (any grid, e.g. the CT's cropped to it) moved by ``transform`` (4x4 patient
+    map, mirror and fit) as an occupancy in [0, 1] on ``destination`` (linear)."""
+    return resample(bone.with_array((bone.array != 0).astype(np.float32)), destination, invert_affine(transform),
                     "linear").array
 
 
-def template_box(mask: Volume, transform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The CT index box (lo, hi; (i, j, k), inclusive, within the grid) that the other tibia's ``mask`` (on the CT
-    grid) covers once moved by ``transform``."""
-    lo, hi = bounding_box(mask.array != 0)
-    kji = np.argwhere(mask.array[tuple(slice(a, b + 1) for a, b in zip(lo, hi))]) + lo
-    ijk = mask.grid.physical_to_index(apply_affine(transform, mask.index_to_physical(kji[:, ::-1].astype(float))))
-    top = np.asarray(mask.grid.size) - 1
+def template_box(bone: Volume, transform: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """The index box (lo, hi; (i, j, k), inclusive, within ``grid``, the CT's) that the other tibia's mask ``bone``
+    covers once moved by ``transform``."""
+    ijk = grid.physical_to_index(apply_affine(transform, bone.index_to_physical(np.argwhere(bone.array)[:, ::-1]
+                                                                                   .astype(float))))
+    top = np.asarray(grid.size) - 1
     return np.clip(np.floor(ijk.min(0)), 0, top).astype(int), np.clip(np.ceil(ijk.max(0)), 0, top).astype(int)
 
 
@@ -134,14 +131,15 @@ def place_on_template(template: np.ndarray, destination: Grid, tibia: Volume, hi
     for fid in moved:
         piece = np.isin(pieces, np.flatnonzero(owner == fid))
         kji = np.argwhere(piece & ~ndimage.binary_erosion(piece) & ~near_break)
-        if len(kji) < 50:
+        surface = len(kji)  # before the subset: which fragment shows most surface (mismatch's main fragment)
+        if surface < 50:
             continue
-        kji = kji[rng.choice(len(kji), POINTS, replace=False)] if len(kji) > POINTS else kji
+        kji = kji[rng.choice(surface, POINTS, replace=False)] if surface > POINTS else kji
         fitted, fit = register_onto(field, tibia.grid.index_to_physical(kji[:, ::-1].astype(float)), moves[fid],
                                     0.5 * float(tibia.spacing.min()))  # a boundary voxel lies half a voxel inside
         fit["kept"] = bool(fit["misfit_after_mm"] < fit["misfit_before_mm"] and fit["turn_deg"] <= MAX_TURN_DEG
                            and fit["shift_mm"] <= MAX_SHIFT_MM)
         if fit["kept"]:
             out[fid] = fitted
-        report.append({"id": fid, "points": len(kji), **fit})
+        report.append({"id": fid, "points": surface, **fit})
     return out, report
