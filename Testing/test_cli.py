@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,18 @@ def test_the_predictor_loads_without_all_of_vtk_or_the_other_leg_s_fit():
     assert "TibiaReconstructionLib.template" in loaded
     assert not {"vtk", "vtkmodules.all", "TibiaReconstructionLib.contralateral", "TibiaReconstructionLib.segment"} \
         & loaded
+
+
+def test_the_command_turns_numpy_s_huge_pages_off_before_numpy_loads():
+    """Set by the command's module, numpy's huge pages must be off before anything imports numpy (it reads the
+    setting once); a user's own setting wins."""
+    code = "import TibiaReconstructionLib.cli, numpy; print(numpy._core.multiarray._get_madvise_hugepage())"
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert run.stdout.split() == ["False"]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**env, "NUMPY_MADVISE_HUGEPAGE": "1"})
+    assert run.stdout.split() == ["True"]
 
 
 def test_info_prints_geometry_and_errors_cleanly(tmp_path, oblique_volume, capsys):

@@ -162,6 +162,23 @@ def test_upsample_linear_matches_trilinear_interpolation(rng):
         upsample_linear(array, (1, 3, 2), (4, 14, 11))
 
 
+def test_block_mean_matches_simpleitk_binshrink_on_an_oblique_grid(oblique_volume, rng):
+    """Values and geometry as SimpleITK's BinShrink of the float32 image (of volume != 0 for ``binary``), with
+    trailing voxels that fill no block dropped, slabs smaller than a block's depth included."""
+    import SimpleITK as sitk
+
+    from TibiaReconstructionLib.geometry import block_mean
+
+    labels = oblique_volume.with_array(rng.integers(0, 3, oblique_volume.array.shape).astype(np.uint8))
+    for volume, binary in ((oblique_volume, False), (labels, True)):
+        reference = volume.with_array((volume.array != 0).astype(np.float32) if binary else volume.array)
+        for factors, slab in (((3, 2, 1), 16), ((1, 4, 3), 2), ((5, 1, 2), 1)):
+            shrunk = block_mean(volume, factors, binary, slab)
+            expected = Volume.from_sitk(sitk.BinShrink(sitk.Cast(reference.to_sitk(), sitk.sitkFloat32), factors))
+            assert shrunk.array.dtype == np.float32 and shrunk.grid.same_as(expected.grid, 1e-9)
+            np.testing.assert_allclose(shrunk.array, expected.array, rtol=1e-6, atol=1e-6)
+
+
 def test_boundary_distance_is_the_distance_to_the_nearest_boundary_voxel_on_an_anisotropic_grid():
     from scipy import ndimage
 

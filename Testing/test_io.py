@@ -23,6 +23,22 @@ def test_write_read_round_trip(tmp_path, ct, suffix):
     np.testing.assert_allclose(back.direction, ct.direction, atol=1e-5)
 
 
+def test_a_volume_read_keeps_its_voxels_after_the_reader_s_image_is_gone(tmp_path, rng):
+    """The array read lies on the SimpleITK image's own buffer (no copy): it must keep that image alive, stay
+    writable, and changing it must not change the file or a second read."""
+    import gc
+
+    big = Volume(rng.integers(-1000, 2000, (40, 64, 64)).astype(np.int16), [0.8, 0.8, 1.5], [1.0, 2.0, 3.0])
+    path = write_volume(big, tmp_path / "big.nrrd")
+    array = read_volume(path).array
+    gc.collect()
+    others = [np.full(big.array.shape, 7, np.int16) for _ in range(4)]  # would reuse a freed buffer
+    np.testing.assert_array_equal(array, big.array)
+    assert array.flags.writeable and others[0][0, 0, 0] == 7
+    array[0] = 0
+    np.testing.assert_array_equal(read_volume(path).array, big.array)
+
+
 def test_dicom_series_round_trip(tmp_path, ct):
     folder = write_volume(ct, tmp_path / "dicom")
     assert len(list(folder.glob("*.dcm"))) == ct.array.shape[0]

@@ -148,6 +148,36 @@ def test_the_command_prepares_the_crops_at_the_bundle_spacing(predictor, case, t
     assert crops_ahead(ct, tibia, elsewhere, folder) is None  # not on the CT's grid: left to the Predictor
 
 
+@pytest.mark.parametrize("factors", [(2, 2, 3), (1, 3, 1), (2, 1, 2)])
+def test_the_work_grid_goes_onto_the_ct_slab_by_slab_as_in_one_piece(predictor, factors):
+    """Slabs of CT slices (a whole number of work slices each) give the labelmap and HU of interpolating the whole
+    work grid at once; nothing is written outside the box."""
+    from TibiaReconstructionLib.geometry import upsample_linear
+    from TibiaReconstructionLib.predict import CT_SLAB, WorkGrid
+
+    rng = np.random.default_rng(3)
+    lo, hi = np.array([3, 2, 5]), np.array([40, 30, 5 + 2 * CT_SLAB + 7])  # (i, j, k): a slab and a part over
+    ct = Volume(np.zeros((hi[2] + 4, 36, 44), np.int16), [1.0, 1.0, 1.0], [0.0, 0.0, 0.0])
+    shape = tuple((hi - lo + 1)[::-1])
+    work_shape = tuple((np.array(shape) - 1) // np.array(factors[::-1]) + 2)
+    occupancy = rng.random(work_shape).astype(np.float32)
+    intensity = (occupancy * rng.random(work_shape)).astype(np.float32)
+    labelmap, hu = predictor._work_to_ct(WorkGrid(None, lo, hi, np.array(factors), occupancy, intensity, None, None),
+                                         ct)
+    whole = upsample_linear(occupancy, factors[::-1], shape)
+    weighted = upsample_linear(intensity, factors[::-1], shape)
+    lo_hu, hi_hu = predictor.bundle.window_hu
+    box = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
+    expected = whole >= 0.5
+    near_half = np.abs(whole - 0.5) < 1e-5
+    np.testing.assert_array_equal(labelmap.array[box][~near_half], expected[~near_half])
+    expected_hu = np.clip(weighted / np.maximum(whole, 1e-6), 0, 1) * (hi_hu - lo_hu) + lo_hu
+    inside = expected & ~near_half
+    assert np.abs(hu.array[box][inside] - expected_hu[inside]).max() <= 0.51
+    assert np.all(hu.array[box][~expected & ~near_half] == round(lo_hu))
+    assert labelmap.array.sum() == labelmap.array[box].sum() and np.all(np.delete(hu.array, box[0], 0) == round(lo_hu))
+
+
 def test_mask_on_another_grid_is_a_clear_error(predictor, case):
     ct, tibia, fracture = case
     other = Volume(fracture.array, fracture.spacing, fracture.origin + 3.0, fracture.direction)

@@ -130,7 +130,7 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
                              "tibia mask" else "paint a coarse mask over the fracture zone."))
     if other_tibia is None:
         report(0.0, "Segmenting the other leg's tibia")
-        other_tibia = _segment_other(ct, tibia.array != 0, fracture)
+        other_tibia = _segment_other(ct, tibia, fracture)
         lap("segment")
     else:
         check_same_grid(ct, other_tibia, "CT", "other tibia mask")
@@ -235,13 +235,13 @@ def compare(result: ContralateralResult, prediction) -> dict:
 # Steps
 
 
-def _segment_other(ct: Volume, tib: np.ndarray, fracture: Volume) -> Volume:
-    """The other leg's tibia (a mask on the CT grid) from the automatic segmentation (``tib``: the fractured tibia
-    mask, bool). When the CT's first axis runs along LPS x, only its part beyond the plane half-way between the two
+def _segment_other(ct: Volume, tibia: Volume, fracture: Volume) -> Volume:
+    """The other leg's tibia (a mask on the CT grid) from the automatic segmentation (``tibia``: the fractured
+    tibia's mask). When the CT's first axis runs along LPS x, only its part beyond the plane half-way between the two
     legs is segmented (half the work); else the whole CT, and of the two tibiae found the one apart from ``tib``."""
     from .segment import segment_tibia
 
-    split = _bone_beside(ct, tib)
+    split = _bone_beside(ct, tibia.array)
     if split is None:
         raise NoOtherLegError(NO_OTHER_LEG)
     x_split, side = split
@@ -257,17 +257,18 @@ def _segment_other(ct: Volume, tib: np.ndarray, fracture: Volume) -> Volume:
     seg = segment_tibia(ct, "auto", fracture, refine_tibia=False)
     if seg.other_tibia is None:
         raise NoOtherLegError(NO_OTHER_LEG)
+    tib = tibia.array != 0
     a, b = seg.tibia.array != 0, seg.other_tibia.array != 0
     return seg.other_tibia if np.count_nonzero(a & tib) >= np.count_nonzero(b & tib) else seg.tibia
 
 
 def _bone_beside(ct: Volume, tib: np.ndarray) -> tuple[float, float] | None:
     """A quick look for the other leg before segmenting it: bone (above BESIDE_HU) farther than BESIDE_MM to one side
-    (LPS x) of the tibia mask ``tib``'s centroid, read on a lattice of about BESIDE_STEP_MM. The LPS x half-way
+    (LPS x) of the centroid of the tibia mask ``tib`` (nonzero voxels on the CT grid), read on a lattice of about BESIDE_STEP_MM. The LPS x half-way
     between that centroid and the bone's median, and the side (+1 or -1 along x) the bone lies on; None when there
     is less than BESIDE_ML of it."""
     lattice, sub = _lattice(ct.grid, BESIDE_STEP_MM)
-    t = tib[sub]
+    t = tib[sub] != 0
     if not t.any():
         return None
     x = lattice.index_to_physical(np.argwhere(ct.array[sub] > BESIDE_HU)[:, ::-1].astype(float))[:, 0]

@@ -256,14 +256,27 @@ class Volume:
         return img
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image) -> "Volume":
+    def from_sitk(cls, image: sitk.Image, share: bool = False) -> "Volume":
+        """The image as a volume: a copy of its voxels, or with ``share`` (for an image nobody else holds, such
+        as one just read from a file) a writable array on the image's own buffer, which keeps the image alive."""
         if image.GetDimension() != 3:
             raise InputError(f"Expected a 3D image, got a {image.GetDimension()}D image of size {image.GetSize()}.")
         if image.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"Expected a single-channel (scalar) image, got "
                              f"{image.GetNumberOfComponentsPerPixel()} components per voxel.")
-        return cls(sitk.GetArrayFromImage(image), np.array(image.GetSpacing()), np.array(image.GetOrigin()),
+        array = np.asarray(_ImageBuffer(image)) if share else sitk.GetArrayFromImage(image)
+        return cls(array, np.array(image.GetSpacing()), np.array(image.GetOrigin()),
                    np.array(image.GetDirection()).reshape(3, 3))
+
+
+class _ImageBuffer:
+    """A SimpleITK image's voxel buffer as numpy sees it (``__array_interface__``, writable): the array made from
+    it holds this object, and so the image, for as long as it lives."""
+
+    def __init__(self, image: sitk.Image) -> None:
+        self.image = image
+        view = sitk.GetArrayViewFromImage(image)
+        self.__array_interface__ = {**view.__array_interface__, "data": (view.__array_interface__["data"][0], False)}
 
 
 def check_same_grid(a: Volume | Grid, b: Volume | Grid, name_a: str, name_b: str, tol_mm: float = 1e-3) -> None:
@@ -305,6 +318,27 @@ def upsample_linear(array: np.ndarray, factors, shape) -> np.ndarray:
         x = x.reshape(*kept, *x.shape[2:])
     out = x.permute(np.argsort(order).tolist())
     return out[:shape[0], :shape[1], :shape[2]].numpy()
+
+
+def block_mean(volume: Volume, factors: Sequence[int], binary: bool = False, slab: int = 16) -> Volume:
+    """Means (float32) of ``volume`` (``binary``: of volume != 0) over blocks of ``factors`` (i, j, k) voxels, on
+    the grid of ``factors`` times larger voxels centred on the blocks (as SimpleITK's BinShrink: trailing voxels
+    that fill no block are dropped). Slab by slab with strided adds: no full-size temporary or copy."""
+    fi, fj, fk = (int(f) for f in factors)
+    arr = volume.array
+    shape = tuple(n // f for n, f in zip(arr.shape, (fk, fj, fi)))
+    out = np.zeros(shape, np.float32)
+    step = max(1, slab // fk)
+    for k in range(0, shape[0], step):
+        rows = slice(k * fk, min(shape[0], k + step) * fk)
+        block = arr[rows, :shape[1] * fj, :shape[2] * fi]
+        block = block != 0 if binary else block
+        part = out[k:k + step]
+        for a, b, c in np.ndindex(fk, fj, fi):
+            np.add(part, block[a::fk, b::fj, c::fi], out=part)
+    out *= 1.0 / (fi * fj * fk)
+    first = volume.index_to_physical((np.array([fi, fj, fk], float) - 1) / 2)
+    return Volume(out, volume.spacing * [fi, fj, fk], first, volume.direction)
 
 
 def resample(volume: Volume, grid: Grid, output_to_input: np.ndarray | None = None,

@@ -184,7 +184,7 @@ def read_volume(path: str | os.PathLike, label: bool = False) -> Volume:
                          f"{image.GetSize()} and {image.GetNumberOfComponentsPerPixel()} components per voxel). "
                          "Provide one 3D CT or label volume.")
     try:
-        volume = Volume.from_sitk(image)
+        volume = Volume.from_sitk(image, share=True)  # the image read is ours alone: no copy of a CT-sized array
     except InputError as exc:
         raise InputError(f"{p} has an unusable geometry: {exc} Fix the file's header (spacing, direction) or "
                          "re-export it.") from None

@@ -487,17 +487,20 @@ class Predictor:
             return ct.with_array(labelmap), ct.with_array(intensity)
         lo, hi = work.lo, work.hi
         shape = tuple((hi - lo + 1)[::-1])
-        occ = torch.from_numpy(upsample_linear(work.occupancy, work.factors[::-1], shape))
-        weighted = torch.from_numpy(upsample_linear(work.intensity, work.factors[::-1], shape))
+        factors = work.factors[::-1]
         box = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
         box_label, box_hu = labelmap[box], intensity[box]
-        for k in range(0, shape[0], CT_SLAB):  # slabs of slices: torch uses all threads, temporaries stay small
-            o, w = occ[k:k + CT_SLAB], weighted[k:k + CT_SLAB]
+        slab = -(-CT_SLAB // factors[0]) * factors[0]  # whole work slices per slab
+        for k in range(0, shape[0], slab):  # slabs of CT slices: torch uses all threads, temporaries stay small
+            n = min(slab, shape[0] - k)
+            rows = slice(k // factors[0], (k + n - 1) // factors[0] + 2)  # the work slices the slab lies between
+            o, w = (torch.from_numpy(upsample_linear(v[rows], factors, (n, *shape[1:])))
+                    for v in (work.occupancy, work.intensity))
             label = o >= 0.5
             # HU = window floor + (intensity / occupancy) x window width inside the tibia
             hu = torch.round((w / o.clamp_min(1e-6)).clamp_(0, 1).mul_(hi_hu - lo_hu).add_(lo_hu))
-            box_label[k:k + CT_SLAB] = label.numpy()
-            box_hu[k:k + CT_SLAB] = torch.where(label, hu, lo_hu).to(torch.int16).numpy()
+            box_label[k:k + n] = label.numpy()
+            box_hu[k:k + n] = torch.where(label, hu, lo_hu).to(torch.int16).numpy()
         return ct.with_array(labelmap), ct.with_array(intensity)
 
     def _reach(self, inside: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[np.ndarray, np.ndarray]:

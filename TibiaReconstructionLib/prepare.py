@@ -20,8 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import Grid, Volume, bounding_box, check_same_grid, crop, crop_to_mask, invert_affine, make_affine, \
-    reflection, resample
+from .geometry import Grid, Volume, block_mean, bounding_box, check_same_grid, crop, crop_to_mask, invert_affine, \
+    make_affine, reflection, resample
 
 DEFAULT_WINDOW_HU = (-200.0, 1800.0)
 SIDES = ("left", "right")
@@ -74,14 +74,12 @@ def patient_to_canonical(tibia: Volume, side: str) -> np.ndarray:
     return make_affine(rot, -rot @ center) @ mirror
 
 
-def _antialias(volume: Volume, target_spacing: np.ndarray) -> Volume:
-    """Low-pass filter (float32) before downsampling to ``target_spacing``: block averages over the integer
-    number of voxels that fit in the target spacing (one cheap pass that shrinks the image), then a recursive
-    (IIR) Gaussian for the rest of the blur, along each axis that gets coarser."""
-    img = sitk.Cast(volume.to_sitk(), sitk.sitkFloat32)
+def _antialias(volume: Volume, target_spacing: np.ndarray, binary: bool = False) -> Volume:
+    """Low-pass filter (float32; ``binary``: of volume != 0) before downsampling to ``target_spacing``: block
+    averages over the integer number of voxels that fit in the target spacing (one cheap pass that shrinks the
+    image), then a recursive (IIR) Gaussian for the rest of the blur, along each axis that gets coarser."""
     factors = [max(1, int(np.floor(t / s + 1e-6))) for s, t in zip(volume.spacing, target_spacing)]
-    if max(factors) > 1:
-        img = sitk.BinShrink(img, factors)
+    img = block_mean(volume, factors, binary).to_sitk()
     spacing = np.asarray(img.GetSpacing())
     sigma = np.sqrt(np.maximum(target_spacing.max() ** 2 - spacing ** 2, 0.0)) / 2.355
     for axis in range(3):
@@ -119,9 +117,7 @@ def smoothed_crops(ct: Volume, tibia: Volume, spacing: np.ndarray, fracture: Vol
         check_same_grid(ct, fracture, "CT", "fracture mask")
 
     def prepared(volume: Volume, binary: bool) -> Volume:
-        box = crop_to_mask(volume, tibia, margin_mm)
-        arr = (box.array != 0).view(np.uint8) if binary else box.array  # _antialias makes them float32
-        return _antialias(box.with_array(arr), spacing)
+        return _antialias(crop_to_mask(volume, tibia, margin_mm), spacing, binary)
 
     return SmoothedCrops(prepared(ct, False), prepared(tibia, True),
                          None if fracture is None else prepared(fracture, True), np.asarray(spacing, float))
