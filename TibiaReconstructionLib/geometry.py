@@ -247,9 +247,13 @@ class Volume:
     def physical_to_index(self, points: np.ndarray) -> np.ndarray:
         return self.grid.physical_to_index(points)
 
-    def to_sitk(self) -> sitk.Image:
-        """SimpleITK image sharing nothing with this volume."""
-        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+    def to_sitk(self, share: bool = False) -> sitk.Image:
+        """SimpleITK image sharing nothing with this volume; with ``share``, when the array is the whole buffer of
+        an image (:meth:`from_sitk` with ``share``, :func:`image_volume`), that image itself, given this volume's
+        geometry: no copy, only to read from (to write a file)."""
+        img = _buffer_owner(self.array) if share else None
+        if img is None:
+            img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
         img.SetSpacing(self.spacing.tolist())
         img.SetOrigin(self.origin.tolist())
         img.SetDirection(self.direction.reshape(-1).tolist())
@@ -277,6 +281,30 @@ class _ImageBuffer:
         self.image = image
         view = sitk.GetArrayViewFromImage(image)
         self.__array_interface__ = {**view.__array_interface__, "data": (view.__array_interface__["data"][0], False)}
+
+
+def _buffer_owner(array: np.ndarray) -> sitk.Image | None:
+    """The SimpleITK image whose whole buffer ``array`` is, or None."""
+    owner = array.base
+    if not isinstance(owner, _ImageBuffer):
+        return None
+    same = owner.__array_interface__
+    return owner.image if (array.__array_interface__["data"][0] == same["data"][0] and array.shape == same["shape"]
+                           and array.dtype.str == same["typestr"] and array.flags.c_contiguous) else None
+
+
+_PIXEL_TYPES = {np.dtype(np.uint8): sitk.sitkUInt8, np.dtype(np.int16): sitk.sitkInt16,
+                np.dtype(np.float32): sitk.sitkFloat32}
+
+
+def image_volume(grid: Grid, dtype: np.dtype, fill: float = 0) -> Volume:
+    """A new volume on ``grid``, all ``fill``, whose array is the buffer of a SimpleITK image (uint8, int16 or
+    float32), so that writing it to a file needs no copy (:meth:`Volume.to_sitk` with ``share``)."""
+    image = sitk.Image([int(n) for n in grid.size], _PIXEL_TYPES[np.dtype(dtype)])  # zero-filled
+    array = np.asarray(_ImageBuffer(image))
+    if fill:
+        array.fill(fill)
+    return Volume.on_grid(array, grid)
 
 
 def check_same_grid(a: Volume | Grid, b: Volume | Grid, name_a: str, name_b: str, tol_mm: float = 1e-3) -> None:

@@ -351,7 +351,7 @@ def write_volume(volume: Volume, path: str | os.PathLike, label: bool = False, o
         return write_dicom_series(vol, p, overwrite=overwrite)
     with atomic_path(p, overwrite) as tmp:
         try:
-            sitk.WriteImage(vol.to_sitk(), str(tmp), useCompression=compress)
+            sitk.WriteImage(vol.to_sitk(share=True), str(tmp), useCompression=compress)
         except RuntimeError as exc:
             raise OutputError(f"Could not write {p}: {_write_failure_hint(p)} (writer said: "
                               f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc})") from None

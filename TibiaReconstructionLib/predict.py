@@ -25,7 +25,7 @@ from vtkmodules.vtkCommonDataModel import vtkPolyData
 from .bundle import Bundle, load_bundle
 from .errors import InputError, NoOtherLegError
 from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, crop_to_mask, \
-    invert_affine, resample, upsample_linear
+    image_volume, invert_affine, resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
 from .fusion import Fused, fuse_visible_bone
@@ -481,15 +481,14 @@ class Predictor:
         """The labelmap (uint8) and intensity (int16 HU; the window's floor outside the tibia) on the CT grid:
         the work grid's occupancy and intensity interpolated linearly onto the CT voxels of its box."""
         lo_hu, hi_hu = self.bundle.window_hu
-        labelmap = np.zeros(ct.array.shape, np.uint8)
-        intensity = np.full(ct.array.shape, round(lo_hu), np.int16)
+        labelmap, intensity = image_volume(ct.grid, np.uint8), image_volume(ct.grid, np.int16, round(lo_hu))
         if work.occupancy is None:
-            return ct.with_array(labelmap), ct.with_array(intensity)
+            return labelmap, intensity
         lo, hi = work.lo, work.hi
         shape = tuple((hi - lo + 1)[::-1])
         factors = work.factors[::-1]
         box = tuple(slice(lo[a], hi[a] + 1) for a in (2, 1, 0))
-        box_label, box_hu = labelmap[box], intensity[box]
+        box_label, box_hu = labelmap.array[box], intensity.array[box]
         slab = -(-CT_SLAB // factors[0]) * factors[0]  # whole work slices per slab
         for k in range(0, shape[0], slab):  # slabs of CT slices: torch uses all threads, temporaries stay small
             n = min(slab, shape[0] - k)
@@ -501,7 +500,7 @@ class Predictor:
             hu = torch.round((w / o.clamp_min(1e-6)).clamp_(0, 1).mul_(hi_hu - lo_hu).add_(lo_hu))
             box_label[k:k + n] = label.numpy()
             box_hu[k:k + n] = torch.where(label, hu, lo_hu).to(torch.int16).numpy()
-        return ct.with_array(labelmap), ct.with_array(intensity)
+        return labelmap, intensity
 
     def _reach(self, inside: np.ndarray, patient_to_standard: np.ndarray, ct: Volume) -> tuple[np.ndarray, np.ndarray]:
         """The CT index box (lo, hi inclusive, (i, j, k)) holding the canonical voxels ``inside`` ((k, j, i), standard
