@@ -32,7 +32,7 @@ from scipy import ndimage
 
 from .geometry import Grid, Volume, bounding_box, resample
 from .models.sampler import rotation_matrices
-from .refine import adam_direction, signed_distance
+from .refine import adam_direction, one_thread, signed_distance
 
 GRID_MM = 1.0  # the contact is fitted on an isotropic grid of this spacing
 MARGIN_MM = 15.0  # around the fracture zone
@@ -206,19 +206,14 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
     params = torch.cat([torch.zeros(len(STARTS_MM), 3), torch.tensor(STARTS_MM)[:, None] * a], 1)
     moments = torch.zeros(2, *params.shape)
     step = 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: one thread is faster than several that wait for each other
-    try:
-        with torch.enable_grad():
-            params.requires_grad_(True)
-            for width in WIDTHS_MM:  # all starts at once
-                for _ in range(STEPS):
-                    step += 1
-                    (grad,) = torch.autograd.grad(energy(params, width).sum(), params)
-                    with torch.no_grad():
-                        params -= lr * adam_direction(moments, grad, step)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.enable_grad(), one_thread():
+        params.requires_grad_(True)
+        for width in WIDTHS_MM:  # all starts at once
+            for _ in range(STEPS):
+                step += 1
+                (grad,) = torch.autograd.grad(energy(params, width).sum(), params)
+                with torch.no_grad():
+                    params -= lr * adam_direction(moments, grad, step)
     with torch.no_grad():
         params = params.detach()
         params = params[int(torch.argmin(energy(params, WIDTHS_MM[-1])))]

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from .geometry import Grid, Volume, apply_affine, boundary_distance, invert_affine, resample
 from .reassembly import Field, as_affine, turn_after
-from .refine import adam_direction, signed_distance
+from .refine import adam_direction, one_thread, signed_distance
 
 POINTS = 2000  # outer-surface voxels of a fragment (random subset) that drive its registration
 CLEARANCE_VOXELS = 3  # surface voxels this close to the fracture mask are left out (its broken faces are there)
@@ -95,7 +95,7 @@ def register_onto(field: Field, points: np.ndarray, move: np.ndarray, depth_mm: 
     params = torch.zeros(1, 6)
     moments = torch.zeros(2, 1, 6)
     lr = torch.tensor([LR_ROTATION] * 3 + [LR_TRANSLATION] * 3)
-    with torch.enable_grad():
+    with torch.enable_grad(), one_thread():
         params.requires_grad_(True)
         for step in range(1, STEPS + 1):
             d = field(p, *turn_after(m, centre, params))[0] + depth_mm
