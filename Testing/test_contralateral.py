@@ -169,6 +169,25 @@ def test_both_legs_on_an_oblique_grid_are_segmented_whole(exact):
     assert dice(r.other_tibia.array != 0, turned[3].array != 0) > 0.9
 
 
+def test_a_fine_ct_s_other_leg_is_segmented_on_a_lattice_as_at_full_resolution(exact, monkeypatch):
+    """At 0.25 mm along x the other leg's half of the CT is segmented on every 2nd voxel (SEGMENT_MM) and mapped
+    back onto the CT grid: the mask and the fit agree with segmenting every voxel."""
+    from TibiaReconstructionLib import contralateral
+
+    ct, tibia, frac, other, *_ = exact
+    grid = Grid((ct.grid.size[0] * 8, *ct.grid.size[1:]), ct.spacing * [0.125, 1, 1], ct.origin - [0.875, 0.0, 0.0])
+    fine = [resample(ct, grid)] + [resample(v, grid, interpolation="nearest") for v in (tibia, frac, other)]
+    on_lattice = contralateral_target(*fine[:3], place=False)
+    monkeypatch.setattr(contralateral, "SEGMENT_MM", 0.1)  # every voxel
+    full = contralateral_target(*fine[:3], place=False)
+    assert on_lattice.other_tibia.grid.same_as(grid)
+    assert dice(on_lattice.other_tibia.array != 0, full.other_tibia.array != 0) > 0.98
+    assert dice(on_lattice.other_tibia.array != 0, fine[3].array != 0) > 0.97
+    pts = fine[3].index_to_physical(np.argwhere(fine[3].array)[::50, ::-1].astype(float))
+    gap = np.linalg.norm(apply_affine(on_lattice.transform, pts) - apply_affine(full.transform, pts), axis=1)
+    assert np.sqrt(np.mean(gap ** 2)) < 0.5
+
+
 def test_the_displaced_distal_fragment_does_not_pull_the_target(exact):
     """Displacing the distal fragment 16 mm further does not move the target: only the proximal fragment counts."""
     ct, tibia, frac, other, truth, ids = exact

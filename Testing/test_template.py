@@ -7,7 +7,8 @@ import pytest
 from TibiaReconstructionLib import fusion
 from TibiaReconstructionLib.contralateral import contralateral_target
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
-from TibiaReconstructionLib.geometry import Grid, Volume, bounding_box, crop_to_mask, resample, translation
+from TibiaReconstructionLib.geometry import Grid, Volume, apply_affine, bounding_box, crop_to_mask, euler_rotation, \
+    resample, translation
 from TibiaReconstructionLib.metrics import dice
 from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.refine import Placement
@@ -51,6 +52,27 @@ def test_the_template_is_the_other_tibia_moved_by_the_fit(exact):
     box = bounding_box(placed.labelmap.array != 0)
     assert np.all(lo <= box[0][::-1]) and np.all(hi >= box[1][::-1])
     assert np.all(hi - lo <= box[1][::-1] - box[0][::-1] + 2)  # and not much more
+
+
+def test_the_template_box_read_on_a_lattice_covers_the_whole_mask_on_a_fine_grid():
+    """On a fine grid the box comes from every n-th voxel (about 2 mm), grown by the lattice's diagonal: it holds
+    every voxel of the moved mask, a thin spike between the lattice's voxels included (it reaches 2 mm beyond the
+    rest, less than the margin), and is at most that margin larger."""
+    spacing = np.array([0.4, 0.45, 0.6])
+    grid = Grid((90, 80, 120), spacing, (-18.0, -18.0, -36.0))
+    kji = np.indices(grid.shape).reshape(3, -1).T
+    p = grid.index_to_physical(kji[:, ::-1].astype(float))
+    inside = ((p[:, 0] / 12) ** 2 + (p[:, 1] / 9) ** 2 < 1) & (np.abs(p[:, 2]) < 30)
+    spike = (np.abs(p[:, 0] - 3.0) < 0.25) & (np.abs(p[:, 1]) < 0.25) & (np.abs(p[:, 2]) < 32)
+    bone = Volume.on_grid((inside | spike).reshape(grid.shape).astype(np.uint8), grid)
+    transform = euler_rotation((4.0, -3.0, 20.0)) @ translation((5.0, -2.0, 1.0))
+    ct = Grid((200, 200, 200), (0.5, 0.5, 0.5), (-50.0, -50.0, -50.0))
+    exact = ct.physical_to_index(apply_affine(transform, bone.index_to_physical(
+        np.argwhere(bone.array)[:, ::-1].astype(float))))
+    lo, hi = template_box(bone, transform, ct)
+    assert np.all(lo <= np.floor(exact.min(0))) and np.all(hi >= np.ceil(exact.max(0)))
+    margin = np.linalg.norm(np.array([4, 3, 2]) * spacing) / 0.5  # every (5, 4, 3)-th voxel, in CT voxels
+    assert np.all(lo >= np.floor(exact.min(0) - margin) - 1) and np.all(hi <= np.ceil(exact.max(0) + margin) + 1)
 
 
 @pytest.fixture(scope="module")

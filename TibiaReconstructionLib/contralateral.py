@@ -68,6 +68,7 @@ ICP_STOP = (1e-4, 0.01)      # ICP stops when a step rotates less than this (rad
 MAX_POINTS = 20000           # surface points of the other tibia (evenly strided)
 FIT_POINTS = 5000            # ... and of the intact fragments, which the ICP moves
 FIT_MM = 1.0                 # the fit reads the masks every n-th voxel along each axis, n = FIT_MM / spacing (>= 1)
+SEGMENT_MM = 0.7             # the other leg is segmented on every n-th voxel along each axis, n = SEGMENT_MM / spacing
 DISTANCE_ARRAY = "distance_to_prediction_mm"
 Progress = Callable[[float, str], None]
 
@@ -238,7 +239,8 @@ def compare(result: ContralateralResult, prediction) -> dict:
 def _segment_other(ct: Volume, tibia: Volume, fracture: Volume) -> Volume:
     """The other leg's tibia (a mask on the CT grid) from the automatic segmentation (``tibia``: the fractured
     tibia's mask). When the CT's first axis runs along LPS x, only its part beyond the plane half-way between the two
-    legs is segmented (half the work); else the whole CT, and of the two tibiae found the one apart from ``tib``."""
+    legs is segmented (half the work), on a lattice (:func:`_segment_on_lattice`); else the whole CT, and of the two
+    tibiae found the one apart from ``tibia``."""
     from .segment import segment_tibia
 
     split = _bone_beside(ct, tibia.array)
@@ -250,9 +252,8 @@ def _segment_other(ct: Volume, tibia: Volume, fracture: Volume) -> Volume:
         i_split = int(np.clip(round((x_split - ct.origin[0]) / (ct.spacing[0] * along_x)), 0, ct.grid.size[0] - 1))
         lo, hi = (i_split, ct.grid.size[0] - 1) if side * along_x > 0 else (0, i_split)
         part = crop(ct, (0, 0, lo), (ct.grid.size[2] - 1, ct.grid.size[1] - 1, hi))
-        found = segment_tibia(part, "auto").tibia.array
         out = np.zeros(ct.array.shape, np.uint8)
-        out[:, :, lo:hi + 1] = found
+        out[:, :, lo:hi + 1] = _segment_on_lattice(part)
         return ct.with_array(out)
     seg = segment_tibia(ct, "auto", fracture, refine_tibia=False)
     if seg.other_tibia is None:
@@ -260,6 +261,21 @@ def _segment_other(ct: Volume, tibia: Volume, fracture: Volume) -> Volume:
     tib = tibia.array != 0
     a, b = seg.tibia.array != 0, seg.other_tibia.array != 0
     return seg.other_tibia if np.count_nonzero(a & tib) >= np.count_nonzero(b & tib) else seg.tibia
+
+
+def _segment_on_lattice(part: Volume) -> np.ndarray:
+    """The tibia mask (uint8, on ``part``'s grid) that the automatic segmentation finds in the CT ``part`` read on a
+    lattice of about SEGMENT_MM (on a fine CT, a quarter of the voxels or fewer: the template is used on a grid about
+    that fine); each voxel takes the value of its nearest lattice voxel (of two, the next: a quarter of a lattice voxel's
+    shift on average, which the fit to the patient's fragment takes up)."""
+    from .segment import segment_tibia
+
+    lattice, sub = _lattice(part.grid, SEGMENT_MM)
+    found = segment_tibia(Volume.on_grid(part.array[sub], lattice), "auto").tibia.array
+    for axis, (cut, n) in enumerate(zip(sub, part.array.shape)):
+        if cut.step > 1:
+            found = np.take(found, np.minimum((np.arange(n) + cut.step // 2) // cut.step, found.shape[axis] - 1), axis)
+    return found
 
 
 def _bone_beside(ct: Volume, tib: np.ndarray) -> tuple[float, float] | None:
@@ -337,7 +353,10 @@ def _surface_points(grid: Grid, mask: np.ndarray, keep: np.ndarray, with_index: 
     kji = np.argwhere(edge)
     kji = kji[::max(1, len(kji) // limit)]
     smooth = ndimage.gaussian_filter(mask.astype(np.float32), 1.5)
-    grad_kji = np.stack([g[tuple(kji.T)] for g in np.gradient(smooth)], axis=1)
+    # central differences at the points only (they lie off the array border): np.gradient's, without three
+    # gradient volumes of the box's size
+    grad_kji = np.stack([0.5 * (smooth[tuple((kji + e).T)] - smooth[tuple((kji - e).T)]) for e in np.eye(3, dtype=int)],
+                        axis=1)
     normals = -(grad_kji[:, ::-1] / grid.spacing) @ grid.direction.T  # d/d(index) -> d/d(LPS), outward
     normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-9)
     points = grid.index_to_physical(kji[:, ::-1].astype(float))

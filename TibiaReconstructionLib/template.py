@@ -52,13 +52,18 @@ def template_occupancy(bone: Volume, transform: np.ndarray, destination: Grid) -
                     "linear").array
 
 
-def template_box(bone: Volume, transform: np.ndarray, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+def template_box(bone: Volume, transform: np.ndarray, grid: Grid, step_mm: float = 2.0
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The index box (lo, hi; (i, j, k), inclusive, within ``grid``, the CT's) that the other tibia's mask ``bone``
-    covers once moved by ``transform``."""
-    ijk = grid.physical_to_index(apply_affine(transform, bone.index_to_physical(np.argwhere(bone.array)[:, ::-1]
-                                                                                   .astype(float))))
+    covers once moved by ``transform``: of its voxels on a lattice of about ``step_mm`` (every n-th voxel along each
+    axis), grown by the lattice's diagonal (a mask voxel lies that close to one on the lattice)."""
+    step = np.maximum(1, np.floor(step_mm / bone.spacing + 1e-6)).astype(int)  # (i, j, k)
+    ijk = np.argwhere(bone.array[::step[2], ::step[1], ::step[0]])[:, ::-1] * step
+    ijk = grid.physical_to_index(apply_affine(transform, bone.index_to_physical(ijk.astype(float))))
+    margin = float(np.linalg.norm((step - 1) * bone.spacing)) / grid.spacing
     top = np.asarray(grid.size) - 1
-    return np.clip(np.floor(ijk.min(0)), 0, top).astype(int), np.clip(np.ceil(ijk.max(0)), 0, top).astype(int)
+    return (np.clip(np.floor(ijk.min(0) - margin), 0, top).astype(int),
+            np.clip(np.ceil(ijk.max(0) + margin), 0, top).astype(int))
 
 
 def mismatch(template: np.ndarray, model_occupancy: np.ndarray, destination: Grid, registered: list[dict]
