@@ -128,6 +128,10 @@ def test_mismatch_names_a_fragment_that_does_not_fit_and_a_template_unlike_the_m
     assert mismatch(rod(10), rod(10), grid, [fragment, small]) is None
     bad = dict(fragment, misfit_after_mm=1.4)
     assert "1.4 mm (mean)" in mismatch(rod(10), rod(10), grid, [bad, small])
+    fine = Grid((80, 60, 120), (0.5, 0.5, 0.5), (-0.25, -0.25, -0.25))  # the same rods on 0.5 mm voxels, read on
+    k, j, i = (np.indices(fine.shape) - 0.5) / 2  # every 3rd (SHAPE_LATTICE_MM): the same verdicts
+    assert mismatch(rod(10), rod(16), fine, []) is None
+    assert "fractured one by 6.0 mm" in mismatch(rod(10), rod(22), fine, [])
 
 
 def test_another_persons_leg_is_not_used(default_predictor, exact):

@@ -43,6 +43,7 @@ MAX_SHIFT_MM = 40.0
 MAX_FIT_RMS_MM = 1.5
 MAX_FRAGMENT_MISFIT_MM = 1.0
 MAX_SHAPE_MSD_MM = 5.0
+SHAPE_LATTICE_MM = 1.5  # that distance is measured on every n-th voxel of the grid, n = SHAPE_LATTICE_MM / spacing
 
 
 def template_occupancy(bone: Volume, transform: np.ndarray, destination: Grid) -> np.ndarray:
@@ -71,17 +72,20 @@ def mismatch(template: np.ndarray, model_occupancy: np.ndarray, destination: Gri
     """Why the template (occupancy on ``destination``) does not describe the patient's tibia, or None: the main
     moved fragment (most surface points among ``registered``, :func:`place_on_template`'s report) lies farther than
     MAX_FRAGMENT_MISFIT_MM from it, or it differs from the model's reconstruction (``model_occupancy``, same grid) by
-    more than MAX_SHAPE_MSD_MM mean surface distance."""
+    more than MAX_SHAPE_MSD_MM mean surface distance (on a lattice of about SHAPE_LATTICE_MM: a millimetre-scale
+    limit needs no finer grid, and a fine CT's grid makes the distance maps slow)."""
     if registered:
         main = max(registered, key=lambda f: f["points"])
         if main["misfit_after_mm"] > MAX_FRAGMENT_MISFIT_MM:
             return (f"the moved fragment's intact surface lies {main['misfit_after_mm']:.1f} mm (mean) from the "
                     f"mirrored other tibia once registered onto it (at most {MAX_FRAGMENT_MISFIT_MM:g} mm): the legs "
                     "differ")
-    a, b = template >= 0.5, model_occupancy >= 0.5
+    step = np.maximum(1, np.floor(SHAPE_LATTICE_MM / destination.spacing + 1e-6)).astype(int)  # (i, j, k)
+    lattice = tuple(slice(None, None, n) for n in step[::-1])
+    a, b = template[lattice] >= 0.5, model_occupancy[lattice] >= 0.5
     if not a.any() or not b.any():
         return "the mirrored other tibia or the model's reconstruction is empty on the prediction's grid"
-    da, db = boundary_distance(a, destination.spacing), boundary_distance(b, destination.spacing)
+    da, db = boundary_distance(a, destination.spacing * step), boundary_distance(b, destination.spacing * step)
     msd = float(np.mean(np.abs(np.concatenate([db[da == 0], da[db == 0]]))))
     if msd > MAX_SHAPE_MSD_MM:
         return (f"the mirrored other tibia differs from the model's reconstruction of the fractured one by "
