@@ -266,8 +266,8 @@ def _segment_other(ct: Volume, tibia: Volume, fracture: Volume) -> Volume:
 def _segment_on_lattice(part: Volume) -> np.ndarray:
     """The tibia mask (uint8, on ``part``'s grid) that the automatic segmentation finds in the CT ``part`` read on a
     lattice of about SEGMENT_MM (on a fine CT, a quarter of the voxels or fewer: the template is used on a grid about
-    that fine); each voxel takes the value of its nearest lattice voxel (of two, the next: a quarter of a lattice voxel's
-    shift on average, which the fit to the patient's fragment takes up)."""
+    that fine); each voxel takes the value of its nearest lattice voxel (of two, the next: a quarter of a lattice
+    voxel's shift on average, which the fit to the patient's fragment takes up)."""
     from .segment import segment_tibia
 
     lattice, sub = _lattice(part.grid, SEGMENT_MM)
@@ -280,9 +280,9 @@ def _segment_on_lattice(part: Volume) -> np.ndarray:
 
 def _bone_beside(ct: Volume, tib: np.ndarray) -> tuple[float, float] | None:
     """A quick look for the other leg before segmenting it: bone (above BESIDE_HU) farther than BESIDE_MM to one side
-    (LPS x) of the centroid of the tibia mask ``tib`` (nonzero voxels on the CT grid), read on a lattice of about BESIDE_STEP_MM. The LPS x half-way
-    between that centroid and the bone's median, and the side (+1 or -1 along x) the bone lies on; None when there
-    is less than BESIDE_ML of it."""
+    (LPS x) of the centroid of the tibia mask ``tib`` (nonzero voxels on the CT grid), read on a lattice of about
+    BESIDE_STEP_MM. The LPS x half-way between that centroid and the bone's median, and the side (+1 or -1 along x)
+    the bone lies on; None when there is less than BESIDE_ML of it."""
     lattice, sub = _lattice(ct.grid, BESIDE_STEP_MM)
     t = tib[sub] != 0
     if not t.any():
