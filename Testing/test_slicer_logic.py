@@ -19,6 +19,7 @@ import slicer
 from slicer_scene import MODULE_DIR, REPO, SlicerScene, ball_mask, oblique_grid
 from synthetic import bone_case
 
+from TibiaReconstructionLib import PROCESS_ENVIRONMENT
 from TibiaReconstructionLib.errors import BundleError, InputError, OutputExistsError
 from TibiaReconstructionLib.geometry import Grid, Volume, apply_affine, euler_rotation, lps_to_ras, ras_to_lps
 from TibiaReconstructionLogic import (
@@ -533,8 +534,10 @@ def test_predict_end_to_end_matches_the_library_and_keeps_inputs(sc, logic, tiny
     assert model.GetDisplayNode().GetActiveScalarName() == UNCERTAINTY_ARRAY
 
 
-def test_background_jobs_match_the_library_report_its_errors_and_cancel_at_once(sc, logic, tiny_bundle, tmp_path):
-    """The GUI's path: a worker process. Two jobs run side by side to keep the test short."""
+def test_background_jobs_match_the_library_report_its_errors_and_cancel_at_once(sc, logic, tiny_bundle, tmp_path,
+                                                                                monkeypatch):
+    """The GUI's path: a worker process, started with the library's process settings (PROCESS_ENVIRONMENT). Two jobs
+    run side by side to keep the test short."""
     import time
 
     from TibiaReconstructionLib.predict import Predictor
@@ -572,8 +575,14 @@ def test_background_jobs_match_the_library_report_its_errors_and_cancel_at_once(
         logic.finishPrediction(bad)
 
     # cancel: the worker is gone at once, no node is created
+    for key in PROCESS_ENVIRONMENT:
+        monkeypatch.delenv(key, raising=False)  # Slicer's own environment has none of them
     job = logic.startPrediction(volume_node, seg, tid, fid, bundlePath=tiny_bundle, device="cpu")
     assert job.isProcessRunning()
+    if os.path.exists(f"/proc/{job._process.pid}/environ"):
+        with open(f"/proc/{job._process.pid}/environ", "rb") as f:
+            environment = dict(v.split("=", 1) for v in f.read().decode().split("\0") if "=" in v)
+        assert {k: environment.get(k) for k in PROCESS_ENVIRONMENT} == PROCESS_ENVIRONMENT
     t0 = time.time()
     job.cancel()
     assert job.state == "cancelled" and not job.isProcessRunning() and time.time() - t0 < 5.0

@@ -7,13 +7,11 @@ import importlib
 import os
 import sys
 
-# Busy-waiting OpenMP threads make torch 3-8x slower on a loaded machine; set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-# Huge pages for numpy's large arrays make the kernel compact memory when a CT-sized array is first written: up to
-# 0.5 s per array where memory is fragmented, against 0.1 s with normal pages. Read when numpy is imported.
-os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+from . import PROCESS_ENVIRONMENT, __version__
 
-from . import __version__  # noqa: E402
+for _key, _value in PROCESS_ENVIRONMENT.items():  # before numpy and torch are imported
+    os.environ.setdefault(_key, _value)
+
 from .errors import TibiaReconError  # noqa: E402
 
 # Each subcommand and the module that adds it through a `register_cli(subparsers)` function, in help order. A

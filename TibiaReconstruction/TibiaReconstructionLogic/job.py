@@ -25,6 +25,7 @@ from .libpath import ensureLibraryImportable, libraryRoot
 
 ensureLibraryImportable()
 
+from TibiaReconstructionLib import PROCESS_ENVIRONMENT  # noqa: E402
 from TibiaReconstructionLib import errors as libErrors  # noqa: E402
 from TibiaReconstructionLib.geometry import Grid, Volume  # noqa: E402
 
@@ -124,7 +125,7 @@ class PredictionJob:
                        "keep_visible_bone": self.keepVisibleBone,
                        "reassemble_fragments": self.reassembleFragments,
                        "other_tibia": "auto" if self.useOtherLeg else None}, f)
-        env = dict(os.environ)
+        env = {**PROCESS_ENVIRONMENT, **os.environ}  # the worker's torch and numpy settings; the user's own win
         env["PYTHONPATH"] = os.pathsep.join([libraryRoot()] + [p for p in [env.get("PYTHONPATH")] if p])
         env["PYTHONUNBUFFERED"] = "1"
         kwargs = {}
