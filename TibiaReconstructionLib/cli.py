@@ -9,8 +9,7 @@ import sys
 
 from . import PROCESS_ENVIRONMENT, __version__
 
-for _key, _value in PROCESS_ENVIRONMENT.items():  # before numpy and torch are imported
-    os.environ.setdefault(_key, _value)
+os.environ.update({k: v for k, v in PROCESS_ENVIRONMENT.items() if k not in os.environ})  # before numpy and torch
 
 from .errors import TibiaReconError  # noqa: E402
 
