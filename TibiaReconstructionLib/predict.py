@@ -321,28 +321,30 @@ class Predictor:
         box, tibia_voxels, hidden_voxels = validate_inputs(ct, tibia_mask, fracture_mask)
         warnings = input_warnings(ct, box)
         t["check"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        report(0.1, "Aligning and reconstructing")
-        found = fibula_side(ct, tibia_mask) if side == "auto" else side
-        sides = (found,) if found else ("left", "right")
-        try:
-            self._use_crops(crops, ct, tibia_mask, fracture_mask)
-            candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s) for s in sides}
-        finally:
-            self._crop_cache = None  # never reuse crops across calls (ids can be recycled)
-        chosen = min(candidates, key=lambda s: candidates[s].misfit)
-        run = candidates[chosen]
-        p, theta, recon = run.p, run.theta, run.recon
-        std = self._uncertainty(run)
-        t["model"] = time.perf_counter() - t0
+        with ThreadPoolExecutor(1) as pool:  # the other leg is looked for and fitted while the model runs
+            fitting = pool.submit(self._fit_other_leg, ct, tibia_mask, fracture_mask, other_tibia) \
+                if other_tibia is not None and self.keep_visible_bone and self.reduce_fragments else None
+            t0 = time.perf_counter()
+            report(0.1, "Aligning and reconstructing" + (" and looking for the other leg" if fitting else ""))
+            found = fibula_side(ct, tibia_mask) if side == "auto" else side
+            sides = (found,) if found else ("left", "right")
+            try:
+                self._use_crops(crops, ct, tibia_mask, fracture_mask)
+                candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s) for s in sides}
+            finally:
+                self._crop_cache = None  # never reuse crops across calls (ids can be recycled)
+            chosen = min(candidates, key=lambda s: candidates[s].misfit)
+            run = candidates[chosen]
+            p, theta, recon = run.p, run.theta, run.recon
+            std = self._uncertainty(run)
+            t["model"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fitted = None if fitting is None else fitting.result()
+            t["other_leg"] = time.perf_counter() - t0  # what the other leg took beyond the model
 
         other, why_not, quiet = None, None, False
-        if other_tibia is not None and self.keep_visible_bone and run.placement is not None:
-            report(0.5, "Looking for the other leg" if isinstance(other_tibia, str) else
-                   "Fitting the other leg's tibia")
-            t0 = time.perf_counter()
-            other, why_not, quiet = self._other_leg(ct, tibia_mask, fracture_mask, other_tibia, chosen, warnings)
-            t["other_leg"] = time.perf_counter() - t0
+        if fitted is not None and run.placement is not None:
+            other, why_not, quiet = self._other_leg(fitted, other_tibia, chosen, warnings)
         elif isinstance(other_tibia, Volume):
             why_not = ("it serves as the template of the visible fragments, which needs the fragment reduction and the "
                        "visible bone kept")
@@ -397,18 +399,23 @@ class Predictor:
                           self.bundle_path, str(self.device), occupancy_std, run.reduction, fusion)
 
     @staticmethod
-    def _other_leg(ct: Volume, tibia: Volume, fracture: Volume, other_tibia: Volume | str, side: str,
-                   warnings: list) -> tuple:
+    def _fit_other_leg(ct: Volume, tibia: Volume, fracture: Volume, other_tibia: Volume | str):
         """The other leg's tibia mirrored and fitted to the proximal main fragment (``other_tibia``: its mask, or
-        'auto'), a :class:`contralateral.ContralateralResult`, and None; or None and why it cannot be used; and
-        whether that goes without a warning ('auto' found no other leg in the CT)."""
+        'auto'), a :class:`contralateral.ContralateralResult`; or the InputError that says why it cannot be."""
         from .contralateral import contralateral_target  # only when asked for
 
         try:
-            other = contralateral_target(ct, tibia, fracture, None if isinstance(other_tibia, str) else other_tibia,
-                                         place=False)
+            return contralateral_target(ct, tibia, fracture, None if isinstance(other_tibia, str) else other_tibia,
+                                        place=False)
         except InputError as error:
-            return None, str(error), isinstance(error, NoOtherLegError) and isinstance(other_tibia, str)
+            return error
+
+    @staticmethod
+    def _other_leg(other, other_tibia: Volume | str, side: str, warnings: list) -> tuple:
+        """The fitted other leg (:meth:`_fit_other_leg`'s result) and None when it can be the template; or None and
+        why it cannot be used; and whether that goes without a warning ('auto' found no other leg in the CT)."""
+        if isinstance(other, InputError):
+            return None, str(other), isinstance(other, NoOtherLegError) and isinstance(other_tibia, str)
         if other.fit["rms_mm"] > MAX_FIT_RMS_MM:
             return None, (f"its mirrored tibia fits the intact proximal fragment with a {other.fit['rms_mm']:.1f} mm "
                           f"RMS residual (at most {MAX_FIT_RMS_MM:g} mm for a template): the legs differ"), False
