@@ -37,8 +37,8 @@ from vtkmodules.vtkCommonDataModel import vtkPolyData
 from vtkmodules.vtkFiltersCore import vtkImplicitPolyDataDistance
 
 from .errors import InputError, NoOtherLegError, OutputExistsError
-from .geometry import (Grid, Volume, apply_affine, bounding_box, check_same_grid, crop, invert_affine, reflection,
-                       resample)
+from .geometry import (Grid, Volume, apply_affine, boundary_distance, bounding_box, check_same_grid, crop,
+                       invert_affine, reflection, resample)
 from .io import (check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json,
                  write_volume)
 from .surface import add_point_array, labelmap_surface, polydata_points, transform_polydata, write_stl, write_vtp
@@ -152,7 +152,9 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
     if n_pieces == 0:
         raise InputError("The fracture mask covers the whole tibia, so no intact fragment is left to fit the "
                          "contralateral tibia to.")
-    clear = ndimage.distance_transform_edt(~frac_c, sampling=grid.spacing[::-1]) >= FRACTURE_CLEARANCE_MM
+    # ITK's Maurer distance to the mask's boundary voxels: outside it, the distance to the nearest of its voxels (as
+    # scipy's distance transform gives it, 5-10 times slower here)
+    clear = boundary_distance(frac_c, grid.spacing) >= FRACTURE_CLEARANCE_MM if frac_c.any() else np.ones_like(frac_c)
     source, _, source_kji = _surface_points(grid, tib_c, (pieces > 0) & clear, with_index=True, limit=FIT_POINTS)
     if len(source) < 50:
         raise InputError("Too little intact bone surface outside the fracture mask to fit the contralateral tibia "
