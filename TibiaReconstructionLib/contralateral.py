@@ -143,11 +143,13 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
                  if _touches_end(m.array)]
     lattice, sub = _lattice(ct.grid, FIT_MM)
     tib, frac, other = (v.array[sub] != 0 for v in (tibia, fracture, other_tibia))
-    _check_pair(lattice, tib, other)
+    sl, grid = _box(lattice, tib, int(np.ceil(FRACTURE_CLEARANCE_MM / lattice.spacing.min())) + 2)
+    sl_o, grid_o = _box(lattice, other, 2)
+    tib_c, frac_c, other_c = tib[sl], frac[sl], other[sl_o]
+    centroids = _centroid(grid, tib_c), _centroid(grid_o, other_c)
+    _check_pair(tib, other, (sl, sl_o), centroids)
 
     report(0.2, "Finding the intact pieces")
-    sl, grid = _box(lattice, tib, int(np.ceil(FRACTURE_CLEARANCE_MM / lattice.spacing.min())) + 2)
-    tib_c, frac_c = tib[sl], frac[sl]
     pieces, n_pieces = ndimage.label(tib_c & ~frac_c)
     if n_pieces == 0:
         raise InputError("The fracture mask covers the whole tibia, so no intact fragment is left to fit the "
@@ -160,14 +162,11 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
         raise InputError("Too little intact bone surface outside the fracture mask to fit the contralateral tibia "
                          "to; use the model's prediction instead.")
     source_piece = pieces[tuple(source_kji.T)]
-    sl_o, grid_o = _box(lattice, other, 2)
-    other_c = other[sl_o]
     other_pts, other_normals = _surface_points(grid_o, other_c, other_c)
     lap("fragment")
 
     report(0.4, "Mirroring and fitting the other tibia")
-    x_tib, x_other = _centroid(grid, tib_c)[0], _centroid(grid_o, other_c)[0]
-    xm = 0.5 * (x_tib + x_other)
+    xm = 0.5 * (centroids[0][0] + centroids[1][0])
     mirror = reflection((1.0, 0.0, 0.0), (xm, 0.0, 0.0))
     anchor = _fit_anchor(grid, tib_c, pieces, n_pieces, source, source_piece, mirror,
                          _voxel_points(grid_o, other_c), other_pts, other_normals, warnings)
@@ -189,8 +188,9 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
            "fragment_ml": round(float(fragment.sum() * np.prod(lattice.spacing)) / 1000.0, 3),
            "anchor_pieces": anchor["pieces"], "hypotheses": anchor["hypotheses"], **checks}
     plane = {"normal": [1.0, 0.0, 0.0], "point": [xm, 0.0, 0.0]}
-    result = ContralateralResult(labelmap, surface, transform, other_tibia,
-                                 "left" if x_tib > x_other else "right", plane, fit, timings=timings, warnings=warnings)
+    side = "left" if centroids[0][0] > centroids[1][0] else "right"  # left legs lie at larger LPS x
+    result = ContralateralResult(labelmap, surface, transform, other_tibia, side, plane, fit, timings=timings,
+                                 warnings=warnings)
     if prediction is not None:
         report(0.9, "Comparing with the prediction")
         compare(result, prediction)
@@ -298,12 +298,15 @@ def _bone_beside(ct: Volume, tib: np.ndarray) -> tuple[float, float] | None:
     return 0.5 * (x_tib + float(np.median(far))), 1.0 if far is plus else -1.0
 
 
-def _check_pair(grid: Grid, tib: np.ndarray, other: np.ndarray) -> None:
-    overlap = np.count_nonzero(tib & other)
-    if overlap > MAX_OVERLAP * min(np.count_nonzero(tib), np.count_nonzero(other)):
+def _check_pair(tib: np.ndarray, other: np.ndarray, boxes: tuple, centroids: tuple) -> None:
+    """Refuse an other tibia mask that overlaps the fractured one or lies beside it (``boxes``: each mask's array
+    slices, from :func:`_box`; ``centroids``: theirs, LPS)."""
+    both = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(*boxes))
+    overlap = np.count_nonzero(tib[both] & other[both]) if all(c.start < c.stop for c in both) else 0
+    if overlap > MAX_OVERLAP * min(np.count_nonzero(tib[boxes[0]]), np.count_nonzero(other[boxes[1]])):
         raise InputError("The other tibia mask overlaps the fractured tibia mask: it must be the healthy leg's tibia, "
                          "not the fractured one.")
-    dx = abs(_centroid(grid, tib)[0] - _centroid(grid, other)[0])
+    dx = abs(centroids[0][0] - centroids[1][0])
     if dx < MIN_SEPARATION_MM:
         raise InputError(f"The two tibiae lie only {dx:.0f} mm apart left to right (LPS x), so they are not the two "
                          f"legs of one patient (expected at least {MIN_SEPARATION_MM:.0f} mm). Check the masks.")
