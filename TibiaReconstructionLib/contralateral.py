@@ -38,7 +38,7 @@ from vtkmodules.vtkFiltersCore import vtkImplicitPolyDataDistance
 
 from .errors import InputError, NoOtherLegError, OutputExistsError
 from .geometry import (Grid, Volume, apply_affine, boundary_distance, bounding_box, check_same_grid, crop,
-                       invert_affine, reflection, resample)
+                       invert_affine, lattice, reflection, resample)
 from .io import (check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json,
                  write_volume)
 from .surface import add_point_array, labelmap_surface, polydata_points, transform_polydata, write_stl, write_vtp
@@ -77,9 +77,9 @@ Progress = Callable[[float, str], None]
 class ContralateralResult:
     """The mirrored, fitted other tibia: ``labelmap`` (uint8 0/1 on the CT grid), ``surface`` (LPS mm; with the
     point-data array DISTANCE_ARRAY after a comparison; both None when not placed), ``transform`` (4x4 LPS, other
-    tibia -> target; a reflection), ``other_tibia`` (the other leg's tibia mask used), ``side`` (the fractured leg's: 'left' when it
-    lies at larger LPS x than the other), the mirror plane, the fit's figures, the comparison with a prediction,
-    timings and warnings."""
+    tibia -> target; a reflection), ``other_tibia`` (the other leg's tibia mask used), ``side`` (the fractured leg's:
+    'left' when it lies at larger LPS x than the other), the mirror plane, the fit's figures, the comparison with a
+    prediction, timings and warnings."""
 
     labelmap: Volume | None
     surface: vtkPolyData | None
@@ -141,10 +141,10 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
     warnings += [f"The {what} touches the CT's first or last slice: it may be cut off by the field of view, "
                  "which weakens the fit." for what, m in (("other tibia", other_tibia), ("fractured tibia", tibia))
                  if _touches_end(m.array)]
-    lattice, sub = _lattice(ct.grid, FIT_MM)
+    fit_grid, sub = lattice(ct.grid, FIT_MM)
     tib, frac, other = (v.array[sub] != 0 for v in (tibia, fracture, other_tibia))
-    sl, grid = _box(lattice, tib, int(np.ceil(FRACTURE_CLEARANCE_MM / lattice.spacing.min())) + 2)
-    sl_o, grid_o = _box(lattice, other, 2)
+    sl, grid = _box(fit_grid, tib, int(np.ceil(FRACTURE_CLEARANCE_MM / fit_grid.spacing.min())) + 2)
+    sl_o, grid_o = _box(fit_grid, other, 2)
     tib_c, frac_c, other_c = tib[sl], frac[sl], other[sl_o]
     centroids = _centroid(grid, tib_c), _centroid(grid_o, other_c)
     _check_pair(tib, other, (sl, sl_o), centroids)
@@ -185,7 +185,7 @@ def contralateral_target(ct: Volume, tibia: Volume, fracture: Volume, other_tibi
         lap("resample")
     fit = {"rms_mm": anchor["rms"], "iterations": anchor["iterations"], "fragment_points": anchor["points"],
            "proximal_fragment_share": frag_share,
-           "fragment_ml": round(float(fragment.sum() * np.prod(lattice.spacing)) / 1000.0, 3),
+           "fragment_ml": round(float(fragment.sum() * np.prod(fit_grid.spacing)) / 1000.0, 3),
            "anchor_pieces": anchor["pieces"], "hypotheses": anchor["hypotheses"], **checks}
     plane = {"normal": [1.0, 0.0, 0.0], "point": [xm, 0.0, 0.0]}
     side = "left" if centroids[0][0] > centroids[1][0] else "right"  # left legs lie at larger LPS x
@@ -272,8 +272,8 @@ def _segment_on_lattice(part: Volume) -> np.ndarray:
     voxel's shift on average, which the fit to the patient's fragment takes up)."""
     from .segment import segment_tibia
 
-    lattice, sub = _lattice(part.grid, SEGMENT_MM)
-    found = segment_tibia(Volume.on_grid(part.array[sub], lattice), "auto").tibia.array
+    coarse, sub = lattice(part.grid, SEGMENT_MM)
+    found = segment_tibia(Volume.on_grid(part.array[sub], coarse), "auto").tibia.array
     for axis, (cut, n) in enumerate(zip(sub, part.array.shape)):
         if cut.step > 1:
             found = np.take(found, np.minimum((np.arange(n) + cut.step // 2) // cut.step, found.shape[axis] - 1), axis)
@@ -285,15 +285,15 @@ def _bone_beside(ct: Volume, tib: np.ndarray) -> tuple[float, float] | None:
     (LPS x) of the centroid of the tibia mask ``tib`` (nonzero voxels on the CT grid), read on a lattice of about
     BESIDE_STEP_MM. The LPS x half-way between that centroid and the bone's median, and the side (+1 or -1 along x)
     the bone lies on; None when there is less than BESIDE_ML of it."""
-    lattice, sub = _lattice(ct.grid, BESIDE_STEP_MM)
+    look, sub = lattice(ct.grid, BESIDE_STEP_MM)
     t = tib[sub] != 0
     if not t.any():
         return None
-    x = lattice.index_to_physical(np.argwhere(ct.array[sub] > BESIDE_HU)[:, ::-1].astype(float))[:, 0]
-    x_tib = _centroid(lattice, t)[0]
+    x = look.index_to_physical(np.argwhere(ct.array[sub] > BESIDE_HU)[:, ::-1].astype(float))[:, 0]
+    x_tib = _centroid(look, t)[0]
     plus, minus = x[x > x_tib + BESIDE_MM], x[x < x_tib - BESIDE_MM]
     far = plus if len(plus) >= len(minus) else minus
-    if len(far) * float(np.prod(lattice.spacing)) / 1000.0 < BESIDE_ML:
+    if len(far) * float(np.prod(look.spacing)) / 1000.0 < BESIDE_ML:
         return None
     return 0.5 * (x_tib + float(np.median(far))), 1.0 if far is plus else -1.0
 
@@ -310,15 +310,6 @@ def _check_pair(tib: np.ndarray, other: np.ndarray, boxes: tuple, centroids: tup
     if dx < MIN_SEPARATION_MM:
         raise InputError(f"The two tibiae lie only {dx:.0f} mm apart left to right (LPS x), so they are not the two "
                          f"legs of one patient (expected at least {MIN_SEPARATION_MM:.0f} mm). Check the masks.")
-
-
-def _lattice(grid: Grid, step_mm: float) -> tuple[Grid, tuple[slice, ...]]:
-    """The lattice of every n-th voxel of ``grid`` along each axis (n = step_mm / spacing, at least 1; it starts at
-    the first voxel) and the array slices (Z, Y, X) that read it."""
-    step = np.maximum(1, np.floor(step_mm / grid.spacing + 1e-6)).astype(int)  # (i, j, k)
-    size = (np.asarray(grid.size) - 1) // step + 1
-    return (Grid(tuple(size), grid.spacing * step, grid.origin, grid.direction),
-            tuple(slice(None, None, s) for s in step[::-1]))
 
 
 def _box(grid: Grid, mask: np.ndarray, margin: int) -> tuple[tuple[slice, ...], Grid]:

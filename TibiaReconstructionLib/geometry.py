@@ -429,14 +429,32 @@ def crop(volume: Volume, lo_kji: Sequence[int], hi_kji: Sequence[int]) -> Volume
     return Volume(arr, volume.spacing, volume.index_to_physical(lo[::-1].astype(float)), volume.direction)
 
 
+def grown_box(mask: Volume, margin_mm: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """The index box (lo, hi, (k, j, i); not clipped to the grid) of ``mask``'s nonzero voxels grown by ``margin_mm``
+    on each side, or None for an empty mask."""
+    box = bounding_box(mask.array)
+    if box is None:
+        return None
+    margin = np.ceil(margin_mm / mask.spacing[::-1]).astype(int)
+    return box[0] - margin, box[1] + margin
+
+
 def crop_to_mask(volume: Volume, mask: Volume, margin_mm: float = 10.0) -> Volume:
     """Crop ``volume`` to the bounding box of ``mask`` (same grid) grown by ``margin_mm`` on each side."""
     check_same_grid(volume, mask, "volume", "mask")
-    box = bounding_box(mask.array)
+    box = grown_box(mask, margin_mm)
     if box is None:
         raise InputError("The mask is empty, so there is nothing to crop to. Provide a mask with at least one voxel.")
-    margin = np.ceil(margin_mm / volume.spacing[::-1]).astype(int)
-    return crop(volume, box[0] - margin, box[1] + margin)
+    return crop(volume, *box)
+
+
+def lattice(grid: Grid, step_mm: float) -> tuple[Grid, tuple[slice, ...]]:
+    """The lattice of every n-th voxel of ``grid`` along each axis (n = step_mm / spacing, at least 1; it starts at
+    the first voxel) and the array slices (Z, Y, X) that read it."""
+    step = np.maximum(1, np.floor(step_mm / grid.spacing + 1e-6)).astype(int)  # (i, j, k)
+    size = (np.asarray(grid.size) - 1) // step + 1
+    return (Grid(tuple(size), grid.spacing * step, grid.origin, grid.direction),
+            tuple(slice(None, None, s) for s in step[::-1]))
 
 
 def reflection(normal: Sequence[float] = (1.0, 0.0, 0.0), point: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:

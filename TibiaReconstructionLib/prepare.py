@@ -20,8 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
-from .geometry import Grid, Volume, block_mean, bounding_box, check_same_grid, crop, invert_affine, make_affine, \
-    reflection, resample
+from .geometry import Grid, Volume, block_mean, bounding_box, check_same_grid, crop, grown_box, invert_affine, \
+    make_affine, reflection, resample
 
 DEFAULT_WINDOW_HU = (-200.0, 1800.0)
 SIDES = ("left", "right")
@@ -116,13 +116,12 @@ def smoothed_crops(ct: Volume, tibia: Volume, spacing: np.ndarray, fracture: Vol
     if fracture is not None:
         check_same_grid(ct, fracture, "CT", "fracture mask")
 
-    box = bounding_box(tibia.array)  # once for the three: a scan of a CT-sized mask
+    box = grown_box(tibia, margin_mm)  # once for the three: a scan of a CT-sized mask
     if box is None:
         raise InputError("The tibia mask is empty, so there is nothing to crop to. Segment the tibia (all fragments).")
-    margin = np.ceil(margin_mm / ct.spacing[::-1]).astype(int)
 
     def prepared(volume: Volume, binary: bool) -> Volume:
-        return _antialias(crop(volume, box[0] - margin, box[1] + margin), spacing, binary)
+        return _antialias(crop(volume, *box), spacing, binary)
 
     return SmoothedCrops(prepared(ct, False), prepared(tibia, True),
                          None if fracture is None else prepared(fracture, True), np.asarray(spacing, float))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .geometry import Grid, Volume, apply_affine, boundary_distance, invert_affine, resample
+from .geometry import Grid, Volume, apply_affine, boundary_distance, invert_affine, lattice, resample
 from .reassembly import Field, as_affine, turn_after
 from .refine import adam_direction, one_thread, signed_distance
 
@@ -58,10 +58,10 @@ def template_box(bone: Volume, transform: np.ndarray, grid: Grid, step_mm: float
     """The index box (lo, hi; (i, j, k), inclusive, within ``grid``, the CT's) that the other tibia's mask ``bone``
     covers once moved by ``transform``: of its voxels on a lattice of about ``step_mm`` (every n-th voxel along each
     axis), grown by the lattice's diagonal (a mask voxel lies that close to one on the lattice)."""
-    step = np.maximum(1, np.floor(step_mm / bone.spacing + 1e-6)).astype(int)  # (i, j, k)
-    ijk = np.argwhere(bone.array[::step[2], ::step[1], ::step[0]])[:, ::-1] * step
-    ijk = grid.physical_to_index(apply_affine(transform, bone.index_to_physical(ijk.astype(float))))
-    margin = float(np.linalg.norm((step - 1) * bone.spacing)) / grid.spacing
+    coarse, sub = lattice(bone.grid, step_mm)
+    points = coarse.index_to_physical(np.argwhere(bone.array[sub])[:, ::-1].astype(float))
+    ijk = grid.physical_to_index(apply_affine(transform, points))
+    margin = float(np.linalg.norm(coarse.spacing - bone.spacing)) / grid.spacing
     top = np.asarray(grid.size) - 1
     return (np.clip(np.floor(ijk.min(0) - margin), 0, top).astype(int),
             np.clip(np.ceil(ijk.max(0) + margin), 0, top).astype(int))
@@ -80,12 +80,11 @@ def mismatch(template: np.ndarray, model_occupancy: np.ndarray, destination: Gri
             return (f"the moved fragment's intact surface lies {main['misfit_after_mm']:.1f} mm (mean) from the "
                     f"mirrored other tibia once registered onto it (at most {MAX_FRAGMENT_MISFIT_MM:g} mm): the legs "
                     "differ")
-    step = np.maximum(1, np.floor(SHAPE_LATTICE_MM / destination.spacing + 1e-6)).astype(int)  # (i, j, k)
-    lattice = tuple(slice(None, None, n) for n in step[::-1])
-    a, b = template[lattice] >= 0.5, model_occupancy[lattice] >= 0.5
+    coarse, sub = lattice(destination, SHAPE_LATTICE_MM)
+    a, b = template[sub] >= 0.5, model_occupancy[sub] >= 0.5
     if not a.any() or not b.any():
         return "the mirrored other tibia or the model's reconstruction is empty on the prediction's grid"
-    da, db = boundary_distance(a, destination.spacing * step), boundary_distance(b, destination.spacing * step)
+    da, db = boundary_distance(a, coarse.spacing), boundary_distance(b, coarse.spacing)
     msd = float(np.mean(np.abs(np.concatenate([db[da == 0], da[db == 0]]))))
     if msd > MAX_SHAPE_MSD_MM:
         return (f"the mirrored other tibia differs from the model's reconstruction of the fractured one by "
