@@ -130,3 +130,26 @@ def test_level_distance_finds_a_plane_between_voxel_centres(monkeypatch):
     monkeypatch.setattr(sitk, "IsoContourDistance", refuse)  # ITK can refuse: the voxel-exact distance then
     d = reassembly.level_distance(volume)[3, 3]
     assert np.abs(d - expected).max() <= 0.5 + 1e-6
+
+
+def test_a_broken_fibula_turns_back_a_fragment_the_faces_leave_turned(fracture):
+    from TibiaReconstructionLib.fibula import BrokenFibula
+
+    tibia, hidden, pieces, owner, truth, a = fracture
+    _, u, _ = frame()
+    # the fibula 25 mm beside the shaft, broken 15 mm below the fracture; its distal piece moved with the fragment
+    healthy = CENTRE + 25.0 * u
+    moved = np.linalg.inv(truth)
+    broken = BrokenFibula(healthy + 20.0 * a, a, moved[:3, :3] @ (healthy - 35.0 * a) + moved[:3, 3], moved[:3, :3] @ a)
+    start = rotation_about(a, 12.0, CENTRE) @ truth  # the reduction left it turned 12 deg about the long axis
+    alone, report_alone = reassembly.reassemble(tibia, hidden, pieces, owner, {1: np.eye(4), 2: start}, 1, a)
+    moves, report = reassembly.reassemble(tibia, hidden, pieces, owner, {1: np.eye(4), 2: start}, 1, a, broken)
+
+    def turn_about_axis(move):  # degrees, of the fragment's remaining error about the long axis
+        r = (move @ np.linalg.inv(truth))[:3, :3]
+        return float(np.degrees(np.arcsin(np.clip(np.cross(u, r @ u) @ a, -1.0, 1.0))))
+
+    assert "fibula_offset_before_mm" not in report_alone and turn_about_axis(alone[2]) > 10.0  # the faces alone
+    assert report["kept"] and report["fibula_offset_after_mm"] < 0.5 * report["fibula_offset_before_mm"], report
+    assert turn_about_axis(moves[2]) < 6.0, report  # more than half of the turn undone
+    assert error_mm(moves[2], truth, tibia, pieces, owner) < 2.0

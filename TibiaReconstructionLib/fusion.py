@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from .geometry import Grid, Volume, apply_affine, boundary_distance, bounding_box, crop, invert_affine, nearest_rigid, \
     resample
+from .fibula import find_broken_fibula
 from .reassembly import reassemble
 from .refine import Placement
 from .template import mismatch, place_on_template
@@ -199,7 +200,9 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     reassembly = {}
     if reassemble_fragments:
         axis = invert_affine(patient_to_canonical)[:3, :3] @ np.array([0.0, 0.0, 1.0])
-        moves, reassembly = reassemble(tib, hidden, pieces, owner, moves, placement.anchor, axis / np.linalg.norm(axis))
+        fibula = find_broken_fibula(ct, tibia, tibia_box, patient_to_canonical)
+        moves, reassembly = reassemble(tib, hidden, pieces, owner, moves, placement.anchor, axis / np.linalg.norm(axis),
+                                       fibula)
     hu_source = source_volume(ct).array
     pasted = np.zeros(destination.shape, np.float32)
     hu = np.zeros(destination.shape, np.float32)

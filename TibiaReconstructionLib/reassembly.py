@@ -13,8 +13,11 @@ the fragment reaching into the anchor: Adam on a robust contact score (both face
 starts on either side along the long axis, with the contact's width narrowing. A weak prior keeps the motion near the
 reduction's where the faces do not decide it (a flat face lets the fragment slide across it or turn about it): a
 sideways move of the face's centre by PRIOR_SHIFT_MM, or a turn by PRIOR_TURN_DEG, costs as much as a perfect
-contact gains. The fit is kept only when the faces meet clearly better than before, without overlap, and the change
-is of a plausible size.
+contact gains. Where the fibula is broken too (:mod:`fibula`), its distal piece moves with the distal fragment and
+its pieces' ends lining up again (within FIBULA_WIDTH_MM) adds up to FIBULA_WEIGHT to the contact: the fibula
+tells the fragment's turn about the tibia's axis, which a round shaft's face leaves loose (one leg, 20 held-out
+phantoms: RMSD 1.55 -> 1.44 mm). The fit is kept only when the faces meet clearly better than before, without
+overlap, and the change is of a plausible size.
 
 Points are patient LPS (mm); arrays (Z, Y, X); moves 4x4 maps of patient points from where the fragment lies in
 the CT to where it goes in the prediction.
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .fibula import BrokenFibula, offsets
 from .geometry import Grid, Volume, bounding_box, resample
 from .models.sampler import rotation_matrices
 from .refine import adam_direction, one_thread, signed_distance
@@ -49,11 +53,14 @@ LR_TRANSLATION = 0.45  # mm per Adam step
 OVERLAP_WEIGHT = 1.0  # per mm of mean depth inside the anchor
 PRIOR_SHIFT_MM = 20.0
 PRIOR_TURN_DEG = 50.0
-MIN_GAIN = 0.05  # the fit is kept when the faces' contact (0..1) grows by at least this much,
+MIN_GAIN = 0.05  # the fit is kept when the faces' contact (0..1; with the fibula's share) grows by at least this much,
 MAX_OVERLAP_MM = 0.1  # the fragment reaches into the anchor by less than this on average,
 MAX_TURN_DEG = 15.0  # and the change turns the fragment and moves its face's centre by no more than these
 MAX_SHIFT_MM = 15.0
 MIN_FACE_VOXELS = 50
+FIBULA_WEIGHT = 0.25  # a broken fibula's ends lined up (1) count this much against the faces' contact (0..1)
+FIBULA_WIDTH_MM = 5.0  # the lining up's width: offsets well under it (the ends' own noise) hardly count
+END_REACH_MM = 20.0  # fragments hold the knee or the ankle when they reach within this of that end of the tibia
 
 
 @dataclass
@@ -148,10 +155,12 @@ class Field:
 
 
 def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, grid: Grid, move: np.ndarray,
-                axis: np.ndarray) -> Fit | None:
+                axis: np.ndarray, fibula: BrokenFibula | None = None) -> Fit | None:
     """Fit the fragment's move (module docstring). ``anchor`` and ``fragment``: occupancies (Z, Y, X) in [0, 1] on
     ``grid`` where they lie in the CT; ``hidden``: the fracture zone (bool) there; ``move``: where the reduction puts
-    the fragment; ``axis``: the tibia's long axis (unit, patient). None when either shows too little broken face."""
+    the fragment; ``axis``: the tibia's long axis (unit, patient); ``fibula``: the broken fibula, whose distal piece
+    moves with the fragment and whose ends line up again when it is where it belongs (:mod:`fibula`). None when
+    either shows too little broken face."""
     near = ndimage.binary_dilation(hidden, iterations=2)
     solid = [anchor > 0.5, fragment > 0.5]
     rims = [m & ~ndimage.binary_erosion(m) & near & ~ndimage.binary_dilation(o, iterations=TOUCH_VOXELS)
@@ -181,10 +190,10 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
     a = torch.from_numpy(np.asarray(axis, np.float32))
     across = torch.eye(3) - torch.outer(a, a)
 
-    def terms(params: torch.Tensor, width: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The faces' contact (S,; 0..1: each face on the other fragment's surface and facing it, within ``width``)
-        and the fragment's mean depth inside the anchor (S,; mm), with the fragment moved by each parameter set
-        (S, 6) after the reduction's move."""
+    def terms(params: torch.Tensor, width: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The faces' contact (S,; 0..1: each face on the other fragment's surface and facing it, within ``width``),
+        the fragment's mean depth inside the anchor (S,; mm) and the broken fibula's ends' offset (S,; mm; zeros
+        without one), with the fragment moved by each parameter set (S, 6) after the reduction's move."""
         r, t = turn_after(m0, centre, params)  # the fragment's move, CT -> prediction: the reduction's, then these
         rb, tb = r.transpose(1, 2), -(r.transpose(1, 2) @ t[..., None])[..., 0]  # and back
         shares = []
@@ -194,13 +203,18 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
             facing = torch.relu(-(n * (g @ rr)).sum(-1))  # the face's normal, turned, against the other's: -(r n).g
             shares.append((facing * torch.exp(-0.5 * (d / width) ** 2)).mean(-1))
         overlap = torch.relu(-fields[0](body, r, t)[0]).mean(-1)
-        return 0.5 * (shares[0] + shares[1]), overlap
+        offset = torch.zeros(len(params)) if fibula is None else offsets(fibula, r, t)
+        return 0.5 * (shares[0] + shares[1]), overlap, offset
+
+    def gain(contact: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """What the fit gains: the faces' contact and, with a broken fibula, its ends lined up (within a few mm)."""
+        return contact if fibula is None else contact + FIBULA_WEIGHT * torch.exp(-0.5 * (offset / FIBULA_WIDTH_MM) ** 2)
 
     def energy(params: torch.Tensor, width: float) -> torch.Tensor:
-        contact, overlap = terms(params, width)
+        contact, overlap, offset = terms(params, width)
         prior = ((params[:, 3:] @ across).pow(2).sum(1) / PRIOR_SHIFT_MM ** 2
                  + params[:, :3].pow(2).sum(1) / np.radians(PRIOR_TURN_DEG) ** 2)
-        return OVERLAP_WEIGHT * overlap + prior - contact
+        return OVERLAP_WEIGHT * overlap + prior - gain(contact, offset)
 
     lr = torch.tensor([LR_ROTATION] * 3 + [LR_TRANSLATION] * 3)
     params = torch.cat([torch.zeros(len(STARTS_MM), 3), torch.tensor(STARTS_MM)[:, None] * a], 1)
@@ -217,26 +231,43 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
     with torch.no_grad():
         params = params.detach()
         params = params[int(torch.argmin(energy(params, WIDTHS_MM[-1])))]
-        (before, after), (overlap_before, overlap) = (v.tolist() for v in terms(torch.stack([torch.zeros(6), params]),
-                                                                               WIDTHS_MM[-1]))
+        contact, overlap, offset = terms(torch.stack([torch.zeros(6), params]), WIDTHS_MM[-1])
+        gained = float(gain(contact, offset)[1] - gain(contact, offset)[0])
         fitted = as_affine(*(v[0] for v in turn_after(m0, centre, params[None])))
     turn = float(np.degrees(float(params[:3].norm())))
     shift = float(params[3:].norm())
-    kept = bool(after - before >= MIN_GAIN and overlap <= MAX_OVERLAP_MM and turn <= MAX_TURN_DEG
-                and shift <= MAX_SHIFT_MM)
-    report = {"contact_before": round(before, 3), "contact_after": round(after, 3),
-              "overlap_before_mm": round(overlap_before, 3), "overlap_after_mm": round(overlap, 3),
+    kept = bool(gained >= MIN_GAIN and overlap[1] <= MAX_OVERLAP_MM and turn <= MAX_TURN_DEG and shift <= MAX_SHIFT_MM)
+    report = {"contact_before": round(float(contact[0]), 3), "contact_after": round(float(contact[1]), 3),
+              "overlap_before_mm": round(float(overlap[0]), 3), "overlap_after_mm": round(float(overlap[1]), 3),
               "turn_deg": round(turn, 2), "shift_mm": round(shift, 2), "kept": kept}
+    if fibula is not None:
+        report.update(fibula_offset_before_mm=round(float(offset[0]), 2),
+                      fibula_offset_after_mm=round(float(offset[1]), 2))
     return Fit(fitted if kept else np.array(move, float), report)
 
 
+def _spans_the_legs_ends(tibia: Volume, pieces: np.ndarray, owner: np.ndarray, anchor: int, fragment: int,
+                         axis: np.ndarray) -> bool:
+    """Whether ``anchor``'s pieces reach the tibia's proximal end and ``fragment``'s its distal end (within END_REACH_MM
+    along ``axis``, superior), as the fibula's pieces do the knee and the ankle."""
+    heights = {}
+    for fid in (anchor, fragment):
+        kji = np.argwhere(np.isin(pieces, np.flatnonzero(owner == fid)))
+        if len(kji) == 0:
+            return False
+        heights[fid] = tibia.index_to_physical(kji[:, ::-1].astype(float)) @ axis
+    whole = tibia.index_to_physical(np.argwhere(tibia.array != 0)[:, ::-1].astype(float)) @ axis
+    return heights[anchor].max() > whole.max() - END_REACH_MM and heights[fragment].min() < whole.min() + END_REACH_MM
+
+
 def reassemble(tibia: Volume, hidden: np.ndarray, pieces: np.ndarray, owner: np.ndarray, moves: dict[int, np.ndarray],
-               anchor: int, axis: np.ndarray) -> tuple[dict[int, np.ndarray], dict]:
+               anchor: int, axis: np.ndarray, fibula: BrokenFibula | None = None) -> tuple[dict[int, np.ndarray], dict]:
     """Refit the move of the largest moved fragment onto the anchor by contact (module docstring). ``tibia``: the
     tibia mask on a lattice of the CT; ``hidden``: the fracture mask and ``pieces`` the visible pieces' labels on it;
     ``owner``: each piece's fragment id (0: none); ``moves``: each fragment's move; ``axis``: the tibia's long axis
-    (unit, patient). Returns the moves (a new dict; only that fragment's may change) and a report (empty when no
-    fragment moves or the fracture zone holds no tibia)."""
+    (unit, patient, superior); ``fibula``: the broken fibula (:func:`fibula.find_broken_fibula`), used when that
+    fragment holds the ankle and the anchor the knee. Returns the moves (a new dict; only that fragment's may change)
+    and a report (empty when no fragment moves or the fracture zone holds no tibia)."""
     moved = [f for f in moves if f != anchor]
     found = contact_grid(tibia, hidden) if moved else None
     if found is None:
@@ -244,6 +275,8 @@ def reassemble(tibia: Volume, hidden: np.ndarray, pieces: np.ndarray, owner: np.
     grid, box = found
     counts = np.bincount(pieces.ravel(), minlength=len(owner))
     fid = max(moved, key=lambda f: counts[owner == f].sum())
+    if fibula is not None and not _spans_the_legs_ends(tibia, pieces, owner, anchor, fid, axis):
+        fibula = None
     part = pieces[box]
     label = owner[part]
     seeds = np.where(label == anchor, 1, np.where(label == fid, 2, np.where(part > 0, 3, 0)))
@@ -258,7 +291,7 @@ def reassemble(tibia: Volume, hidden: np.ndarray, pieces: np.ndarray, owner: np.
     # each fragment's occupancy: the tibia's where that fragment is the nearest part (outside the bone too)
     nearest = parts[tuple(ndimage.distance_transform_edt(parts == 0, return_distances=False, return_indices=True))]
     fit = fit_contact(occupancy * (nearest == 1), occupancy * (nearest == 2), onto(hidden[box], "nearest") > 0.5, grid,
-                      moves[fid], axis)
+                      moves[fid], axis, fibula)
     out = dict(moves)
     if fit is None:
         return out, {"fragment": fid, "kept": False, "reason": "too little broken face"}
