@@ -156,9 +156,9 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     axes through CT voxel centres, every n-th voxel along each axis). The masks are read on that lattice too.
     ``tibia_box``: the tibia mask's index box (lo, hi inclusive, (k, j, i)) on the CT; ``canonical``: the grid of
     ``placement.labels``; ``patient_to_canonical``: the 4x4 LPS map P; ``reassemble_fragments``: refit the main
-    moved fragment's move by the contact of the broken faces (:func:`reassembly.reassemble`; its report is the
-    report's "reassembly"); ``template``: the other leg's tibia fitted to the anchor, as an occupancy on
-    ``destination`` (:mod:`template`): it replaces ``model_occupancy`` and the moved fragments are registered onto
+    moved fragment's move by the contact of the broken faces and, without a template, a broken fibula's ends lining
+    up (:func:`reassembly.reassemble`, :mod:`fibula`; its report is the report's "reassembly"); ``template``: the
+    other leg's tibia fitted to the anchor, as an occupancy on ``destination`` (:mod:`template`): it replaces ``model_occupancy`` and the moved fragments are registered onto
     it before the reassembly (the report's "template"; a registered fragment is pasted when it lies within
     MAX_MISFIT_MM of the template rather than of the reconstruction), unless :func:`template.mismatch` finds it
     unlike the patient's tibia (the report's "template_refused" says why; the fusion is then made without it).
@@ -200,7 +200,8 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     reassembly = {}
     if reassemble_fragments:
         axis = invert_affine(patient_to_canonical)[:3, :3] @ np.array([0.0, 0.0, 1.0])
-        fibula = find_broken_fibula(ct, tibia, tibia_box, patient_to_canonical)
+        # the other leg, when it is the template, tells the fragment's turn better than a broken fibula does
+        fibula = None if template is not None else find_broken_fibula(ct, tibia, tibia_box, patient_to_canonical)
         moves, reassembly = reassemble(tib, hidden, pieces, owner, moves, placement.anchor, axis / np.linalg.norm(axis),
                                        fibula)
     hu_source = source_volume(ct).array
