@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .geometry import Volume, apply_affine, crop, invert_affine, lattice
+from .geometry import Volume, apply_affine, bounding_box, crop, invert_affine, lattice
 
 FIBULA_HU = 250.0
 RADIUS_MM = 70.0  # from the tibia's centre at the same height
@@ -81,13 +81,20 @@ def find_broken_fibula(ct: Volume, tibia: Volume, tibia_box: tuple[np.ndarray, n
     if len(tib_points) < 10:
         return None
     top, bottom = tib_points[:, 2].max() - JOINT_MARGIN_MM, tib_points[:, 2].min() + JOINT_MARGIN_MM
-    kji = np.argwhere((hu > FIBULA_HU) & ~ndimage.binary_dilation(tib))
+    bone = hu > FIBULA_HU
+    inner = bounding_box(tib)  # not bone that touches the tibia: the dilation reaches one voxel beyond its box
+    near = tuple(slice(max(a - 1, 0), b + 2) for a, b in zip(*inner))
+    bone[near] &= ~ndimage.binary_dilation(tib[near])
+    kji = np.argwhere(bone)
     points = apply_affine(to_canonical, kji[:, ::-1].astype(float))
     beside = points[:, :2] - _centreline(tib_points, points[:, 2])
     keep = ((points[:, 2] > bottom) & (points[:, 2] < top) & (beside[:, 0] > -MEDIAL_MM)
             & (np.linalg.norm(beside, axis=1) < RADIUS_MM))
     kji, points = kji[keep], points[keep]
-    labels = np.zeros(hu.shape, np.int32)
+    if len(kji) == 0:
+        return None
+    kji = kji - kji.min(0)  # labelled in their own box
+    labels = np.zeros(tuple(kji.max(0) + 1), np.int32)
     labels[tuple(kji.T)] = 1
     labels, n = ndimage.label(labels, np.ones((3, 3, 3), bool))
     ids = labels[tuple(kji.T)]
