@@ -16,7 +16,7 @@ sideways move of the face's centre by PRIOR_SHIFT_MM, or a turn by PRIOR_TURN_DE
 contact gains. Where the fibula is broken too (:mod:`fibula`), its distal piece moves with the distal fragment and
 its pieces' ends lining up again (within FIBULA_WIDTH_MM) adds up to FIBULA_WEIGHT to the contact: the fibula
 tells the fragment's turn about the tibia's axis, which a round shaft's face leaves loose (one leg, 20 held-out
-phantoms: RMSD 1.55 -> 1.44 mm). The fit is kept only when the faces meet clearly better than before, without
+phantoms: RMSD 1.55 -> 1.42 mm). The fit is kept only when the faces meet clearly better than before, without
 overlap, and the change is of a plausible size.
 
 Points are patient LPS (mm); arrays (Z, Y, X); moves 4x4 maps of patient points from where the fragment lies in
@@ -58,7 +58,7 @@ MAX_OVERLAP_MM = 0.1  # the fragment reaches into the anchor by less than this o
 MAX_TURN_DEG = 15.0  # and the change turns the fragment and moves its face's centre by no more than these
 MAX_SHIFT_MM = 15.0
 MIN_FACE_VOXELS = 50
-FIBULA_WEIGHT = 0.25  # a broken fibula's ends lined up (1) count this much against the faces' contact (0..1)
+FIBULA_WEIGHT = 0.35  # a broken fibula's ends lined up (1) count this much against the faces' contact (0..1)
 FIBULA_WIDTH_MM = 5.0  # the lining up's width: offsets well under it (the ends' own noise) hardly count
 END_REACH_MM = 20.0  # fragments hold the knee or the ankle when they reach within this of that end of the tibia
 
