@@ -153,3 +153,16 @@ def test_a_broken_fibula_turns_back_a_fragment_the_faces_leave_turned(fracture):
     assert report["kept"] and report["fibula_offset_after_mm"] < 0.5 * report["fibula_offset_before_mm"], report
     assert turn_about_axis(moves[2]) < 6.0, report  # more than half of the turn undone
     assert error_mm(moves[2], truth, tibia, pieces, owner) < 2.0
+
+
+def test_the_fibula_is_left_out_when_the_moved_fragment_does_not_hold_the_ankle(fracture):
+    from TibiaReconstructionLib.fibula import BrokenFibula
+
+    tibia, hidden, pieces, owner, truth, a = fracture
+    broken = BrokenFibula(CENTRE + 20.0 * a, a, CENTRE - 20.0 * a + 9.0 * frame()[1], a)  # far out of line
+    # the distal fragment as anchor: the moved one is then the proximal fragment, which the fibula does not follow
+    moves, report = reassembly.reassemble(tibia, hidden, pieces, owner, {2: np.eye(4), 1: np.linalg.inv(truth)}, 2, a,
+                                          broken)
+    assert report["fragment"] == 1 and "fibula_offset_before_mm" not in report
+    _, with_it = reassembly.reassemble(tibia, hidden, pieces, owner, {1: np.eye(4), 2: truth}, 1, a, broken)
+    assert with_it["fibula_offset_before_mm"] > 2.0  # the same fibula is used when the distal fragment moves

@@ -43,9 +43,6 @@ class BrokenFibula:
     distal_centre: np.ndarray
     distal_direction: np.ndarray
 
-    def report(self) -> dict:
-        return {"gap_mm": round(float(np.linalg.norm(self.distal_centre - self.proximal_centre)), 1)}
-
 
 def _line(points: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centroid and principal direction (unit, along ``up``) of points (n, 3)."""

@@ -15,8 +15,8 @@ reduction's where the faces do not decide it (a flat face lets the fragment slid
 sideways move of the face's centre by PRIOR_SHIFT_MM, or a turn by PRIOR_TURN_DEG, costs as much as a perfect
 contact gains. Where the fibula is broken too (:mod:`fibula`), its distal piece moves with the distal fragment and
 its pieces' ends lining up again (within FIBULA_WIDTH_MM) adds up to FIBULA_WEIGHT to the contact: the fibula
-tells the fragment's turn about the tibia's axis, which a round shaft's face leaves loose (one leg, 20 held-out
-phantoms: RMSD 1.55 -> 1.42 mm). The fit is kept only when the faces meet clearly better than before, without
+tells where the fragment's lateral side belongs, its turn about the tibia's axis and its slide across the break,
+which a round shaft's face leaves loose (one leg, 20 held-out phantoms: RMSD 1.55 -> 1.42 mm). The fit is kept only when the faces meet clearly better than before, without
 overlap, and the change is of a plausible size.
 
 Points are patient LPS (mm); arrays (Z, Y, X); moves 4x4 maps of patient points from where the fragment lies in
@@ -246,7 +246,7 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
     return Fit(fitted if kept else np.array(move, float), report)
 
 
-def _spans_the_legs_ends(tibia: Volume, pieces: np.ndarray, owner: np.ndarray, anchor: int, fragment: int,
+def _holds_both_ends(tibia: Volume, pieces: np.ndarray, owner: np.ndarray, anchor: int, fragment: int,
                          axis: np.ndarray) -> bool:
     """Whether ``anchor``'s pieces reach the tibia's proximal end and ``fragment``'s its distal end (within END_REACH_MM
     along ``axis``, superior), as the fibula's pieces do the knee and the ankle."""
@@ -275,7 +275,7 @@ def reassemble(tibia: Volume, hidden: np.ndarray, pieces: np.ndarray, owner: np.
     grid, box = found
     counts = np.bincount(pieces.ravel(), minlength=len(owner))
     fid = max(moved, key=lambda f: counts[owner == f].sum())
-    if fibula is not None and not _spans_the_legs_ends(tibia, pieces, owner, anchor, fid, axis):
+    if fibula is not None and not _holds_both_ends(tibia, pieces, owner, anchor, fid, axis):
         fibula = None
     part = pieces[box]
     label = owner[part]
