@@ -29,7 +29,7 @@ JOINT_MARGIN_MM = 25.0
 STEP_MM = 2.0
 END_MM = 40.0
 MIN_PIECE_ML = 1.5
-MIN_LENGTH_MM = 40.0  # each piece's length at least, where the fibula is looked for
+MIN_LENGTH_MM = 80.0  # each piece at least this long where the fibula is looked for: its end is from the shaft, not the head
 REACH_MM = 15.0  # a piece reaches towards a joint when it ends within this of the search's end on that side
 
 
