@@ -77,7 +77,9 @@ def test_speed_writes_stage_timings_and_memory(bundle, tmp_path):
     stages = [float(row[f"{s}_s"]) for s in PREDICT_STAGES]
     assert all(0.0 <= t < 120.0 for t in stages)
     assert float(row["total_s"]) == pytest.approx(sum(stages), abs=1e-3)
-    assert float(row["start_s"]) < float(row["command_s"]) < 120.0  # the command itself, launch to exit
+    # start (launch to the command's code) and the command (launch to exit) are timed in separate processes: on a
+    # tiny CT the two are alike and either may be the larger
+    assert 0.0 < float(row["start_s"]) < 120.0 and 0.0 < float(row["command_s"]) < 120.0
     assert 100.0 < float(row["rss_after_imports_mib"]) <= float(row["peak_rss_mib"])
     assert (tmp_path / "speed.png").read_bytes()[:4] == PNG
     md = (tmp_path / "speed.md").read_text(encoding="utf-8")
