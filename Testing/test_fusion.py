@@ -115,3 +115,16 @@ def test_within_reaches_the_distance_up_to_a_block_on_an_anisotropic_grid():
     assert near.shape == mask.shape
     assert near[distance <= 12.0 - block].all() and near[mask].all()
     assert not near[distance > 12.0 + block].any()
+
+
+def test_the_reassembly_gets_the_broken_fibula_unless_the_other_leg_is_the_template(case, monkeypatch):
+    _, ct, tibia, fracture, labels, model = case
+    found, seen = object(), []
+    monkeypatch.setattr(fusion, "find_broken_fibula", lambda *args: found)
+    monkeypatch.setattr(fusion, "reassemble", lambda *args: (seen.append(args[-1]), (dict(args[4]), {}))[1])
+    monkeypatch.setattr(fusion, "place_on_template", lambda *args: (args[6], []))  # the template accepted as it is
+    monkeypatch.setattr(fusion, "mismatch", lambda *args: None)
+    args = (model, GRID, ct, tibia, fracture, bounding_box(tibia.array), placement(labels), GRID, np.eye(4))
+    fusion.fuse_visible_bone(*args)
+    fusion.fuse_visible_bone(*args, template=model)
+    assert seen[0] is found and seen[1] is None
