@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from .geometry import Volume, apply_affine, bounding_box, crop, invert_affine, lattice
@@ -68,11 +69,10 @@ def find_broken_fibula(ct: Volume, tibia: Volume, tibia_box: tuple[np.ndarray, n
     ``patient_to_canonical``: the 4x4 LPS map to the canonical frame (a left leg, z along the tibia, superior; the
     other leg lies medial, -x)."""
     margin = np.ceil(RADIUS_MM / ct.spacing[::-1]).astype(int)
-    lo = np.maximum(tibia_box[0] - margin, 0)
-    hi = np.minimum(tibia_box[1] + margin, np.asarray(ct.array.shape) - 1)
-    grid, sub = lattice(crop(ct, lo, hi).grid, STEP_MM)
-    hu = crop(ct, lo, hi).array[sub]
-    tib = crop(tibia, lo, hi).array[sub] != 0
+    part = crop(ct, tibia_box[0] - margin, tibia_box[1] + margin)  # crop keeps the box within the CT
+    grid, sub = lattice(part.grid, STEP_MM)
+    hu = part.array[sub]
+    tib = crop(tibia, tibia_box[0] - margin, tibia_box[1] + margin).array[sub] != 0
     to_canonical = patient_to_canonical @ grid.ijk_to_lps
     tib_points = apply_affine(to_canonical, np.argwhere(tib)[:, ::-1].astype(float))
     if len(tib_points) < 10:
@@ -110,12 +110,10 @@ def find_broken_fibula(ct: Volume, tibia: Volume, tibia_box: tuple[np.ndarray, n
     return BrokenFibula(*_line(apply_affine(to_patient, ends[0]), up), *_line(apply_affine(to_patient, ends[1]), up))
 
 
-def offsets(fibula: BrokenFibula, r, t):
+def offsets(fibula: BrokenFibula, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """How far apart the broken ends' lines lie (mm) with the distal piece moved by p -> r p + t (torch (S, 3, 3) and
     (S, 3), the distal tibial fragment's moves): the mean of the distal end's centroid's distance from the proximal
     end's line and the proximal end's centroid's distance from the distal end's line, (S,)."""
-    import torch
-
     cp, up, cd, ud = (torch.from_numpy(np.asarray(v, np.float32)) for v in
                       (fibula.proximal_centre, fibula.proximal_direction, fibula.distal_centre,
                        fibula.distal_direction))

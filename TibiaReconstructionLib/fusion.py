@@ -200,8 +200,10 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     reassembly = {}
     if reassemble_fragments:
         axis = invert_affine(patient_to_canonical)[:3, :3] @ np.array([0.0, 0.0, 1.0])
-        # the other leg, when it is the template, tells the fragment's turn better than a broken fibula does
-        fibula = None if template is not None else find_broken_fibula(ct, tibia, tibia_box, patient_to_canonical)
+        # the other leg, when it is the template, tells the fragment's turn better than a broken fibula does; and
+        # with no fragment moved there is nothing for the fibula to place
+        fibula = find_broken_fibula(ct, tibia, tibia_box, patient_to_canonical) \
+            if template is None and any(f != placement.anchor for f in moves) else None
         moves, reassembly = reassemble(tib, hidden, pieces, owner, moves, placement.anchor, axis / np.linalg.norm(axis),
                                        fibula)
     hu_source = source_volume(ct).array

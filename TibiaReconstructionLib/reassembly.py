@@ -232,7 +232,7 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
         params = params.detach()
         params = params[int(torch.argmin(energy(params, WIDTHS_MM[-1])))]
         contact, overlap, offset = terms(torch.stack([torch.zeros(6), params]), WIDTHS_MM[-1])
-        gained = float(gain(contact, offset)[1] - gain(contact, offset)[0])
+        gained = float(torch.diff(gain(contact, offset))[0])  # after the fit less before
         fitted = as_affine(*(v[0] for v in turn_after(m0, centre, params[None])))
     turn = float(np.degrees(float(params[:3].norm())))
     shift = float(params[3:].norm())
