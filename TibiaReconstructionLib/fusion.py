@@ -26,7 +26,7 @@ from scipy import ndimage
 from .geometry import Grid, Volume, apply_affine, boundary_distance, bounding_box, crop, invert_affine, nearest_rigid, \
     resample
 from .fibula import find_broken_fibula
-from .reassembly import reassemble
+from .reassembly import fragment_mask, reassemble
 from .refine import Placement
 from .template import mismatch, place_on_template
 
@@ -213,7 +213,7 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     still = np.zeros(destination.shape, bool)  # where the pasted bone comes from a fragment that stays put
     fragments = []
     for fid, misfit in misfits.items():
-        piece = np.isin(pieces, np.flatnonzero(owner == fid))
+        piece = fragment_mask(pieces, owner, fid)
         keep = bool(piece.any()) and misfit <= MAX_MISFIT_MM
         fragments.append({"id": fid, "anchor": fid == placement.anchor, "misfit_mm": round(float(misfit), 2),
                           "visible_ml": round(float(piece.sum() * voxel_ml), 2), "pasted": keep})

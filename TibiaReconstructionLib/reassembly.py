@@ -246,13 +246,19 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
     return Fit(fitted if kept else np.array(move, float), report)
 
 
+def fragment_mask(pieces: np.ndarray, owner: np.ndarray, fragment: int) -> np.ndarray:
+    """Where the visible pieces (``pieces``, their labels) belong to ``fragment`` (``owner``: each piece's fragment
+    id)."""
+    return np.isin(pieces, np.flatnonzero(owner == fragment))
+
+
 def _holds_both_ends(tibia: Volume, pieces: np.ndarray, owner: np.ndarray, anchor: int, fragment: int,
                          axis: np.ndarray) -> bool:
     """Whether ``anchor``'s pieces reach the tibia's proximal end and ``fragment``'s its distal end (within END_REACH_MM
     along ``axis``, superior), as the fibula's pieces do the knee and the ankle."""
     heights = {}
     for fid in (anchor, fragment):
-        kji = np.argwhere(np.isin(pieces, np.flatnonzero(owner == fid)))
+        kji = np.argwhere(fragment_mask(pieces, owner, fid))
         if len(kji) == 0:
             return False
         heights[fid] = tibia.index_to_physical(kji[:, ::-1].astype(float)) @ axis

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .geometry import Grid, Volume, apply_affine, boundary_distance, invert_affine, lattice, resample
-from .reassembly import Field, as_affine, turn_after
+from .reassembly import Field, as_affine, fragment_mask, turn_after
 from .refine import adam_direction, one_thread, signed_distance
 
 POINTS = 2000  # outer-surface voxels of a fragment (random subset) that drive its registration
@@ -137,7 +137,7 @@ def place_on_template(template: np.ndarray, destination: Grid, tibia: Volume, hi
     near_break = ndimage.binary_dilation(hidden, iterations=CLEARANCE_VOXELS)
     rng = np.random.default_rng(0)
     for fid in moved:
-        piece = np.isin(pieces, np.flatnonzero(owner == fid))
+        piece = fragment_mask(pieces, owner, fid)
         kji = np.argwhere(piece & ~ndimage.binary_erosion(piece) & ~near_break)
         surface = len(kji)  # before the subset: which fragment shows most surface (mismatch's main fragment)
         if surface < 50:
