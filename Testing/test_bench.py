@@ -8,9 +8,11 @@ import pytest
 
 from TibiaReconstructionLib import metrics
 from TibiaReconstructionLib.bench import (ACCURACY_FILES, METHODS, PREDICT_STAGES, TRAINING_STEPS,
-                                          _measure_training, masked_bin, parse_size, score)
+                                          _measure_training, cut_field_of_view, masked_bin, parse_size, score)
 from TibiaReconstructionLib.cli import main
 from TibiaReconstructionLib.errors import InputError
+from TibiaReconstructionLib.phantoms.generator import PhantomCase
+from synthetic import bone_case
 from tiny_bundle import make_tiny_bundle
 
 PNG = b"\x89PNG"
@@ -113,3 +115,22 @@ def test_sizes_and_bins():
         with pytest.raises(InputError):
             parse_size(bad)
     assert [masked_bin(f) for f in (0.0, 0.05, 0.1, 0.25, 0.6)] == ["0-10%", "0-10%", "10-20%", "20-30%", "30-100%"]
+
+
+def test_a_knee_or_ankle_ct_is_the_case_cut_across_the_tibia_at_the_asked_fraction():
+    # a bone along the patient's axis, scanned feet first (k runs downward): the cut must follow the anatomy
+    flip = np.diag([1.0, -1.0, -1.0])
+    ct, tibia, fracture = bone_case(spacing=(2.0, 2.0, 2.0), size=(30, 30, 90), direction=flip,
+                                    fracture_z=(30.0, 40.0))  # the fracture in the proximal half
+    case = PhantomCase(ct, tibia, "left", 0, np.zeros(1), fractured_ct=ct, fractured_labels=tibia,
+                       fracture_mask=fracture)
+    height = lambda v: v.index_to_physical(np.argwhere(v.array == 1)[:, ::-1].astype(float))[:, 2]  # noqa: E731
+    top, bottom = height(tibia).max(), height(tibia).min()
+    knee = cut_field_of_view(case, "knee", 0.5)
+    assert abs(height(knee.labels).min() - (top + bottom) / 2) <= 2.0 and height(knee.labels).max() == top
+    assert all(v.array.shape == knee.ct.array.shape for v in (knee.labels, knee.fractured_ct, knee.fracture_mask))
+    assert np.allclose(knee.ct.direction, flip) and case.ct.array.shape == (90, 30, 30)  # the case is not changed
+    assert cut_field_of_view(case, "ankle", 0.4) is None  # the fracture lies above the ankle CT
+    ankle = cut_field_of_view(case, "ankle", 0.8)
+    assert height(ankle.labels).min() == bottom
+    assert abs(height(ankle.labels).max() - (bottom + 0.8 * (top - bottom))) <= 2.0

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from TibiaReconstructionLib.errors import InputError
-from TibiaReconstructionLib.geometry import Volume, euler_rotation, mirror, resample
-from TibiaReconstructionLib.prepare import canonical_grid, patient_to_canonical, prepare_case, to_canonical
+from TibiaReconstructionLib.geometry import Volume, apply_affine, crop, euler_rotation, invert_affine, mirror, resample
+from TibiaReconstructionLib.prepare import (align_tibia, canonical_grid, patient_to_canonical, prepare_case,
+                                           resample_crops, smoothed_crops, to_canonical)
 from synthetic import bone_case
 
 GRID = canonical_grid((24, 24, 56), 3.0)
@@ -70,3 +71,54 @@ def test_bad_side_and_empty_mask():
         patient_to_canonical(tib, "up")
     with pytest.raises(InputError, match="tibia mask has 0 voxels"):
         patient_to_canonical(tib.with_array(np.zeros_like(tib.array)), "left")
+
+
+def _ends(tibia, p):
+    """The tibia mask's lowest and highest canonical z (mm) under P."""
+    z = apply_affine(p, tibia.index_to_physical(np.argwhere(tibia.array != 0)[:, ::-1].astype(float)))[:, 2]
+    return z.min(), z.max()
+
+
+def test_a_tibia_cut_off_by_the_scan_keeps_its_intact_end_where_a_whole_tibias_lies():
+    ct, tib, _ = bone_case(pose_deg=(4.0, -3.0, 20.0), spacing=(2.0, 2.0, 2.0), size=(40, 40, 90))  # 150 mm bone
+    whole = align_tibia(tib, "left", 150.0)
+    assert not whole.cut and np.allclose(whole.matrix, patient_to_canonical(tib, "left"))
+    lo, hi = _ends(tib, whole.matrix)
+    assert abs(lo + 75) < 4 and abs(hi - 75) < 4
+    # a knee CT: the slices above the bone's middle; an ankle CT: those below
+    for part, end in ((crop(tib, (45, 0, 0), (89, 39, 39)), "distal"),
+                      (crop(tib, (0, 0, 0), (44, 39, 39)), "proximal")):
+        cut = align_tibia(part, "left", 150.0)
+        assert (cut.cut_distal, cut.cut_proximal) == (end == "distal", end == "proximal")
+        lo, hi = _ends(part, cut.matrix)
+        intact = hi if end == "distal" else -lo
+        assert abs(intact - 75) < 4  # as on the whole bone, not in the middle of the part seen
+        lo, hi = _ends(part, align_tibia(part, "left").matrix)  # without a length: centred on the part seen
+        assert abs(hi + lo) < 4
+        assert abs(_ends(part, align_tibia(part, "left", 60.0).matrix)[1] + lo) < 4  # never shorter than seen
+
+
+def test_a_bone_along_the_side_of_the_field_of_view_is_not_cut_off():
+    _, tib, _ = bone_case(spacing=(2.0, 2.0, 2.0), size=(40, 40, 90))
+    side = crop(tib, (0, 0, 0), (89, 39, 21))  # the field of view's edge through the bone, along its whole length
+    assert tib.array[:, :, 21].any() and not align_tibia(side, "left", 150.0).cut
+
+
+def test_voxels_beyond_the_scan_are_not_visible():
+    ct, tib, frac = bone_case(spacing=(2.0, 2.0, 2.0), size=(40, 40, 90))
+    part = [crop(v, (45, 0, 0), (89, 39, 39)) for v in (ct, tib, frac)]
+    cut = align_tibia(part[1], "left", 150.0)
+    grid = canonical_grid((24, 24, 60), 3.0)
+    crops = smoothed_crops(*part[:2], grid.spacing, part[2])
+    seen = resample_crops(crops, grid, cut.matrix, unseen_outside=part[0].grid)
+    plain = resample_crops(crops, grid, cut.matrix)
+    kji = np.argwhere(np.ones(grid.shape, bool))
+    ijk = part[0].physical_to_index(apply_affine(invert_affine(cut.matrix),
+                                                 grid.index_to_physical(kji[:, ::-1].astype(float))))
+    beyond = np.maximum(-0.5 - ijk, ijk - (np.asarray(part[0].grid.size) - 0.5)).max(axis=1).reshape(grid.shape)
+    assert (beyond > 1).any() and not seen.visible[beyond > 1].any()  # a CT voxel or more beyond the scan: unseen
+    inside = beyond < -1
+    np.testing.assert_array_equal(seen.visible[inside], plain.visible[inside])  # inside: as before
+    z = ijk[:, 2].reshape(grid.shape)
+    assert plain.visible[z < -1.5].all()  # (without the field of view, the empty space below counted as seen)
+    assert not seen.tensor[:, ~seen.visible.astype(bool)].any()

@@ -90,6 +90,20 @@ def test_the_anchor_is_the_largest_knee_piece_not_the_largest_piece_nor_a_split_
     assert not (main & condyle).any() and main[10:40].any()  # yet the anchor is the main piece with the shaft
 
 
+def test_on_a_knee_ct_a_split_condyle_counts_as_small_as_on_the_whole_tibia():
+    whole = bone()
+    k, j, i = np.meshgrid(*(np.arange(n) for n in GRID.shape), indexing="ij")
+    split = np.ones(GRID.shape, np.float32)
+    split[(k >= 51) & (i == 13)] = 0.0  # a small condyle split off the plateau, lateral of i = 13
+    split[(k == 50) & (i > 13)] = 0.0
+    assert len(refine.find_fragments(whole * split, split).ids) == 1  # under MIN_FRAGMENT_SHARE of the whole tibia
+    knee_ct = split * (k >= 32)  # the scan shows the upper half: the condyle is a larger share of what is seen
+    seen = refine.find_fragments(whole * knee_ct, knee_ct)
+    assert len(seen.ids) == 2
+    known = refine.find_fragments(whole * knee_ct, knee_ct, whole_slices=56)  # told how long the whole tibia is
+    assert known.ids == [known.anchor] and known.small[(k >= 51) & (i > 13) & (whole > 0.5)].all()
+
+
 def test_registration_recovers_a_known_displacement():
     center = GRID.index_to_physical(np.array([11.5, 11.5, 15.0]))
     displacement = motion(7.0, (1.0, 0.3, 0.0), (2.5, -2.0, -1.5), center)

@@ -4,7 +4,9 @@ accuracy figures belong to docs/benchmarks)."""
 import numpy as np
 
 from TibiaReconstructionLib import metrics
+from TibiaReconstructionLib.bench import score
 from TibiaReconstructionLib.bundle import load_bundle
+from TibiaReconstructionLib.geometry import crop
 from TibiaReconstructionLib.io import read_mask, read_volume
 from TibiaReconstructionLib.predict import DEFAULT_BUNDLE, UNCERTAINTY_ARRAY, Predictor
 from TibiaReconstructionLib.surface import point_array
@@ -24,3 +26,17 @@ def test_default_bundle_is_small_and_predicts_the_sample_case():
     uncertainty = point_array(result.surface, UNCERTAINTY_ARRAY)
     assert np.all(np.isfinite(uncertainty)) and uncertainty.min() >= 0 and uncertainty.max() > 0
     assert result.occupancy_std.array.max() > 0 and np.allclose(result.occupancy_std.direction, ct.direction)
+
+
+def test_a_knee_ct_of_the_sample_case_is_predicted_where_the_tibia_lies():
+    """The sample cut to a knee CT (its distal third left out of the scan): the intact knee end is aligned as a
+    whole tibia's would be (centred on the part seen, the old alignment put it 7 mm RMSD off: Dice 0.87)."""
+    volumes = [read_volume(SAMPLE / "ct.nrrd")] + [read_mask(SAMPLE / f"{name}.nrrd")
+                                                    for name in ("tibia", "fracture", "healthy_tibia")]
+    k = np.flatnonzero(volumes[1].array.any(axis=(1, 2)))
+    ct, tibia, fracture, truth = (crop(v, (65, 0, 0), np.array(v.array.shape) - 1) for v in volumes)
+    assert k[0] < 65 < k[-1] and (tibia.array & fracture.array).any()  # the scan cuts the tibia, shows the fracture
+    result = Predictor(DEFAULT_BUNDLE, "cpu").predict(ct, tibia, fracture)
+    assert any("cut off by the field of view" in w for w in result.warnings)
+    scores = score(result.labelmap.array != 0, truth.array != 0, ct.spacing)
+    assert scores["dice"] > 0.95 and scores["rmsd_mm"] < 2.0

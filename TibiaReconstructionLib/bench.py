@@ -30,7 +30,7 @@ import torch
 
 from . import __version__
 from .errors import InputError, OutputExistsError, TibiaReconError
-from .geometry import Grid, Volume, bounding_box, resample
+from .geometry import Grid, Volume, bounding_box, crop, resample
 from .io import atomic_path
 from .models.sampler import rotation_matrices
 from .predict import ModelRun, Predictor
@@ -316,6 +316,29 @@ def heldout_case(seed: int, spacing):
     return generate_case(seed, fractured=True, spacing=tuple(spacing), size_limit_mm=SIZE_LIMIT_MM, both_legs=True)
 
 
+def cut_field_of_view(case, end: str, fraction: float):
+    """The case as a knee CT (``end`` 'knee': the slices holding the proximal ``fraction`` of the fractured tibia's
+    length and everything above) or an ankle CT ('ankle': the distal part and below), all its volumes cut alike
+    along the CT axis nearest the long axis; None when the fracture mask misses the tibia in what is left."""
+    labels = case.fractured_labels
+    axis = int(np.argmax(np.abs(labels.direction[2])))  # the (i, j, k) axis nearest superior
+    dim = 2 - axis  # as an array axis (k, j, i)
+    extent = np.flatnonzero(np.moveaxis(labels.array == 1, dim, 0).any(axis=(1, 2)))
+    keep = int(round((extent[-1] - extent[0]) * fraction))
+    upward = labels.direction[2, axis] > 0  # higher index = superior
+    lo, hi = np.zeros(3, int), np.array(labels.array.shape) - 1
+    if (end == "knee") == upward:
+        lo[dim] = extent[-1] - keep
+    else:
+        hi[dim] = extent[0] + keep
+    fields = {"ct": case.ct, "labels": case.labels, "fractured_ct": case.fractured_ct, "fractured_labels": labels,
+              "fracture_mask": case.fracture_mask, "fragment_ids": case.fragment_ids}
+    cut = replace(case, **{k: None if v is None else crop(v, lo, hi) for k, v in fields.items()})
+    if not ((cut.fractured_labels.array == 1) & (cut.fracture_mask.array != 0)).any():
+        return None
+    return cut
+
+
 def masked_fraction(case) -> float:
     """Fraction of the fractured tibia mask covered by the fracture mask (what predict calls hidden)."""
     tibia = case.fractured_labels.array == 1
@@ -434,6 +457,12 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         f"seeds {setup['seed']}..{setup['seed'] + setup['n'] - 1} (training data uses small seeds), voxel spacing "
         f"{' x '.join(f'{s:g}' for s in setup['spacing'])} mm, field of view at most "
         f"{' x '.join(f'{s:g}' for s in SIZE_LIMIT_MM)} mm; random side, pose and fracture type.",
+        *([f"- Field of view: a {setup['field_of_view']} CT: every volume (CT, masks, ground truth) cut to the slices "
+           f"that hold the {'proximal' if setup['field_of_view'] == 'knee' else 'distal'} "
+           f"{setup['fraction']:.0%} of the fractured tibia's length and beyond, so the tibia is cut off by the scan "
+           f"(`TibiaReconstructionLib.bench.cut_field_of_view`); scored on that grid. Skipped, the fracture outside "
+           f"the scan: {', '.join(str(s) for s in setup['skipped']) or 'none'}."]
+          if setup["field_of_view"] != "legs" else []),
         "- Input to every method: the fractured CT (both legs), the fractured tibia mask (label 1, all fragments) "
         f"and the coarse fracture mask; leg side {'given' if setup['side'] == 'known' else 'chosen automatically'}; "
         "*model + other leg mask* and the contralateral baseline also get the other leg's tibia mask (label 6); "
@@ -517,26 +546,41 @@ def worst_case_figure(row: dict, predictor: Method, spacing, side_mode: str, pat
 
 def run_accuracy(bundles: list[str], out, n: int = 40, seed: int = DEFAULT_SEED, spacing=(1.0, 1.0, 2.0),
                  methods=tuple(METHODS), side: str = "auto", device: str = "auto",
-                 overwrite: bool = False, progress: bool = True) -> dict[str, Path]:
-    """Run the accuracy benchmark and write its report files into ``out``; returns their paths."""
+                 overwrite: bool = False, progress: bool = True, field_of_view: str = "legs",
+                 fraction: float = 0.5) -> dict[str, Path]:
+    """Run the accuracy benchmark and write its report files into ``out``; returns their paths. ``field_of_view``
+    'knee' or 'ankle': each case cut to that end's ``fraction`` of the tibia (:func:`cut_field_of_view`); cases
+    whose fracture then lies outside the scan are skipped."""
     from tqdm import tqdm
 
     if n < 1:
         raise InputError(f"--n must be at least 1, got {n}.")
+    if field_of_view != "legs" and not 0.1 <= fraction <= 1.0:
+        raise InputError(f"--fov-fraction must be between 0.1 and 1, got {fraction:g}.")
     out = Path(out)
     paths = _output_paths(out, ACCURACY_FILES, overwrite)
     command = ["tibia-recon", "bench", "accuracy", *[w for b in bundles for w in ("--bundle", b)], "--n", n,
                "--seed", seed, "--spacing", *spacing, "--methods", *methods, "--side", side, "--device", device,
+               *(["--field-of-view", field_of_view, "--fov-fraction", fraction] if field_of_view != "legs" else []),
                "--out", out]
     start = time.perf_counter()
     predictors, bundle_info = build_methods(bundles, list(methods), device)
-    rows = []
+    rows, skipped = [], []
     for s in tqdm(range(seed, seed + n), desc="bench accuracy", disable=not progress):
-        rows += evaluate_case(heldout_case(s, spacing), predictors, side)
+        case = heldout_case(s, spacing)
+        if field_of_view != "legs":
+            case = cut_field_of_view(case, field_of_view, fraction)
+        if case is None:
+            skipped.append(s)
+            continue
+        rows += evaluate_case(case, predictors, side)
+    if not rows:
+        raise InputError(f"No case has its fracture inside the {field_of_view} CT's field of view; raise "
+                         "--fov-fraction or --n.")
     first = next(iter(predictors))
     setup = {"date": _today(), "command": _quote(command), "n": n, "seed": seed, "spacing": list(spacing),
              "side": side, "machine": machine_description(), "seconds": time.perf_counter() - start,
-             "bundles": bundle_info}
+             "bundles": bundle_info, "field_of_view": field_of_view, "fraction": fraction, "skipped": skipped}
     write_csv(rows, paths["csv"], overwrite)
     accuracy_boxplots(rows, paths["boxplots"], overwrite)
     worst = _worst_rows(rows, first, 1)
@@ -919,6 +963,11 @@ def register_cli(sub) -> None:
                    help="model and/or baselines (default: all)")
     a.add_argument("--side", choices=("auto", "known"), default="auto",
                    help="leg side: chosen by the Predictor (default) or given")
+    a.add_argument("--field-of-view", choices=("legs", "knee", "ankle"), default="legs",
+                   help="the CT's extent: both lower legs whole (default), or cut to a knee or an ankle CT that shows "
+                        "--fov-fraction of the tibia")
+    a.add_argument("--fov-fraction", type=float, default=0.5,
+                   help="with a knee or ankle CT: the fraction of the tibia's length it shows (default 0.5)")
 
     s = kinds.add_parser("speed", help="time predict by stage and peak memory per CT size and thread count",
                          description="Time predict end to end (read, load, check, model, resample, surface, write) "
@@ -946,7 +995,8 @@ def register_cli(sub) -> None:
     def run(args):
         if args.bench == "accuracy":
             paths = run_accuracy(args.bundle, args.out, args.n, args.seed, tuple(args.spacing), tuple(args.methods),
-                                 args.side, args.device, args.overwrite)
+                                 args.side, args.device, args.overwrite, field_of_view=args.field_of_view,
+                                 fraction=args.fov_fraction)
         else:
             paths = run_speed(args.bundle, args.out, tuple(args.sizes), tuple(args.threads), args.repeat,
                               args.training, args.training_steps, args.batch, args.seed, tuple(args.spacing),

@@ -31,6 +31,7 @@ WEIGHTS = "weights.safetensors"
 SIDE_CONVENTION = "left; right legs are mirrored about the sagittal plane before prediction"
 REQUIRED_KEYS = ("format", "library_version", "grid", "window_hu", "channels", "side_convention", "locnet",
                  "autoencoder", "prototype", "training")
+TYPICAL_TIBIA_MM = 360.0  # an adult tibia's length (300-450 mm), for bundles without a prototype
 MAX_GRID_VOXELS = 2**27  # a canonical grid larger than 512^3 voxels is not a plausible bundle setting
 _PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".joblib", ".npy", ".npz", ".tar"}
 
@@ -49,6 +50,13 @@ class Bundle:
         self.autoencoder = autoencoder.to(self.device).eval()
         self.prototype = None if prototype is None else prototype.to(self.device)
         self.sampler = AffineGridSampler(grid).to(self.device)
+
+    def tibia_length_mm(self) -> float:
+        """A typical tibia's length (mm): the prototype's along the canonical z axis, else TYPICAL_TIBIA_MM."""
+        if self.prototype is None:
+            return TYPICAL_TIBIA_MM
+        slices = torch.nonzero((self.prototype[0, -1] > 0.5).any(dim=2).any(dim=1))
+        return float((slices.max() - slices.min() + 1) * self.grid.spacing[2]) if len(slices) else TYPICAL_TIBIA_MM
 
     @torch.no_grad()
     def align_and_reconstruct(self, x: torch.Tensor, visible: torch.Tensor | None = None

@@ -27,7 +27,7 @@ from .errors import InputError, NoOtherLegError
 from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, crop_to_mask, \
     image_volume, invert_affine, resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
-from .prepare import SmoothedCrops, patient_to_canonical, resample_crops, smoothed_crops
+from .prepare import SmoothedCrops, align_tibia, patient_to_canonical, resample_crops, smoothed_crops
 from .fusion import Fused, fuse_visible_bone
 from .template import MAX_FIT_RMS_MM, template_box, template_occupancy
 from .refine import Placement, reduce_and_reconstruct
@@ -270,14 +270,21 @@ class Predictor:
             self._crop_cache = ((id(ct), id(tibia), id(fracture)), crops)
 
     def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str) -> ModelRun:
-        p = patient_to_canonical(tibia, side)
-        case = resample_crops(self._crops(ct, tibia, fracture), self.bundle.grid, p, self.bundle.window_hu)
+        """The model for one leg side. Where the CT cuts the tibia off (a knee or an ankle CT), the intact end goes
+        where a typical tibia's lies on the canonical grid and the canonical voxels beyond the CT are not visible."""
+        length = self.bundle.tibia_length_mm()
+        alignment = align_tibia(tibia, side, length)
+        p = alignment.matrix
+        case = resample_crops(self._crops(ct, tibia, fracture), self.bundle.grid, p, self.bundle.window_hu,
+                              ct.grid if alignment.cut else None)
         x = torch.from_numpy(case.tensor[None])
         visible = torch.from_numpy(case.visible[None, None].astype(np.float32))
         theta, aligned, recon = self.bundle.align_and_reconstruct(x, visible)
         report, placement = {}, None
         if self.reduce_fragments:
-            theta, recon, x, visible, report, placement = reduce_and_reconstruct(self.bundle, x, visible, theta, recon)
+            whole = int(round(length / self.bundle.grid.spacing[2])) if alignment.cut else None
+            theta, recon, x, visible, report, placement = reduce_and_reconstruct(self.bundle, x, visible, theta, recon,
+                                                                                 whole_slices=whole)
             aligned = self.bundle.sampler(x.to(self.device), theta)
         return ModelRun(p, theta_to_matrix(theta[0]), recon[0].float().cpu().numpy(), self._misfit(aligned, recon),
                         x, visible, report, placement)

@@ -25,6 +25,8 @@ from .geometry import Grid, Volume, block_mean, bounding_box, check_same_grid, c
 
 DEFAULT_WINDOW_HU = (-200.0, 1800.0)
 SIDES = ("left", "right")
+CUT_ZONE_MM = 30.0  # an end of the tibia is cut off by the field of view when its mask lies on the CT's outer faces
+MIN_CUT_MM2 = 100.0  # within this of the end, over at least this area (a shaft's cross-section is 300-500 mm²)
 
 
 def canonical_grid(size: Sequence[int] = (64, 64, 224), spacing: float | Sequence[float] = 2.0) -> Grid:
@@ -53,15 +55,33 @@ def mirror_for_side(side: str, center: np.ndarray) -> np.ndarray:
     return np.eye(4) if side == "left" else reflection((1.0, 0.0, 0.0), center)
 
 
-def patient_to_canonical(tibia: Volume, side: str) -> np.ndarray:
-    """4x4 LPS affine P from patient points to the canonical frame, from the tibia mask (see module doc)."""
+@dataclass
+class Alignment:
+    """P (4x4 LPS map, patient -> canonical) and which ends of the tibia the CT's field of view cuts off: the
+    mask lies on the grid's outer faces, over at least MIN_CUT_MM2, within CUT_ZONE_MM of that end."""
+
+    matrix: np.ndarray
+    cut_distal: bool = False
+    cut_proximal: bool = False
+
+    @property
+    def cut(self) -> bool:
+        return self.cut_distal or self.cut_proximal
+
+
+def align_tibia(tibia: Volume, side: str, length_mm: float | None = None) -> Alignment:
+    """P from the tibia mask (see module doc) and where the field of view cuts the tibia off. With ``length_mm`` (a
+    typical tibia's length) and only one end cut off, the canonical origin lies ``length_mm`` / 2 from the intact
+    end rather than in the middle of the visible part (a knee or an ankle CT shows part of the tibia: centred on
+    that part, its intact end would land far from where a whole tibia's end lies on the canonical grid)."""
     box = bounding_box(tibia.array)
     idx = np.zeros((0, 3), int) if box is None else np.argwhere(crop(tibia, *box).array != 0) + box[0]
     if len(idx) < 10:
         raise InputError(f"The tibia mask has {len(idx)} voxels; it must cover the tibia. Check that the right "
                          "segment/label was chosen.")
     step = max(1, len(idx) // 200_000)  # a subsample is plenty for the principal axis
-    pts = tibia.index_to_physical(idx[::step, ::-1].astype(float))
+    idx = idx[::step]
+    pts = tibia.index_to_physical(idx[:, ::-1].astype(float))
     centroid = pts.mean(axis=0)
     mirror = mirror_for_side(side, centroid)
     pts = pts @ mirror[:3, :3].T + mirror[:3, 3]
@@ -70,8 +90,39 @@ def patient_to_canonical(tibia: Volume, side: str) -> np.ndarray:
     axis = vecs[:, -1] * (1.0 if vecs[2, -1] >= 0 else -1.0)  # long axis, pointing superiorly
     rot = _rotation_onto_z(axis)
     along = (pts - centroid) @ axis
-    center = centroid + axis * (along.min() + along.max()) / 2.0
-    return make_affine(rot, -rot @ center) @ mirror
+    lo, hi = float(along.min()), float(along.max())
+    # mask voxels on the grid's outer faces across the long axis (the first or last slice, not a side of the field
+    # of view), each counting its face's area
+    last = np.asarray(tibia.array.shape) - 1
+    across = np.abs(axis @ mirror[:3, :3] @ tibia.direction)[::-1] > np.cos(np.radians(45.0))  # (k, j, i)
+    face_mm2 = np.prod(tibia.spacing) / tibia.spacing[::-1] * across
+    on_face = ((idx == 0) | (idx == last)) @ face_mm2 * step
+    cut_distal = bool(on_face[along < lo + CUT_ZONE_MM].sum() >= MIN_CUT_MM2)
+    cut_proximal = bool(on_face[along > hi - CUT_ZONE_MM].sum() >= MIN_CUT_MM2)
+    middle = (lo + hi) / 2.0
+    if length_mm is not None and cut_distal != cut_proximal:
+        half = max(length_mm, hi - lo) / 2.0
+        middle = lo + half if cut_proximal else hi - half
+    center = centroid + axis * middle
+    return Alignment(make_affine(rot, -rot @ center) @ mirror, cut_distal, cut_proximal)
+
+
+def patient_to_canonical(tibia: Volume, side: str) -> np.ndarray:
+    """4x4 LPS affine P from patient points to the canonical frame, from the tibia mask (see module doc)."""
+    return align_tibia(tibia, side).matrix
+
+
+def field_of_view(grid: Grid, field: Grid, transform: np.ndarray) -> np.ndarray:
+    """Which voxels (Z, Y, X bool) of the canonical ``grid`` lie inside the CT grid ``field``, with patient ->
+    canonical ``transform``."""
+    to_field = np.linalg.inv(field.ijk_to_lps) @ invert_affine(transform) @ grid.ijk_to_lps
+    axes = [np.arange(n, dtype=float) for n in grid.size]
+    inside = np.ones(grid.shape, bool)
+    for row, limit in zip(to_field[:3], field.size):  # each field index is affine in the grid's (i, j, k)
+        index = (row[0] * axes[0][None, None, :] + row[1] * axes[1][None, :, None] + row[2] * axes[2][:, None, None]
+                 + row[3])
+        inside &= (index > -0.5) & (index < limit - 0.5)
+    return inside
 
 
 def _antialias(volume: Volume, target_spacing: np.ndarray, binary: bool = False) -> Volume:
@@ -128,8 +179,11 @@ def smoothed_crops(ct: Volume, tibia: Volume, spacing: np.ndarray, fracture: Vol
 
 
 def resample_crops(crops: SmoothedCrops, grid: Grid, transform: np.ndarray,
-                   window_hu: Sequence[float] = DEFAULT_WINDOW_HU) -> CanonicalCase:
-    """Canonical tensors from smoothed crops with patient->canonical ``transform`` (see :func:`to_canonical`)."""
+                   window_hu: Sequence[float] = DEFAULT_WINDOW_HU, unseen_outside: Grid | None = None
+                   ) -> CanonicalCase:
+    """Canonical tensors from smoothed crops with patient->canonical ``transform`` (see :func:`to_canonical`). With
+    ``unseen_outside`` (the CT's grid, when it cuts the tibia off), the voxels outside it are not visible either: the
+    scan says nothing about the tibia there, as the fracture mask says nothing about the bone in it."""
     lo, hi = float(window_hu[0]), float(window_hu[1])
     back = invert_affine(transform)
     ct_c = resample(crops.ct, grid, back, default_value=lo, dtype=np.float32).array
@@ -139,6 +193,10 @@ def resample_crops(crops: SmoothedCrops, grid: Grid, transform: np.ndarray,
     visible = None
     if crops.fracture is not None:
         visible = (resample(crops.fracture, grid, back, dtype=np.float32).array < 0.5).astype(np.uint8)
+    if unseen_outside is not None:
+        inside = field_of_view(grid, unseen_outside, transform)
+        visible = (inside if visible is None else inside & (visible != 0)).astype(np.uint8)
+    if visible is not None:
         tensor = tensor * visible[None]
     return CanonicalCase(tensor, visible, transform)
 

@@ -73,21 +73,25 @@ class Fragments:
     surface_owner: np.ndarray
 
 
-def find_fragments(occupancy: np.ndarray, visible: np.ndarray) -> Fragments | None:
+def find_fragments(occupancy: np.ndarray, visible: np.ndarray, whole_slices: int | None = None) -> Fragments | None:
     """Fragments of the visible tibia (occupancy > 0.5 outside the fracture mask) on the canonical grid: the
-    pieces of at least MIN_FRAGMENT_SHARE of it (at least the largest piece), or None when no bone is visible."""
+    pieces of at least MIN_FRAGMENT_SHARE of it (at least the largest piece), or None when no bone is visible.
+    ``whole_slices``: the whole tibia's length in slices when the CT shows only part of it (a typical tibia's); the
+    share and the knee zone are then of a tibia that long, not of the part seen."""
     bone = (occupancy > 0.5) & (visible > 0.5)
     labels, n = ndimage.label(bone)
     if n == 0:
         return None
+    k = np.flatnonzero((occupancy > 0.5).any(axis=(1, 2)))
+    length = max(k[-1] - k[0] + 1, whole_slices or 0)
     sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-    keep = np.flatnonzero(sizes >= min(MIN_FRAGMENT_SHARE * sizes.sum(), sizes.max())) + 1
+    whole = sizes.sum() * length / (k[-1] - k[0] + 1)
+    keep = np.flatnonzero(sizes >= min(MIN_FRAGMENT_SHARE * whole, sizes.max())) + 1
     lut = np.zeros(n + 1, np.int64)
     lut[keep] = keep
     small = bone & (lut[labels] == 0)
     labels = lut[labels]
-    k = np.flatnonzero((occupancy > 0.5).any(axis=(1, 2)))
-    knee = labels[max(k[-1] - int(KNEE_ZONE * (k[-1] - k[0] + 1)), 0):k[-1] + 1]
+    knee = labels[max(k[-1] - int(KNEE_ZONE * length), 0):k[-1] + 1]
     in_knee = np.bincount(knee.ravel(), minlength=n + 1)
     in_knee[0] = 0
     # the knee pieces: those with at least KNEE_SHARE of the most knee-zone bone any piece has (a split condyle and
@@ -248,7 +252,7 @@ def reduce_input(x: torch.Tensor, visible: torch.Tensor, fragments: Fragments, r
 
 
 def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor,
-                           recon: torch.Tensor, rounds: int = ROUNDS
+                           recon: torch.Tensor, rounds: int = ROUNDS, whole_slices: int | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict, Placement | None]:
     """Fragment registration, reduction and reconstruction (module docstring) from the model's first pass (θ,
     reconstruction) on input x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X); then θ is corrected so that the
@@ -260,10 +264,10 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
     and another fragment is larger (a split-off condyle, the main piece's plateau hidden by the fracture mask), the
     single pass is placed on the largest fragment instead, without reduction rounds (on a held-out plateau case that
     drifted when reduced onto the shaft: Dice 0.881 -> 0.943); when even that is implausible, the single pass comes
-    back unplaced (the report says so under "refused")."""
+    back unplaced (the report says so under "refused"). ``whole_slices``: as for :func:`find_fragments`."""
     x = x.to(recon.device)
     visible = visible.to(recon.device)
-    fragments = find_fragments(x[0, -1].cpu().numpy(), visible[0, 0].cpu().numpy())
+    fragments = find_fragments(x[0, -1].cpu().numpy(), visible[0, 0].cpu().numpy(), whole_slices)
     report = {"fragments": 0 if fragments is None else len(fragments.ids), "rounds": []}
     if fragments is None:
         return theta, recon, x, visible, report, None
