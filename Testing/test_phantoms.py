@@ -136,6 +136,24 @@ def test_fragments_reassemble_into_the_healthy_tibia(kind):
     assert np.array_equal(c.fragment_ids.array > 0, c.fractured_labels.array == 1)
 
 
+def test_a_shaft_band_moves_the_same_fracture_along_the_tibia():
+    def where(c):  # the fracture mask's height along the tibia, a fraction of its length from the ankle
+        z = c.labels.index_to_physical(np.argwhere(c.labels.array == 1)[:, ::-1].astype(float)) @ c.info[
+            "pose_anatomical_to_lps"][:3, 2]
+        f = c.labels.index_to_physical(np.argwhere(c.fracture_mask.array != 0)[:, ::-1].astype(float)) @ c.info[
+            "pose_anatomical_to_lps"][:3, 2]
+        return (np.median(f) - z.min()) / np.ptp(z)
+
+    usual = case(11, spacing=COARSE, fracture_type="transverse")
+    high = case(11, spacing=COARSE, fracture_type="transverse", shaft_band=(0.8, 0.85))
+    low = case(11, spacing=COARSE, fracture_type="transverse", shaft_band=(0.15, 0.2))
+    assert 0.25 - 0.05 < where(usual) < 0.75 + 0.05
+    assert 0.8 - 0.05 < where(high) < 0.85 + 0.05 and 0.15 - 0.05 < where(low) < 0.2 + 0.05
+    assert np.array_equal(high.ct.array, usual.ct.array)  # the same leg; only the fracture moved
+    default = generate_case(11, spacing=COARSE, fracture_type="transverse", shaft_band=(0.25, 0.75))
+    assert np.array_equal(default.fracture_mask.array, usual.fracture_mask.array)  # the generator's band
+
+
 @pytest.mark.parametrize("kind", FRACTURE_TYPES)
 def test_fracture_mask_covers_every_fracture_surface(kind):
     c = case(11, spacing=COARSE, fracture_type=kind)

@@ -228,6 +228,21 @@ def test_fibula_side_reads_the_side_from_the_fibula():
     assert fibula_side(case.fractured_ct.with_array(no_fibula), tibia) is None
 
 
+@pytest.mark.parametrize("lateral_mm", [5.0, -5.0])
+def test_a_fibula_mostly_behind_the_tibia_still_gives_the_side(lateral_mm):
+    """A leg turned in the scanner puts the fibula nearly behind the tibia: 5 mm to one side of it is enough (the
+    fibula's side was right on all 89 held-out phantoms looked at; the model's misfit, the fallback, was not)."""
+    from TibiaReconstructionLib.predict import fibula_side
+
+    grid = Grid((100, 100, 90), (1.0, 1.0, 4.0), (-50.0, -50.0, -180.0), np.eye(3))
+    p = grid.index_to_physical(np.indices(grid.shape).reshape(3, -1).T[:, ::-1].astype(float))
+    tibia = (np.hypot(p[:, 0], p[:, 1]) <= 12.0) & (np.abs(p[:, 2]) <= 170.0)
+    fibula = (np.hypot(p[:, 0] - lateral_mm, p[:, 1] - 26.0) <= 6.0) & (np.abs(p[:, 2]) <= 160.0)
+    ct = Volume.on_grid(np.where(tibia | fibula, 1200, 40).astype(np.int16).reshape(grid.shape), grid)
+    assert fibula_side(ct, ct.with_array(tibia.astype(np.uint8).reshape(grid.shape))) == (
+        "left" if lateral_mm > 0 else "right")
+
+
 def test_the_visible_bone_is_kept_and_the_model_fills_the_fracture_zone(predictor, case, result):
     from scipy import ndimage
 

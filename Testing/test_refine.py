@@ -181,16 +181,22 @@ def test_an_implausible_reduction_keeps_the_single_pass(tiny_bundle, monkeypatch
     assert out[5] is None  # no placement: the visible bone is not fused into a refused reduction
 
 
-def test_an_implausible_reduction_onto_the_knee_piece_falls_back_to_placing_on_the_largest_fragment(
-        tiny_bundle, monkeypatch):
-    grid: Grid = tiny_bundle.grid
-    occ = np.zeros(grid.shape, np.float32)
-    occ[5:38, 9:15, 9:15] = occ[42:50, 8:16, 8:16] = 1.0  # a long shaft piece and a short knee piece
+def shaft_and_knee_piece(bundle):
+    """A long shaft piece and a short knee piece on ``bundle``'s grid: occupancy, visibility, x, visible and the
+    model's first pass (θ, reconstruction)."""
+    occ = np.zeros(bundle.grid.shape, np.float32)
+    occ[5:38, 9:15, 9:15] = occ[42:50, 8:16, 8:16] = 1.0
     seen = np.ones_like(occ)
     seen[38:42] = 0.0
     x = torch.from_numpy(np.stack([0.5 * occ, occ]))[None]
     visible = torch.from_numpy(seen)[None, None]
-    theta, _, recon = tiny_bundle.align_and_reconstruct(x, visible)
+    theta, _, recon = bundle.align_and_reconstruct(x, visible)
+    return occ, seen, x, visible, theta, recon
+
+
+def test_an_implausible_reduction_onto_the_knee_piece_falls_back_to_placing_on_the_largest_fragment(
+        tiny_bundle, monkeypatch):
+    occ, seen, x, visible, theta, recon = shaft_and_knee_piece(tiny_bundle)
     verdicts = iter([True])  # the first reduction (onto the knee piece) is implausible, every later one is not
     monkeypatch.setattr(refine, "_implausible", lambda angle, shift: next(verdicts, False))
     out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
@@ -198,3 +204,38 @@ def test_an_implausible_reduction_onto_the_knee_piece_falls_back_to_placing_on_t
     assert "knee_piece_refused" in report and "refused" not in report and report["rounds"] == []  # placed only
     assert placement is not None and placement.labels[20, 12, 12] == placement.anchor  # the shaft piece
     assert refine.find_fragments(occ, seen).anchor == placement.labels[45, 12, 12]  # first tried: the knee piece
+
+
+def test_the_rounds_reduce_onto_the_largest_fragment_and_the_knee_piece_still_anchors_the_prediction(
+        tiny_bundle, monkeypatch):
+    """A short knee piece registers less steadily than a long shaft piece: the rounds move the fragments relative to
+    the largest one (unless the CT cuts the tibia off); the final placement is still on the knee piece, which stays
+    where it lies in the CT."""
+    grid: Grid = tiny_bundle.grid
+    _, _, x, visible, theta, recon = shaft_and_knee_piece(tiny_bundle)
+    tilt = motion(6.0, (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), grid.index_to_physical(np.array([11.5, 11.5, 45.0])))
+
+    def register(fragments, *args, **kwargs):  # the knee piece fits the reconstruction tilted, the shaft as it is
+        motions = identity_theta(len(fragments.ids)).clone()
+        motions[fragments.ids.index(fragments.anchor)] = matrix_to_theta(tilt)
+        return motions, torch.zeros(len(fragments.ids), 3), torch.zeros(len(fragments.ids), 6), np.zeros(2)
+
+    reduced = []
+    reduce_input = refine.reduce_input
+    monkeypatch.setattr(refine, "register_fragments", register)
+    monkeypatch.setattr(refine, "reduce_input", lambda x, v, fragments, reductions, *a: (
+        reduced.append((fragments, reductions)), reduce_input(x, v, fragments, reductions, *a))[1])
+    out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
+    fragments, reductions = reduced[0]
+    knee, shaft = (fragments.ids.index(int(fragments.labels[k, 12, 12])) for k in (45, 20))
+    assert fragments.ids[knee] == fragments.anchor
+    np.testing.assert_allclose(theta_to_matrix(reductions[shaft]), np.eye(4), atol=1e-5)  # the largest stays
+    np.testing.assert_allclose(theta_to_matrix(reductions[knee]), tilt, atol=1e-4)  # the knee piece is moved
+    placement = out[5]
+    assert placement.anchor == fragments.anchor
+    np.testing.assert_allclose(placement.moves[placement.ids.index(placement.anchor)], np.eye(4), atol=1e-5)
+    reduced.clear()  # on a CT that cuts the tibia off (told by whole_slices), the rounds stay relative to the anchor
+    refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon, whole_slices=1)
+    fragments, reductions = reduced[0]
+    np.testing.assert_allclose(theta_to_matrix(reductions[knee]), np.eye(4), atol=1e-5)
+    np.testing.assert_allclose(theta_to_matrix(reductions[shaft]), np.linalg.inv(tilt), atol=1e-4)

@@ -308,12 +308,15 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
 # Accuracy: cases and scores
 
 
-def heldout_case(seed: int, spacing):
+def heldout_case(seed: int, spacing, shaft_band: tuple[float, float] | None = None):
     """A fractured phantom with the healthy other leg beside it, on a field of view of both lower legs (see
-    SIZE_LIMIT_MM). The fractured leg's anatomy, pose and fracture plan are the one-leg case's of the seed."""
+    SIZE_LIMIT_MM). The fractured leg's anatomy, pose and fracture plan are the one-leg case's of the seed;
+    ``shaft_band``: where along the tibia its shaft fracture lies (the generator's band when None)."""
     from .phantoms import generate_case
 
-    return generate_case(seed, fractured=True, spacing=tuple(spacing), size_limit_mm=SIZE_LIMIT_MM, both_legs=True)
+    band = {} if shaft_band is None else {"shaft_band": tuple(shaft_band)}
+    return generate_case(seed, fractured=True, spacing=tuple(spacing), size_limit_mm=SIZE_LIMIT_MM, both_legs=True,
+                         **band)
 
 
 def cut_field_of_view(case, end: str, fraction: float):
@@ -463,6 +466,9 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
            f"(`TibiaReconstructionLib.bench.cut_field_of_view`); scored on that grid. Skipped, the fracture outside "
            f"the scan: {', '.join(str(s) for s in setup['skipped']) or 'none'}."]
           if setup["field_of_view"] != "legs" else []),
+        *([f"- Shaft fractures (transverse, oblique, spiral, comminuted) between {setup['shaft_band'][0]:.0%} and "
+           f"{setup['shaft_band'][1]:.0%} of the tibia's length from the ankle (the generator's and the training "
+           "data's band: 25-75 %)."] if setup.get("shaft_band") is not None else []),
         "- Input to every method: the fractured CT (both legs), the fractured tibia mask (label 1, all fragments) "
         f"and the coarse fracture mask; leg side {'given' if setup['side'] == 'known' else 'chosen automatically'}; "
         "*model + other leg mask* and the contralateral baseline also get the other leg's tibia mask (label 6); "
@@ -547,27 +553,30 @@ def worst_case_figure(row: dict, predictor: Method, spacing, side_mode: str, pat
 def run_accuracy(bundles: list[str], out, n: int = 40, seed: int = DEFAULT_SEED, spacing=(1.0, 1.0, 2.0),
                  methods=tuple(METHODS), side: str = "auto", device: str = "auto",
                  overwrite: bool = False, progress: bool = True, field_of_view: str = "legs",
-                 fraction: float = 0.5) -> dict[str, Path]:
+                 fraction: float = 0.5, shaft_band: tuple[float, float] | None = None) -> dict[str, Path]:
     """Run the accuracy benchmark and write its report files into ``out``; returns their paths. ``field_of_view``
     'knee' or 'ankle': each case cut to that end's ``fraction`` of the tibia (:func:`cut_field_of_view`); cases
-    whose fracture then lies outside the scan are skipped."""
+    whose fracture then lies outside the scan are skipped. ``shaft_band``: see :func:`heldout_case`."""
     from tqdm import tqdm
 
     if n < 1:
         raise InputError(f"--n must be at least 1, got {n}.")
     if field_of_view != "legs" and not 0.1 <= fraction <= 1.0:
         raise InputError(f"--fov-fraction must be between 0.1 and 1, got {fraction:g}.")
+    if shaft_band is not None and not 0.0 <= shaft_band[0] <= shaft_band[1] <= 1.0:
+        raise InputError(f"--shaft-band must be two fractions 0 <= LO <= HI <= 1, got {shaft_band}.")
     out = Path(out)
     paths = _output_paths(out, ACCURACY_FILES, overwrite)
     command = ["tibia-recon", "bench", "accuracy", *[w for b in bundles for w in ("--bundle", b)], "--n", n,
                "--seed", seed, "--spacing", *spacing, "--methods", *methods, "--side", side, "--device", device,
                *(["--field-of-view", field_of_view, "--fov-fraction", fraction] if field_of_view != "legs" else []),
+               *(["--shaft-band", *shaft_band] if shaft_band is not None else []),
                "--out", out]
     start = time.perf_counter()
     predictors, bundle_info = build_methods(bundles, list(methods), device)
     rows, skipped = [], []
     for s in tqdm(range(seed, seed + n), desc="bench accuracy", disable=not progress):
-        case = heldout_case(s, spacing)
+        case = heldout_case(s, spacing, shaft_band)
         if field_of_view != "legs":
             case = cut_field_of_view(case, field_of_view, fraction)
         if case is None:
@@ -580,7 +589,8 @@ def run_accuracy(bundles: list[str], out, n: int = 40, seed: int = DEFAULT_SEED,
     first = next(iter(predictors))
     setup = {"date": _today(), "command": _quote(command), "n": n, "seed": seed, "spacing": list(spacing),
              "side": side, "machine": machine_description(), "seconds": time.perf_counter() - start,
-             "bundles": bundle_info, "field_of_view": field_of_view, "fraction": fraction, "skipped": skipped}
+             "bundles": bundle_info, "field_of_view": field_of_view, "fraction": fraction, "skipped": skipped,
+             "shaft_band": shaft_band}
     write_csv(rows, paths["csv"], overwrite)
     accuracy_boxplots(rows, paths["boxplots"], overwrite)
     worst = _worst_rows(rows, first, 1)
@@ -968,6 +978,9 @@ def register_cli(sub) -> None:
                         "--fov-fraction of the tibia")
     a.add_argument("--fov-fraction", type=float, default=0.5,
                    help="with a knee or ankle CT: the fraction of the tibia's length it shows (default 0.5)")
+    a.add_argument("--shaft-band", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="shaft fractures between these fractions of the tibia's length from the ankle (default: the "
+                        "generator's 0.25 0.75, where the training data's lie)")
 
     s = kinds.add_parser("speed", help="time predict by stage and peak memory per CT size and thread count",
                          description="Time predict end to end (read, load, check, model, resample, surface, write) "
@@ -996,7 +1009,7 @@ def register_cli(sub) -> None:
         if args.bench == "accuracy":
             paths = run_accuracy(args.bundle, args.out, args.n, args.seed, tuple(args.spacing), tuple(args.methods),
                                  args.side, args.device, args.overwrite, field_of_view=args.field_of_view,
-                                 fraction=args.fov_fraction)
+                                 fraction=args.fov_fraction, shaft_band=args.shaft_band)
         else:
             paths = run_speed(args.bundle, args.out, tuple(args.sizes), tuple(args.threads), args.repeat,
                               args.training, args.training_steps, args.batch, args.seed, tuple(args.spacing),

@@ -52,7 +52,7 @@ def _line(points: np.ndarray, up: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centre, direction * np.sign(direction @ up)
 
 
-def _centreline(tibia: np.ndarray, heights: np.ndarray) -> np.ndarray:
+def centreline(tibia: np.ndarray, heights: np.ndarray) -> np.ndarray:
     """The tibia's centre (n, 2; canonical x, y) at ``heights`` (canonical z): the centroid of the tibia's points
     (``tibia``, (m, 3) canonical) in SLAB_MM slabs, interpolated (held beyond the ends)."""
     slab = np.floor((tibia[:, 2] - tibia[:, 2].min()) / SLAB_MM).astype(int)
@@ -84,7 +84,7 @@ def find_broken_fibula(ct: Volume, tibia: Volume, tibia_box: tuple[np.ndarray, n
     bone[near] &= ~ndimage.binary_dilation(tib[near])
     kji = np.argwhere(bone)
     points = apply_affine(to_canonical, kji[:, ::-1].astype(float))
-    beside = points[:, :2] - _centreline(tib_points, points[:, 2])
+    beside = points[:, :2] - centreline(tib_points, points[:, 2])
     keep = ((points[:, 2] > bottom) & (points[:, 2] < top) & (beside[:, 0] > -MEDIAL_MM)
             & (np.linalg.norm(beside, axis=1) < RADIUS_MM))
     kji, points = kji[keep], points[keep]

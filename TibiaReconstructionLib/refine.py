@@ -3,12 +3,12 @@
 A displaced fracture shows the model pieces of bone that no single healthy tibia fits, and the LocNet and the
 autoencoder return a compromise between them. This step reads the fragments off the visible input (connected pieces
 of tibia outside the fracture mask), registers each one rigidly onto the model's reconstruction, moves every
-fragment by its motion relative to the proximal main fragment (the anchor: the largest piece that holds much of the
-knee, so the shaft's piece rather than a split-off condyle; it keeps its place, so the prediction stays in the
-patient's frame of the knee) and runs the model again on the reduced input. The fracture mask travels with every
-fragment and stays hidden; pieces too small to register are hidden too. After ROUNDS rounds (none when the tibia is
-in one piece or the first reconstruction already fits its fragments) the anchor is registered once more and θ
-corrected by its motion, so the prediction lies on the knee fragment.
+fragment by its motion relative to the largest fragment (the steadiest reference; the anchor below when the CT cuts
+the tibia off) and runs the model again on the reduced input. The fracture mask travels with every fragment and stays hidden; pieces too small to register are
+hidden too. After ROUNDS rounds (none when the tibia is in one piece or the first reconstruction already fits its
+fragments) the anchor, the proximal main fragment (the largest piece that holds much of the knee, so the shaft's
+piece rather than a split-off condyle), is registered once more and θ corrected by its motion: the prediction lies
+on the knee fragment, in the patient's frame of the knee, and every other fragment is placed relative to it.
 
 θ maps standard points to canonical points (see models/sampler.py); fragment motions are rigid maps of
 standard points. Tensors are (N, C, Z, Y, X) with N = 1.
@@ -271,7 +271,7 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
     report = {"fragments": 0 if fragments is None else len(fragments.ids), "rounds": []}
     if fragments is None:
         return theta, recon, x, visible, report, None
-    out = _reduce_onto(bundle, fragments, x, visible, theta, recon, rounds, report)
+    out = _reduce_onto(bundle, fragments, x, visible, theta, recon, rounds, report, steady=whole_slices is None)
     largest = max(fragments.ids, key=lambda f: int((fragments.labels == f).sum()))
     if "refused" in report and largest != fragments.anchor:
         report = {"fragments": len(fragments.ids), "rounds": [],
@@ -282,18 +282,23 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
 
 
 def _reduce_onto(bundle, fragments: Fragments, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor,
-                 recon: torch.Tensor, rounds: int, report: dict
+                 recon: torch.Tensor, rounds: int, report: dict, steady: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Placement | None]:
     """The rounds and the final placement of :func:`reduce_and_reconstruct` onto ``fragments.anchor``: θ, the
     reconstruction, the reduced x and visibility and the placement (the inputs and None when refused); fills in
-    ``report``."""
+    ``report``. ``steady``: the rounds move the fragments relative to the largest one, else to the anchor."""
     report["anchor_share"] = round(float((fragments.labels == fragments.anchor).sum() / (fragments.labels > 0).sum()),
                                    4)
     x_in, visible_in, theta_in, recon_in, params = x, visible, theta, recon, None
+    # the rounds move the fragments relative to the largest one, the steadiest reference: a short knee piece
+    # registered onto the reconstruction tilts easily, and its tilt, carried over to a long distal fragment, grew
+    # from round to round (shaft fractures just below the knee: 20-40 mm reductions). Not on a CT that cuts the
+    # tibia off, whose anchor may be a stub at the scan's edge (an ankle CT: one case of 12 went 2.5 -> 15 mm)
+    reference = max(fragments.ids, key=lambda f: int((fragments.labels == f).sum())) if steady else fragments.anchor
     for _ in range(rounds if len(fragments.ids) > 1 else 0):
         motions, centers, params, _ = register_fragments(fragments, theta, recon, bundle.grid, params,
                                                          STEPS if params is None else WARM_STEPS)
-        reductions = reduction_motions(motions, fragments.ids, fragments.anchor)
+        reductions = reduction_motions(motions, fragments.ids, reference)
         angle, shift = motion_sizes(reductions, centers)
         report["rounds"].append({"rotation_deg": np.round(angle, 2).tolist(), "shift_mm": np.round(shift, 2).tolist()})
         if (angle < MIN_ROTATION_DEG).all() and (shift < MIN_TRANSLATION_MM).all():

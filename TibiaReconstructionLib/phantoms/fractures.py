@@ -23,6 +23,7 @@ from .voxelize import Box, box_of_points, frame_coords
 
 FRACTURE_TYPES = ("transverse", "oblique", "spiral", "comminuted", "plateau")
 _TYPE_WEIGHTS = (0.22, 0.2, 0.2, 0.2, 0.18)
+SHAFT_BAND = (0.25, 0.75)  # shaft fractures lie this far along the tibia (fractions of its length from the ankle)
 MIN_FRAGMENT_ML = 0.3  # smaller pieces (or fewer than MIN_FRAGMENT_VOXELS voxels) stay with a main fragment
 MIN_FRAGMENT_VOXELS = 30
 MAX_PUSH_MM = 10.0
@@ -101,8 +102,9 @@ class FracturePlan:
 
 
 def plan_fracture(rng: np.random.Generator, anatomy: Anatomy, tissue: TissueModel,
-                  fracture_type: str | None = None) -> FracturePlan:
-    """Random cut and fragment motions (anatomical frame) of the given or a random fracture type."""
+                  fracture_type: str | None = None, shaft_band: tuple[float, float] = SHAFT_BAND) -> FracturePlan:
+    """Random cut and fragment motions (anatomical frame) of the given or a random fracture type; a shaft fracture
+    lies uniformly within ``shaft_band`` of the tibia's length from its distal end."""
     kind = str(rng.choice(FRACTURE_TYPES, p=_TYPE_WEIGHTS))
     if fracture_type is not None:
         if fracture_type not in FRACTURE_TYPES:
@@ -122,7 +124,7 @@ def plan_fracture(rng: np.random.Generator, anatomy: Anatomy, tissue: TissueMode
                                      np.array([side, 0.0, -0.3]))
         return plan
 
-    z_f = z_lo + rng.uniform(0.25, 0.75) * length
+    z_f = z_lo + rng.uniform(*shaft_band) * length
     c_f = anatomy.shaft_center(z_f)
     axis = anatomy.plateau - anatomy.plafond
     g = axis[:2] / axis[2]

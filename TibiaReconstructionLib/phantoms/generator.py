@@ -31,7 +31,7 @@ from ..geometry import Volume, mirror
 from ..io import read_volume, write_json, write_volume
 from .anatomy import Surface, sample_anatomy, sample_other_leg
 from .ct import LABEL_NAMES, OTHER_LABEL_NAMES, OTHER_TIBIA, TIBIA, acquire, build_scene, clean_ct, sample_tissue
-from .fractures import FRACTURE_TYPES, apply_fracture, plan_fracture
+from .fractures import FRACTURE_TYPES, SHAFT_BAND, apply_fracture, plan_fracture
 from .scanner import sample_scan
 
 FORMATS = ("nrrd", "nii.gz")
@@ -82,7 +82,7 @@ class PhantomCase:
 
 def generate_case(seed: int, fractured: bool = True, side: str | None = None, spacing: tuple | None = None,
                   fracture_type: str | None = None, oblique: bool = False, size_limit_mm=None,
-                  both_legs: bool = False) -> PhantomCase:
+                  both_legs: bool = False, shaft_band: tuple[float, float] = SHAFT_BAND) -> PhantomCase:
     """Make one case from ``seed``.
 
     side: 'left', 'right' or None (random). spacing: (sx, sy, sz) mm along the grid axes, one number
@@ -90,6 +90,8 @@ def generate_case(seed: int, fractured: bool = True, side: str | None = None, sp
     fracture_type: one of FRACTURE_TYPES or None (random). oblique: tilted grid axes (direction
     matrix up to 20 deg per Euler angle). size_limit_mm: cap on the grid extent (see scanner.sample_scan).
     both_legs: the healthy other leg in the same CT (module docstring); only ``side``'s leg is fractured.
+    shaft_band: where along the tibia shaft fractures lie (fractions of its length from the ankle; the same seed
+    draws the same fracture, at its place in the band).
     """
     if side not in (None, "left", "right"):
         raise InputError(f"side must be 'left', 'right' or None (random), got {side!r}.")
@@ -119,7 +121,7 @@ def generate_case(seed: int, fractured: bool = True, side: str | None = None, sp
         case.other_tibia_surface = other.tibia.transformed(scan.other_pose)
         case.other_shape_coefficients = other.coefficients
     if fractured:
-        plan = plan_fracture(r_frac, anatomy, tissue, fracture_type)
+        plan = plan_fracture(r_frac, anatomy, tissue, fracture_type, shaft_band)
         result = apply_fracture(scene, clean, anatomy, plan, tissue, r_frac)
         del clean
         case.fractured_ct = Volume.on_grid(acquire(result.clean, grid, tissue, r_noise_f), grid)
