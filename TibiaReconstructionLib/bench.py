@@ -313,10 +313,10 @@ def heldout_case(seed: int, spacing, shaft_band: tuple[float, float] | None = No
     SIZE_LIMIT_MM). The fractured leg's anatomy, pose and fracture plan are the one-leg case's of the seed;
     ``shaft_band``: where along the tibia its shaft fracture lies (the generator's band when None)."""
     from .phantoms import generate_case
+    from .phantoms.fractures import SHAFT_BAND
 
-    band = {} if shaft_band is None else {"shaft_band": tuple(shaft_band)}
     return generate_case(seed, fractured=True, spacing=tuple(spacing), size_limit_mm=SIZE_LIMIT_MM, both_legs=True,
-                         **band)
+                         shaft_band=tuple(shaft_band or SHAFT_BAND))
 
 
 def cut_field_of_view(case, end: str, fraction: float):

@@ -7,9 +7,10 @@ centimetres: each piece's end is summed up by the centroid and direction of its 
 when each centroid lies on the other's line (:func:`offsets`; about 1 mm apart at the true pose on phantoms).
 
 The fibula is bone above FIBULA_HU outside the tibia mask, within RADIUS_MM of the tibia's centre at its height and not
-more than MEDIAL_MM medial of it (where the other leg would be), away from the knee and the ankle (JOINT_MARGIN_MM from the tibia's ends, where femur, patella and talus lie), read on a lattice of
-about STEP_MM. It counts as broken in two when it falls into two large pieces one above the other, the upper
-reaching up towards the knee, the lower down towards the ankle.
+more than MEDIAL_MM medial of it (where the other leg would be), away from the knee and the ankle (JOINT_MARGIN_MM from
+the tibia's ends, where femur, patella and talus lie), read on a lattice of about STEP_MM. It counts as broken in two
+when it falls into two large pieces one above the other, the upper reaching up towards the knee, the lower down towards
+the ankle.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ JOINT_MARGIN_MM = 25.0
 STEP_MM = 2.0
 END_MM = 40.0
 MIN_PIECE_ML = 1.5
-MIN_LENGTH_MM = 80.0  # each piece at least this long where the fibula is looked for: its end is from the shaft, not the head
+MIN_LENGTH_MM = 80.0  # each piece this long where the fibula is looked for: its end is from the shaft, not the head
 REACH_MM = 15.0  # a piece reaches towards a joint when it ends within this of the search's end on that side
 
 

@@ -152,17 +152,17 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
                       tibia_box: tuple[np.ndarray, np.ndarray], placement: Placement, canonical: Grid,
                       patient_to_canonical: np.ndarray, reassemble_fragments: bool = True,
                       template: np.ndarray | None = None) -> Fused:
-    """Fuse the visible fragments (module docstring) into ``model_occupancy`` (on ``destination``: along the CT's
-    axes through CT voxel centres, every n-th voxel along each axis). The masks are read on that lattice too.
-    ``tibia_box``: the tibia mask's index box (lo, hi inclusive, (k, j, i)) on the CT; ``canonical``: the grid of
-    ``placement.labels``; ``patient_to_canonical``: the 4x4 LPS map P; ``reassemble_fragments``: refit the main
-    moved fragment's move by the contact of the broken faces and, without a template, a broken fibula's ends lining
-    up (:func:`reassembly.reassemble`, :mod:`fibula`; its report is the report's "reassembly"); ``template``: the
-    other leg's tibia fitted to the anchor, as an occupancy on ``destination`` (:mod:`template`): it replaces ``model_occupancy`` and the moved fragments are registered onto
-    it before the reassembly (the report's "template"; a registered fragment is pasted when it lies within
-    MAX_MISFIT_MM of the template rather than of the reconstruction), unless :func:`template.mismatch` finds it
-    unlike the patient's tibia (the report's "template_refused" says why; the fusion is then made without it).
-    Inputs are not modified."""
+    """Fuse the visible fragments (module docstring) into ``model_occupancy`` (on ``destination``: along the CT's axes
+    through CT voxel centres, every n-th voxel along each axis). The masks are read on that lattice too. ``tibia_box``:
+    the tibia mask's index box (lo, hi inclusive, (k, j, i)) on the CT; ``canonical``: the grid of ``placement.labels``;
+    ``patient_to_canonical``: the 4x4 LPS map P; ``reassemble_fragments``: refit the main moved fragment's move by the
+    contact of the broken faces and, without a template, a broken fibula's ends lining up
+    (:func:`reassembly.reassemble`, :mod:`fibula`; its report is the report's "reassembly"); ``template``: the other
+    leg's tibia fitted to the anchor, as an occupancy on ``destination`` (:mod:`template`): it replaces
+    ``model_occupancy`` and the moved fragments are registered onto it before the reassembly (the report's "template"; a
+    registered fragment is pasted when it lies within MAX_MISFIT_MM of the template rather than of the reconstruction),
+    unless :func:`template.mismatch` finds it unlike the patient's tibia (the report's "template_refused" says why; the
+    fusion is then made without it). Inputs are not modified."""
     step = np.maximum(np.rint(destination.spacing / ct.spacing), 1).astype(int)[::-1]  # (k, j, i)
     start = np.rint(ct.grid.physical_to_index(destination.origin)[::-1]).astype(int)
     end = start + step * (np.asarray(destination.shape) - 1)

@@ -28,7 +28,7 @@ from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, 
     image_volume, invert_affine, resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, align_tibia, patient_to_canonical, resample_crops, smoothed_crops
-from .fibula import centreline
+from .fibula import FIBULA_HU, centreline
 from .fusion import Fused, fuse_visible_bone
 from .template import MAX_FIT_RMS_MM, template_box, template_occupancy
 from .refine import Placement, reduce_and_reconstruct
@@ -42,11 +42,10 @@ MAX_SPACING_MM = 6.0
 WARN_SPACING_MM = 3.0
 MIN_SLICES = 8  # a CT needs at least this many voxels along every axis
 MIN_TIBIA_EXTENT_MM = 60.0  # at least this much of the tibia must be in the CT (an adult tibia is 300-450 mm)
-# Side from the fibula: bone above FIBULA_HU within FIBULA_RADIUS_MM of the tibia, at least FIBULA_MIN_MM3 of it,
-# whose median lies at least FIBULA_MIN_OFFSET_MM to one side (:func:`fibula_side`; 90 held-out phantoms: all on the
-# right side, at 2.8 mm or more; with the axis alone and 8 mm, 17 fell to the model's misfit, which chose wrong on
-# three shaft fractures).
-FIBULA_HU = 250.0
+# Side from the fibula: bone above FIBULA_HU (:mod:`fibula`'s) within FIBULA_RADIUS_MM of the tibia, at least
+# FIBULA_MIN_MM3 of it, whose median lies at least FIBULA_MIN_OFFSET_MM to one side (:func:`fibula_side`; 90 held-out
+# phantoms: all on the right side, at 2.8 mm or more; with the axis alone and 8 mm, 17 fell to the model's misfit, which
+# chose wrong on three shaft fractures).
 FIBULA_RADIUS_MM = 45.0
 FIBULA_MIN_MM3 = 1000.0
 FIBULA_MIN_OFFSET_MM = 2.5

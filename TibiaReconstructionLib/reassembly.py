@@ -16,8 +16,8 @@ sideways move of the face's centre by PRIOR_SHIFT_MM, or a turn by PRIOR_TURN_DE
 contact gains. Where the fibula is broken too (:mod:`fibula`), its distal piece moves with the distal fragment and
 its pieces' ends lining up again (within FIBULA_WIDTH_MM) adds up to FIBULA_WEIGHT to the contact: the fibula
 tells where the fragment's lateral side belongs, its turn about the tibia's axis and its slide across the break,
-which a round shaft's face leaves loose (one leg, 20 held-out phantoms: RMSD 1.55 -> 1.42 mm). The fit is kept only when the faces meet clearly better than before, without
-overlap, and the change is of a plausible size.
+which a round shaft's face leaves loose (one leg, 20 held-out phantoms: RMSD 1.55 -> 1.42 mm). The fit is kept only
+when the faces meet clearly better than before, without overlap, and the change is of a plausible size.
 
 Points are patient LPS (mm); arrays (Z, Y, X); moves 4x4 maps of patient points from where the fragment lies in
 the CT to where it goes in the prediction.
@@ -208,7 +208,9 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
 
     def gain(contact: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """What the fit gains: the faces' contact and, with a broken fibula, its ends lined up (within a few mm)."""
-        return contact if fibula is None else contact + FIBULA_WEIGHT * torch.exp(-0.5 * (offset / FIBULA_WIDTH_MM) ** 2)
+        if fibula is None:
+            return contact
+        return contact + FIBULA_WEIGHT * torch.exp(-0.5 * (offset / FIBULA_WIDTH_MM) ** 2)
 
     def energy(params: torch.Tensor, width: float) -> torch.Tensor:
         contact, overlap, offset = terms(params, width)
@@ -253,7 +255,7 @@ def fragment_mask(pieces: np.ndarray, owner: np.ndarray, fragment: int) -> np.nd
 
 
 def _holds_both_ends(tibia: Volume, pieces: np.ndarray, owner: np.ndarray, anchor: int, fragment: int,
-                         axis: np.ndarray) -> bool:
+                     axis: np.ndarray) -> bool:
     """Whether ``anchor``'s pieces reach the tibia's proximal end and ``fragment``'s its distal end (within END_REACH_MM
     along ``axis``, superior), as the fibula's pieces do the knee and the ankle."""
     heights = {}

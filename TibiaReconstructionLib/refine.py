@@ -1,14 +1,15 @@
 """Fragment-wise reduction before the final reconstruction, on the canonical grid (mm).
 
 A displaced fracture shows the model pieces of bone that no single healthy tibia fits, and the LocNet and the
-autoencoder return a compromise between them. This step reads the fragments off the visible input (connected pieces
-of tibia outside the fracture mask), registers each one rigidly onto the model's reconstruction, moves every
-fragment by its motion relative to the largest fragment (the steadiest reference; the anchor below when the CT cuts
-the tibia off) and runs the model again on the reduced input. The fracture mask travels with every fragment and stays hidden; pieces too small to register are
-hidden too. After ROUNDS rounds (none when the tibia is in one piece or the first reconstruction already fits its
-fragments) the anchor, the proximal main fragment (the largest piece that holds much of the knee, so the shaft's
-piece rather than a split-off condyle), is registered once more and θ corrected by its motion: the prediction lies
-on the knee fragment, in the patient's frame of the knee, and every other fragment is placed relative to it.
+autoencoder return a compromise between them. This step reads the fragments off the visible input (connected pieces of
+tibia outside the fracture mask), registers each one rigidly onto the model's reconstruction, moves every fragment by
+its motion relative to the largest fragment (the steadiest reference; the anchor below when the CT cuts the tibia off)
+and runs the model again on the reduced input. The fracture mask travels with every fragment and stays hidden; pieces
+too small to register are hidden too. After ROUNDS rounds (none when the tibia is in one piece or the first
+reconstruction already fits its fragments) the anchor, the proximal main fragment (the largest piece that holds much of
+the knee, so the shaft's piece rather than a split-off condyle), is registered once more and θ corrected by its motion:
+the prediction lies on the knee fragment, in the patient's frame of the knee, and every other fragment is placed
+relative to it.
 
 θ maps standard points to canonical points (see models/sampler.py); fragment motions are rigid maps of
 standard points. Tensors are (N, C, Z, Y, X) with N = 1.
@@ -271,30 +272,30 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
     report = {"fragments": 0 if fragments is None else len(fragments.ids), "rounds": []}
     if fragments is None:
         return theta, recon, x, visible, report, None
-    out = _reduce_onto(bundle, fragments, x, visible, theta, recon, rounds, report, steady=whole_slices is None)
     largest = max(fragments.ids, key=lambda f: int((fragments.labels == f).sum()))
-    if "refused" in report and largest != fragments.anchor:
-        report = {"fragments": len(fragments.ids), "rounds": [],
-                  "knee_piece_refused": report["refused"] + "; the single pass is placed on the largest fragment "
-                                                            "instead, without reduction"}
-        out = _reduce_onto(bundle, replace(fragments, anchor=largest), x, visible, theta, recon, 0, report)
-    return (*out[:4], report, out[4])
-
-
-def _reduce_onto(bundle, fragments: Fragments, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor,
-                 recon: torch.Tensor, rounds: int, report: dict, steady: bool = True
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Placement | None]:
-    """The rounds and the final placement of :func:`reduce_and_reconstruct` onto ``fragments.anchor``: θ, the
-    reconstruction, the reduced x and visibility and the placement (the inputs and None when refused); fills in
-    ``report``. ``steady``: the rounds move the fragments relative to the largest one, else to the anchor."""
-    report["anchor_share"] = round(float((fragments.labels == fragments.anchor).sum() / (fragments.labels > 0).sum()),
-                                   4)
-    x_in, visible_in, theta_in, recon_in, params = x, visible, theta, recon, None
     # the rounds move the fragments relative to the largest one, the steadiest reference: a short knee piece
     # registered onto the reconstruction tilts easily, and its tilt, carried over to a long distal fragment, grew
     # from round to round (shaft fractures just below the knee: 20-40 mm reductions). Not on a CT that cuts the
     # tibia off, whose anchor may be a stub at the scan's edge (an ankle CT: one case of 12 went 2.5 -> 15 mm)
-    reference = max(fragments.ids, key=lambda f: int((fragments.labels == f).sum())) if steady else fragments.anchor
+    reference = largest if whole_slices is None else fragments.anchor
+    out = _reduce_onto(bundle, fragments, x, visible, theta, recon, rounds, report, reference)
+    if "refused" in report and largest != fragments.anchor:
+        report = {"fragments": len(fragments.ids), "rounds": [],
+                  "knee_piece_refused": report["refused"] + "; the single pass is placed on the largest fragment "
+                                                            "instead, without reduction"}
+        out = _reduce_onto(bundle, replace(fragments, anchor=largest), x, visible, theta, recon, 0, report, largest)
+    return (*out[:4], report, out[4])
+
+
+def _reduce_onto(bundle, fragments: Fragments, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor,
+                 recon: torch.Tensor, rounds: int, report: dict, reference: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Placement | None]:
+    """The rounds and the final placement of :func:`reduce_and_reconstruct` onto ``fragments.anchor``: θ, the
+    reconstruction, the reduced x and visibility and the placement (the inputs and None when refused); fills in
+    ``report``. ``reference``: the fragment the rounds move the others relative to."""
+    report["anchor_share"] = round(float((fragments.labels == fragments.anchor).sum() / (fragments.labels > 0).sum()),
+                                   4)
+    x_in, visible_in, theta_in, recon_in, params = x, visible, theta, recon, None
     for _ in range(rounds if len(fragments.ids) > 1 else 0):
         motions, centers, params, _ = register_fragments(fragments, theta, recon, bundle.grid, params,
                                                          STEPS if params is None else WARM_STEPS)

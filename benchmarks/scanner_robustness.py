@@ -77,8 +77,9 @@ def report(rows: list[dict], args, seconds: float) -> str:
              f"{' x '.join(f'{s:g}' for s in args.spacing)} mm); the CT changed, the masks not: noise = extra Gaussian "
              f"noise SD {args.noise_hu:g} HU; smooth = Gaussian blur SD {args.blur_mm:g} mm (a softer kernel); weak = "
              f"HU above 100 scaled by {args.bone_scale:g} towards 100 (weaker bone). Bundle `{args.bundle}`; "
-             f"machine: {machine['cpu']}, {machine['usable_cpus']} CPUs, git {machine['git_commit']}. Mean ± half width of the 95 % "
-             "confidence interval; 'other leg used': cases whose prediction took the other leg as template.", "",
+             f"machine: {machine['cpu']}, {machine['usable_cpus']} CPUs, git {machine['git_commit']}. Mean ± half "
+             "width of the 95 % confidence interval; 'other leg used': cases whose prediction took the other leg as "
+             "template.", "",
              "| change | method | Dice | RMSD (mm) | HD95 (mm) | other leg used |", "|---|---|---|---|---|---|"]
     for change in CHANGES:
         for method in METHODS:
