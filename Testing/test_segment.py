@@ -62,6 +62,17 @@ def test_fibula_never_tibia(case, result):
     assert np.count_nonzero(result.tibia.array[fibula]) < 0.02 * np.count_nonzero(fibula)  # contact voxels only
 
 
+def test_fibula_parted_from_dim_bone(case):
+    """Weak bone (HU above 100 scaled by 0.6: cortex about 900 HU) dims the cortex between tibia and fibula towards
+    the fixed ridge; the fibula must still be parted (a 600 HU ridge took in 14 % of it)."""
+    hu = case.fractured_ct.array.astype(np.float32)
+    dim = case.fractured_ct.with_array(np.rint(np.where(hu > 100, 100 + 0.6 * (hu - 100), hu)).astype(np.int16))
+    tibia = segment_tibia(dim).tibia.array != 0
+    fibula = case.fractured_labels.array == FIBULA
+    assert np.count_nonzero(tibia[fibula]) < 0.02 * np.count_nonzero(fibula)
+    assert dice(tibia, case.fractured_labels.array == TIBIA) > 0.95
+
+
 @pytest.mark.parametrize("name", sorted(NEIGHBOURS))
 def test_neighbouring_bones_excluded(case, result, name):
     bone = case.fractured_labels.array == NEIGHBOURS[name]

@@ -12,6 +12,7 @@ from TibiaReconstructionLib.geometry import Grid, Volume, apply_affine, bounding
 from TibiaReconstructionLib.metrics import dice
 from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.refine import Placement
+from TibiaReconstructionLib.surface import UNCERTAINTY_ARRAY
 from TibiaReconstructionLib.template import mismatch, template_box, template_occupancy
 import test_contralateral
 import test_fusion
@@ -166,3 +167,17 @@ def test_the_command_uses_the_other_leg_by_default_and_writes_no_uncertainty_the
     assert report["visible_bone"]["other_leg"]["used"] and report["inputs"]["other_tibia_mask"] == "auto"
     assert "uncertainty" not in report["outputs"] and not list(out.glob("*uncertainty*"))
     assert (out / "predicted_tibia_label.nrrd").exists() and (out / "predicted_tibia_LPS.stl").exists()
+
+
+def test_a_template_refused_for_its_shape_leaves_the_models_posterior(default_predictor, exact, monkeypatch):
+    """When the fusion refuses the fitted template (unlike the patient's tibia), the prediction is the model's and
+    comes with the model's uncertainty, as without the other leg: on the work grid and on the surface points."""
+    ct, tibia, fracture, other, *_ = exact
+    alone = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=None)
+    monkeypatch.setattr(fusion, "mismatch", lambda *args: "it differs from the model's reconstruction (test)")
+    result = default_predictor.predict(ct, tibia, fracture, side="left", other_tibia=other)
+    assert not result.fusion["other_leg"]["used"] and "(test)" in result.fusion["other_leg"]["why_not"]
+    assert dice(result.labelmap.array != 0, alone.labelmap.array != 0) > 0.999
+    std = result.occupancy_std
+    assert std is not None and std.array.max() == pytest.approx(alone.occupancy_std.array.max(), rel=0.05)
+    assert result.surface.GetPointData().GetArray(UNCERTAINTY_ARRAY) is not None

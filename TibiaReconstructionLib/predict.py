@@ -352,7 +352,6 @@ class Predictor:
             chosen = min(candidates, key=lambda s: candidates[s].misfit)
             run = candidates[chosen]
             p, theta, recon = run.p, run.theta, run.recon
-            std = self._uncertainty(run)
             t["model"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             fitted = None if fitting is None else fitting.result()
@@ -367,6 +366,7 @@ class Predictor:
 
         report(0.6, "Mapping the prediction into the CT grid")
         t0 = time.perf_counter()
+        std = None if other is not None else self._uncertainty(run)  # the posterior says nothing about a template
         chain = TransformChain().then("mirror, align long axis, centre", p, "canonical") \
             .then("inverse theta (LocNet)", invert_affine(theta), "standard")
         fuse = None
@@ -378,11 +378,10 @@ class Predictor:
                 self.reassemble_fragments, None if bone is None else template_occupancy(bone, other.transform, grid))
         work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse,
                                   None if bone is None else template_box(bone, other.transform, ct.grid))
-        if other is not None and "template" in work.fused.report:
-            std, work = None, replace(work, spread=None)  # the model's posterior says nothing about the template
-        elif other is not None:
+        if other is not None and "template" not in work.fused.report:  # refused: the model's shape, its posterior
             why_not = work.fused.report["template_refused"]
-            other = None
+            other, std = None, self._uncertainty(run)
+            work = replace(work, spread=self._spread(std, work.grid, chain.matrix(), work.fused.fixed))
         if why_not is not None and not quiet:
             warnings.append(f"The other leg was not used: {why_not.rstrip('.')}.")
         # the surface (VTK, which releases the GIL) is built while the work grid is interpolated onto the CT
@@ -467,8 +466,7 @@ class Predictor:
                       cover: tuple[np.ndarray, np.ndarray] | None = None) -> WorkGrid:
         """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the work grid (:class:`WorkGrid`),
         over the CT box that the predicted tibia can reach; with ``std`` (Z, Y, X) also the occupancy's standard
-        deviation, which is as smooth as the model, so interpolating it linearly gives the values on the CT's voxels
-        (0 where the patient's bone is kept where it lies). ``fuse`` (occupancy, its grid: the work grid) puts the
+        deviation (:meth:`_spread`). ``fuse`` (occupancy, its grid: the work grid) puts the
         patient's visible bone into the occupancy; the box also covers ``cover`` (a CT index box, (i, j, k) lo, hi)."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
@@ -485,9 +483,8 @@ class Predictor:
         def onto_work(values: np.ndarray) -> np.ndarray:
             return resample(Volume.on_grid(values.astype(np.float32), grid), work, patient_to_standard).array
 
-        spread = None if std is None else Volume.on_grid(onto_work(std) if len(inside) else
-                                                          np.zeros(work.shape, np.float32), work)
         if len(inside) == 0:
+            spread = None if std is None else Volume.on_grid(np.zeros(work.shape, np.float32), work)
             return WorkGrid(work, lo, hi, factors, None, None, spread, None)
         occ_work, int_work = onto_work(occ), onto_work(recon[0])  # intensity channel: window-mapped HU x occupancy
         fused = None
@@ -496,9 +493,19 @@ class Predictor:
             occ_work = fused.occupancy
             lo_hu, hi_hu = self.bundle.window_hu
             int_work = np.where(fused.owned, np.clip((fused.hu - lo_hu) / (hi_hu - lo_hu), 0, 1) * occ_work, int_work)
-            if spread is not None:
-                spread.array[fused.fixed] = 0.0
+        spread = self._spread(std, work, patient_to_standard, None if fused is None else fused.fixed)
         return WorkGrid(work, lo, hi, factors, occ_work, int_work, spread, fused)
+
+    def _spread(self, std: np.ndarray | None, work: Grid, patient_to_standard: np.ndarray,
+                fixed: np.ndarray | None) -> Volume | None:
+        """The occupancy's std (Z, Y, X; standard coordinates), which is as smooth as the model, interpolated linearly
+        onto the work grid; 0 where the patient's bone is kept where it lies (``fixed``). None without ``std``."""
+        if std is None:
+            return None
+        spread = resample(Volume.on_grid(std.astype(np.float32), self.bundle.grid), work, patient_to_standard)
+        if fixed is not None:
+            spread.array[fixed] = 0.0
+        return spread
 
     def _work_to_ct(self, work: WorkGrid, ct: Volume) -> tuple[Volume, Volume]:
         """The labelmap (uint8) and intensity (int16 HU; the window's floor outside the tibia) on the CT grid:

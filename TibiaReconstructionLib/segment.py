@@ -28,7 +28,11 @@ from .segment_legs import LegTibia, cut_ankles, leg_tibia, split_legs
 
 WORK_MM = 1.25              # working grid voxel size
 LOW_HU, HIGH_HU = 140.0, 500.0  # bone: above LOW_HU and connected to voxels above HIGH_HU (cortex)
-RIDGE_HU = 600.0            # touching bones are parted along cortex brighter than this
+# Touching bones are parted along cortex brighter than RIDGE_HU, or than RIDGE_FRACTION of the CT's cortical level (the
+# 99th percentile of its bone) where that is lower: weak bone (osteoporosis, a high tube voltage) or a soft kernel dims
+# a thin cortex below a fixed ridge, and the fibula's head then merges into the tibia (held-out phantoms with bone HU x
+# 0.6: 8-17 ml of fibula in the other leg's tibia, none with the fraction)
+RIDGE_HU, RIDGE_FRACTION, CORTEX_PERCENTILE = 600.0, 0.45, 99.0
 BAND_MM = 2.5               # the surface is refined within this depth below the working surface
 EDGE_WINDOW_MM = 3.0        # window of the local surface level (half-way between local max and min HU)
 CANAL_GAP_MM = 8.0          # fracture gaps up to this wide are bridged to fill the marrow behind them
@@ -86,7 +90,8 @@ def segment_tibia(ct: Volume, side: str = "auto", fracture_mask: Volume | None =
     work = _working_volume(ct, *region)
     clock.lap("resample")
     report(0.3, "Finding the bones")
-    labels, n = split_pieces(bone_mask(work.array, LOW_HU, HIGH_HU), work.array, WORK_MM, ridge_hu=RIDGE_HU)
+    bone = bone_mask(work.array, LOW_HU, HIGH_HU)
+    labels, n = split_pieces(bone, work.array, WORK_MM, ridge_hu=_ridge_hu(work.array, bone))
     pieces = Pieces.measure(labels, n, work.origin, WORK_MM)
     labels, n = cut_ankles(pieces)
     if n > pieces.n:
@@ -154,6 +159,11 @@ def _working_volume(ct: Volume, lo: np.ndarray, hi: np.ndarray) -> Volume:
     kji = ct.physical_to_index(grid.corners())[:, ::-1]
     sub = crop(ct, np.floor(kji.min(axis=0)).astype(int) - 1, np.ceil(kji.max(axis=0)).astype(int) + 1)
     return resample(sub, grid, default_value=-1000.0, dtype=np.float32)
+
+
+def _ridge_hu(hu: np.ndarray, bone: np.ndarray) -> float:
+    """The HU above which cortex parts touching bones (RIDGE_HU, lower in a CT whose bone is dim)."""
+    return min(RIDGE_HU, RIDGE_FRACTION * float(np.percentile(hu[bone], CORTEX_PERCENTILE))) if bone.any() else RIDGE_HU
 
 
 def _fracture_fractions(pieces: Pieces, fracture_mask: Volume | None, grid: Grid) -> np.ndarray:
