@@ -22,6 +22,7 @@ from . import __version__
 from .canonical import CHANNEL_NAMES
 from .errors import BundleError, InputError, OutputExistsError
 from .geometry import Grid
+from .hidden_end import stretch_to_tibia
 from .io import atomic_folder
 from .models import AffineGridSampler, Autoencoder, LocNet, build_autoencoder, build_locnet, invert_theta
 
@@ -59,20 +60,37 @@ class Bundle:
         return float((slices.max() - slices.min() + 1) * self.grid.spacing[2]) if len(slices) else TYPICAL_TIBIA_MM
 
     @torch.no_grad()
-    def align_and_reconstruct(self, x: torch.Tensor, visible: torch.Tensor | None = None
+    def align_and_reconstruct(self, x: torch.Tensor, visible: torch.Tensor | None = None,
+                              tibia_z: tuple[float, float] | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """θ (N, 3, 4) in canonical mm, x aligned to standard coordinates, and its reconstruction there.
 
         ``x`` (N, C, Z, Y, X) is on the canonical grid (fracture region zeroed); ``visible``
         (N, 1, Z, Y, X) marks its observed voxels (all when None). Voxels that the alignment pulls
-        from outside the input count as not visible.
+        from outside the input count as not visible. ``tibia_z`` (N = 1): the tibia mask's canonical z range;
+        where the fracture mask hides the tibia's proximal end, θ is stretched along z to reach it and the input
+        reconstructed again (:mod:`hidden_end`).
         """
         x = x.to(self.device, torch.float32)
         theta = self.locnet(x)
+        aligned, recon = self.reconstruct(x, visible, theta)
+        if tibia_z is not None:
+            stretch = stretch_to_tibia(theta, recon, x[0, -1].cpu().numpy(), tibia_z, self.grid)
+            if stretch is not None:
+                theta = stretch.theta
+                aligned, recon = self.reconstruct(x, visible, theta)
+        return theta, aligned, recon
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, visible: torch.Tensor | None, theta: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` (N, C, Z, Y, X, canonical) aligned to standard coordinates by ``theta`` and its reconstruction
+        there; ``visible`` as for :meth:`align_and_reconstruct`."""
+        x = x.to(self.device, torch.float32)
         vis = torch.ones_like(x[:, :1]) if visible is None else visible.to(self.device, torch.float32)
         both = self.sampler(torch.cat([x, vis], dim=1), theta)  # one resampling for the image and its visibility
         aligned, vis_aligned = both[:, :-1], (both[:, -1:] > 0.5).float()
-        return theta, aligned, self.autoencoder.reconstruct(aligned, vis_aligned)
+        return aligned, self.autoencoder.reconstruct(aligned, vis_aligned)
 
     @torch.no_grad()
     def reconstruction_std(self, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor) -> torch.Tensor | None:

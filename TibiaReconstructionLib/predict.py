@@ -30,6 +30,7 @@ from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, align_tibia, patient_to_canonical, resample_crops, smoothed_crops
 from .fibula import FIBULA_HU, centreline
 from .fusion import Fused, fuse_visible_bone
+from .hidden_end import hidden_end
 from .template import MAX_FIT_RMS_MM, template_box, template_occupancy
 from .refine import Placement, reduce_and_reconstruct
 from .resources import DEFAULT_BUNDLE
@@ -288,13 +289,17 @@ class Predictor:
                               ct.grid if alignment.cut else None)
         x = torch.from_numpy(case.tensor[None])
         visible = torch.from_numpy(case.visible[None, None].astype(np.float32))
-        theta, aligned, recon = self.bundle.align_and_reconstruct(x, visible)
+        tibia_z = None if alignment.cut else case.tibia_z  # a CT that cuts the tibia off does not show its length
+        theta, aligned, recon = self.bundle.align_and_reconstruct(x, visible, tibia_z)
         report, placement = {}, None
         if self.reduce_fragments:
             whole = int(round(length / self.bundle.grid.spacing[2])) if alignment.cut else None
             theta, recon, x, visible, report, placement = reduce_and_reconstruct(self.bundle, x, visible, theta, recon,
-                                                                                 whole_slices=whole)
+                                                                                 whole_slices=whole, tibia_z=tibia_z)
             aligned = self.bundle.sampler(x.to(self.device), theta)
+        end = None if tibia_z is None else hidden_end(case.tensor[-1], tibia_z, self.bundle.grid)
+        if end is not None:
+            report = {**report, "hidden_end": {**report.get("hidden_end", {}), "end": end}}
         return ModelRun(p, theta_to_matrix(theta[0]), recon[0].float().cpu().numpy(), self._misfit(aligned, recon),
                         x, visible, report, placement)
 
@@ -351,6 +356,13 @@ class Predictor:
                 self._crop_cache = None  # never reuse crops across calls (ids can be recycled)
             chosen = min(candidates, key=lambda s: candidates[s].misfit)
             run = candidates[chosen]
+            if "hidden_end" in run.reduction:
+                end = run.reduction["hidden_end"]["end"]
+                warnings.append(f"The fracture mask hides the tibia's {end} end, so the model cannot see how long the "
+                                "tibia is; " + ("the prediction was made to reach the tibia mask's proximal end. "
+                                                if end == "proximal" else "its length is the model's guess. ")
+                                + "Paint the fracture mask over the fracture zone only, leaving the intact ends "
+                                  "visible.")
             p, theta, recon = run.p, run.theta, run.recon
             t["model"] = time.perf_counter() - t0
             t0 = time.perf_counter()

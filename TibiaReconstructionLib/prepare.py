@@ -142,11 +142,13 @@ def _antialias(volume: Volume, target_spacing: np.ndarray, binary: bool = False)
 
 @dataclass
 class CanonicalCase:
-    """Canonical tensor (C, Z, Y, X) float32, its visibility mask (Z, Y, X) or None, and P (4x4)."""
+    """Canonical tensor (C, Z, Y, X) float32, its visibility mask (Z, Y, X) or None, P (4x4) and the canonical z range
+    (mm) of the tibia mask, hidden voxels included (None when not computed)."""
 
     tensor: np.ndarray
     visible: np.ndarray | None
     patient_to_canonical: np.ndarray
+    tibia_z: tuple[float, float] | None = None
 
 
 @dataclass
@@ -178,6 +180,15 @@ def smoothed_crops(ct: Volume, tibia: Volume, spacing: np.ndarray, fracture: Vol
                          None if fracture is None else prepared(fracture, True), np.asarray(spacing, float))
 
 
+def z_range(mask: np.ndarray, grid: Grid) -> tuple[float, float] | None:
+    """The canonical z (mm) of the first and last slices (Z, Y, X on ``grid``) that hold ``mask``; None when empty."""
+    slices = np.flatnonzero(mask.any(axis=(1, 2)))
+    if len(slices) == 0:
+        return None
+    ends = grid.index_to_physical(np.array([[0.0, 0.0, slices[0]], [0.0, 0.0, slices[-1]]]))
+    return float(ends[0, 2]), float(ends[1, 2])
+
+
 def resample_crops(crops: SmoothedCrops, grid: Grid, transform: np.ndarray,
                    window_hu: Sequence[float] = DEFAULT_WINDOW_HU, unseen_outside: Grid | None = None
                    ) -> CanonicalCase:
@@ -198,7 +209,7 @@ def resample_crops(crops: SmoothedCrops, grid: Grid, transform: np.ndarray,
         visible = (inside if visible is None else inside & (visible != 0)).astype(np.uint8)
     if visible is not None:
         tensor = tensor * visible[None]
-    return CanonicalCase(tensor, visible, transform)
+    return CanonicalCase(tensor, visible, transform, z_range(occ > 0.5, grid))
 
 
 def to_canonical(ct: Volume, tibia: Volume, grid: Grid, transform: np.ndarray,

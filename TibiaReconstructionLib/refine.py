@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .geometry import Grid, boundary_distance
+from .hidden_end import stretch_to_tibia
 from .models.sampler import (compose_theta, invert_theta, normalised_to_physical, rotation_matrices,
                              theta_to_matrix)
 
@@ -253,7 +254,8 @@ def reduce_input(x: torch.Tensor, visible: torch.Tensor, fragments: Fragments, r
 
 
 def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor,
-                           recon: torch.Tensor, rounds: int = ROUNDS, whole_slices: int | None = None
+                           recon: torch.Tensor, rounds: int = ROUNDS, whole_slices: int | None = None,
+                           tibia_z: tuple[float, float] | None = None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict, Placement | None]:
     """Fragment registration, reduction and reconstruction (module docstring) from the model's first pass (θ,
     reconstruction) on input x (1, C, Z, Y, X) and visibility (1, 1, Z, Y, X); then θ is corrected so that the
@@ -265,7 +267,10 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
     and another fragment is larger (a split-off condyle, the main piece's plateau hidden by the fracture mask), the
     single pass is placed on the largest fragment instead, without reduction rounds (on a held-out plateau case that
     drifted when reduced onto the shaft: Dice 0.881 -> 0.943); when even that is implausible, the single pass comes
-    back unplaced (the report says so under "refused"). ``whole_slices``: as for :func:`find_fragments`."""
+    back unplaced (the report says so under "refused"). ``whole_slices``: as for :func:`find_fragments`.
+    ``tibia_z``: the tibia mask's canonical z range; where the fracture mask hides the tibia's proximal end, each
+    reconstruction and the final θ are stretched along the tibia to reach it (:mod:`hidden_end`; the report's
+    "hidden_end" says by how much at the end)."""
     x = x.to(recon.device)
     visible = visible.to(recon.device)
     fragments = find_fragments(x[0, -1].cpu().numpy(), visible[0, 0].cpu().numpy(), whole_slices)
@@ -278,21 +283,29 @@ def reduce_and_reconstruct(bundle, x: torch.Tensor, visible: torch.Tensor, theta
     # from round to round (shaft fractures just below the knee: 20-40 mm reductions). Not on a CT that cuts the
     # tibia off, whose anchor may be a stub at the scan's edge (an ankle CT: one case of 12 went 2.5 -> 15 mm)
     reference = largest if whole_slices is None else fragments.anchor
-    out = _reduce_onto(bundle, fragments, x, visible, theta, recon, rounds, report, reference)
+    out = _reduce_onto(bundle, fragments, x, visible, theta, recon, rounds, report, reference, tibia_z)
     if "refused" in report and largest != fragments.anchor:
         report = {"fragments": len(fragments.ids), "rounds": [],
                   "knee_piece_refused": report["refused"] + "; the single pass is placed on the largest fragment "
                                                             "instead, without reduction"}
         out = _reduce_onto(bundle, replace(fragments, anchor=largest), x, visible, theta, recon, 0, report, largest)
-    return (*out[:4], report, out[4])
+    theta, recon, x, visible, placement = out
+    # the placement moves the reconstruction onto the anchor, which can pull it back from the hidden end
+    stretch = None if tibia_z is None else stretch_to_tibia(theta, recon, x[0, -1].cpu().numpy(), tibia_z, bundle.grid)
+    if stretch is not None:
+        theta = stretch.theta
+        report["hidden_end"] = {"end": "proximal", "stretch": round(stretch.factor, 4)}
+    return theta, recon, x, visible, report, placement
 
 
 def _reduce_onto(bundle, fragments: Fragments, x: torch.Tensor, visible: torch.Tensor, theta: torch.Tensor,
-                 recon: torch.Tensor, rounds: int, report: dict, reference: int
+                 recon: torch.Tensor, rounds: int, report: dict, reference: int,
+                 tibia_z: tuple[float, float] | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Placement | None]:
     """The rounds and the final placement of :func:`reduce_and_reconstruct` onto ``fragments.anchor``: θ, the
     reconstruction, the reduced x and visibility and the placement (the inputs and None when refused); fills in
-    ``report``. ``reference``: the fragment the rounds move the others relative to."""
+    ``report``. ``reference``: the fragment the rounds move the others relative to; ``tibia_z``: for each round's
+    reconstruction (:meth:`bundle.Bundle.align_and_reconstruct`)."""
     report["anchor_share"] = round(float((fragments.labels == fragments.anchor).sum() / (fragments.labels > 0).sum()),
                                    4)
     x_in, visible_in, theta_in, recon_in, params = x, visible, theta, recon, None
@@ -309,7 +322,7 @@ def _reduce_onto(bundle, fragments: Fragments, x: torch.Tensor, visible: torch.T
                                  f"{MAX_ROTATION_DEG:g} deg / {MAX_SHIFT_MM:g} mm: the single-pass result is kept")
             return theta_in, recon_in, x_in, visible_in, None
         x, visible = reduce_input(x_in, visible_in, fragments, reductions, theta, bundle.sampler)
-        theta, _, recon = bundle.align_and_reconstruct(x, visible)
+        theta, _, recon = bundle.align_and_reconstruct(x, visible, tibia_z)
     motions, centers, _, misfit = register_fragments(fragments, theta, recon, bundle.grid, params,
                                                      STEPS if params is None else WARM_STEPS)
     n = fragments.ids.index(fragments.anchor)
