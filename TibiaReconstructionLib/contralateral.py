@@ -373,7 +373,8 @@ def _fit_anchor(grid: Grid, tib: np.ndarray, pieces: np.ndarray, n_pieces: int, 
     Each of the largest intact pieces seeds a fit (axis alignment, then ICP); the pieces with at least
     JOIN_SHARE of their surface points within INLIER_MM of the fitted tibia join it, and the fit is redone on
     them all until the set stays put. Of these anchors, one that reaches the knee end with the most voxels
-    wins. Returns its voxel mask, share of the tibia, piece ids, 4x4 transform (other tibia -> target), RMS,
+    wins; so once an anchor reaches the knee, smaller seeds that do not are not tried (they could win only by
+    taking in its pieces, which it would have taken in too: a displaced distal fragment's fit, half the time). Returns its voxel mask, share of the tibia, piece ids, 4x4 transform (other tibia -> target), RMS,
     iterations, surface points used, share of them within INLIER_MM, and a summary of every hypothesis."""
     tib_pts = _voxel_points(grid, tib)
     axis = _long_axis(tib_pts)
@@ -405,6 +406,8 @@ def _fit_anchor(grid: Grid, tib: np.ndarray, pieces: np.ndarray, n_pieces: int, 
 
     hypotheses, seen = [], {}
     for seed in seeds:
+        if not at_knee[seed - 1] and any(h["reaches_knee"] for h in hypotheses):
+            continue  # smaller than a fit that reaches the knee, it could win only by taking in that fit's pieces
         members = (seed,)
         frag_vox = _voxel_points(grid, pieces == seed)
         start = _initial_fit(tib_pts, frag_vox, mirrored_vox)
