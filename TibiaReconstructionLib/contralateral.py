@@ -38,7 +38,7 @@ from vtkmodules.vtkFiltersCore import vtkImplicitPolyDataDistance
 
 from .errors import InputError, NoOtherLegError, OutputExistsError
 from .geometry import (Grid, Volume, apply_affine, boundary_distance, bounding_box, check_same_grid, crop,
-                       invert_affine, lattice, reflection, resample)
+                       crop_to_mask, invert_affine, lattice, reflection, resample)
 from .io import (check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json,
                  write_volume)
 from .surface import add_point_array, labelmap_surface, polydata_points, transform_polydata, write_stl, write_vtp
@@ -546,9 +546,9 @@ def _icp(source: np.ndarray, target: np.ndarray, normals: np.ndarray) -> tuple[n
     return best[1], best[0], iteration  # point to plane steps can run away on a small, flat piece: keep the best
 
 
-def _bone_crop(mask: Volume, margin: int = 2) -> Volume:
-    lo, hi = bounding_box(mask.array != 0)
-    return crop(mask, lo - margin, hi + margin)
+def _bone_crop(mask: Volume) -> Volume:
+    """``mask`` cropped to its nonzero voxels and at least two voxels around them."""
+    return crop_to_mask(mask, mask, 2.0 * float(mask.spacing.max()))
 
 
 def _place(ct: Volume, other: np.ndarray, transform: np.ndarray) -> tuple[Volume, vtkPolyData]:

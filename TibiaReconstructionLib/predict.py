@@ -25,7 +25,7 @@ from vtkmodules.vtkCommonDataModel import vtkPolyData
 from .bundle import Bundle, load_bundle
 from .errors import InputError, NoOtherLegError
 from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, crop_to_mask, \
-    image_volume, invert_affine, resample, upsample_linear
+    image_volume, invert_affine, lattice, resample, upsample_linear
 from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, align_tibia, patient_to_canonical, resample_crops, smoothed_crops
 from .fibula import FIBULA_HU, centreline
@@ -203,10 +203,8 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
     farther to one side (an angulated fragment pulls the one towards the middle, a displaced shaft the other). None
     when too little such bone is found or it is not clearly to one side; the CT is read at about ``step_mm``
     spacing."""
-    stride = np.maximum(1, np.floor(step_mm / ct.spacing)).astype(int)[::-1]  # (k, j, i)
-    sub = tuple(slice(None, None, s) for s in stride)
+    grid, sub = lattice(ct.grid, step_mm)
     tib = tibia.array[sub] != 0
-    grid = Grid(tib.shape[::-1], ct.spacing * stride[::-1], ct.origin, ct.direction)
     tib_vol = Volume.on_grid(tib.astype(np.uint8), grid)
     p = patient_to_canonical(tib_vol, "left")  # long axis -> z, no mirroring: x stays the patient's x
     bone = (ct.array[sub] > FIBULA_HU) & ~ndimage.binary_dilation(tib, iterations=2)
