@@ -374,8 +374,9 @@ def _fit_anchor(grid: Grid, tib: np.ndarray, pieces: np.ndarray, n_pieces: int, 
     JOIN_SHARE of their surface points within INLIER_MM of the fitted tibia join it, and the fit is redone on
     them all until the set stays put. Of these anchors, one that reaches the knee end with the most voxels
     wins; so once an anchor reaches the knee, smaller seeds that do not are not tried (they could win only by
-    taking in its pieces, which it would have taken in too: a displaced distal fragment's fit, half the time). Returns its voxel mask, share of the tibia, piece ids, 4x4 transform (other tibia -> target), RMS,
-    iterations, surface points used, share of them within INLIER_MM, and a summary of every hypothesis."""
+    taking in its pieces, which it would have taken in too). Returns its voxel mask, share of the tibia, piece ids,
+    4x4 transform (other tibia -> target), RMS, iterations, surface points used, share of them within INLIER_MM, and
+    a summary of every hypothesis tried."""
     tib_pts = _voxel_points(grid, tib)
     axis = _long_axis(tib_pts)
     t_tib = tib_pts @ axis

@@ -94,7 +94,8 @@ def run(args) -> list[dict]:
             changed = changed_ct(ct, change, args, rng)
             mask = changed_mask(ct, tibia, fracture, change, args) if change in MASK_CHANGES else fracture
             hidden = float(np.count_nonzero(mask.array[tibia.array != 0]) / np.count_nonzero(tibia.array))
-            base = {"seed": seed, "fracture_type": case.fracture_type, "change": change, "hidden_share": round(hidden, 4)}
+            base = {"seed": seed, "fracture_type": case.fracture_type, "change": change,
+                    "hidden_share": round(hidden, 4)}
             for method, other in METHODS.items():
                 try:
                     result = predictor.predict(changed, tibia, mask, other_tibia=other)
