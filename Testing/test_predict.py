@@ -163,7 +163,7 @@ def test_the_work_grid_goes_onto_the_ct_slab_by_slab_as_in_one_piece(predictor, 
     occupancy = rng.random(work_shape).astype(np.float32)
     intensity = (occupancy * rng.random(work_shape)).astype(np.float32)
     labelmap, hu = predictor._work_to_ct(WorkGrid(None, lo, hi, np.array(factors), occupancy, intensity, None, None),
-                                         ct)
+                                         *predictor._blank_outputs(ct.grid))
     whole = upsample_linear(occupancy, factors[::-1], shape)
     weighted = upsample_linear(intensity, factors[::-1], shape)
     lo_hu, hi_hu = predictor.bundle.window_hu

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-from . import PROCESS_ENVIRONMENT, __version__
+from . import PROCESS_ENVIRONMENT, PROCESS_SWITCH_INTERVAL_S, __version__
 
 os.environ.update({k: v for k, v in PROCESS_ENVIRONMENT.items() if k not in os.environ})  # before numpy and torch
 
@@ -115,7 +115,9 @@ FAST_EXIT_COMMANDS = ("predict",)  # their outputs are all written, closed and r
 def run() -> None:
     """The console entry point: :func:`main`; after a FAST_EXIT_COMMANDS command, exit without the interpreter's
     teardown (unloading torch, VTK and SimpleITK and freeing their memory takes about 0.6 s after a prediction and
-    does nothing for the user). Other commands exit normally, so that nothing they left open is lost."""
+    does nothing for the user). Other commands exit normally, so that nothing they left open is lost. The process
+    passes the GIL between its threads every PROCESS_SWITCH_INTERVAL_S."""
+    sys.setswitchinterval(PROCESS_SWITCH_INTERVAL_S)
     code = main()
     if _command(sys.argv[1:]) in FAST_EXIT_COMMANDS:
         sys.stdout.flush()

@@ -340,9 +340,10 @@ class Predictor:
         box, tibia_voxels, hidden_voxels = validate_inputs(ct, tibia_mask, fracture_mask)
         warnings = input_warnings(ct, box)
         t["check"] = time.perf_counter() - t0
-        with ThreadPoolExecutor(1) as pool:  # the other leg is looked for and fitted while the model runs
+        with ThreadPoolExecutor(2) as pool:  # beside the model: the other leg looked for and fitted, the outputs made
             fitting = pool.submit(self._fit_other_leg, ct, tibia_mask, fracture_mask, other_tibia) \
                 if other_tibia is not None and self.keep_visible_bone and self.reduce_fragments else None
+            blank = pool.submit(self._blank_outputs, ct.grid)
             t0 = time.perf_counter()
             report(0.1, "Aligning and reconstructing" + (" and looking for the other leg" if fitting else ""))
             found = fibula_side(ct, tibia_mask) if side == "auto" else side
@@ -376,7 +377,6 @@ class Predictor:
 
         report(0.6, "Mapping the prediction into the CT grid")
         t0 = time.perf_counter()
-        std = None if other is not None else self._uncertainty(run)  # the posterior says nothing about a template
         chain = TransformChain().then("mirror, align long axis, centre", p, "canonical") \
             .then("inverse theta (LocNet)", invert_affine(theta), "standard")
         fuse = None
@@ -386,18 +386,21 @@ class Predictor:
             fuse = lambda occ, grid: fuse_visible_bone(  # noqa: E731
                 occ, grid, ct, tibia_mask, fracture_mask, box, run.placement, self.bundle.grid, p,
                 self.reassemble_fragments, None if bone is None else template_occupancy(bone, other.transform, grid))
-        work = self._to_work_grid(recon, chain.matrix(), ct, std, fuse,
-                                  None if bone is None else template_box(bone, other.transform, ct.grid))
-        if other is not None and "template" not in work.fused.report:  # refused: the model's shape, its posterior
-            why_not = work.fused.report["template_refused"]
-            other, std = None, self._uncertainty(run)
-            work = replace(work, spread=self._spread(std, work.grid, chain.matrix(), work.fused.fixed))
+        with ThreadPoolExecutor(1) as pool:  # the model's posterior (torch) while the visible bone is fused
+            posterior = None if other is not None else pool.submit(self._uncertainty, run)  # none for a template
+            work = self._to_work_grid(recon, chain.matrix(), ct, fuse,
+                                      None if bone is None else template_box(bone, other.transform, ct.grid))
+            if other is not None and "template" not in work.fused.report:  # refused: the model's shape, its posterior
+                why_not = work.fused.report["template_refused"]
+                other, posterior = None, pool.submit(self._uncertainty, run)
+            std = None if posterior is None else posterior.result()
         if why_not is not None and not quiet:
             warnings.append(f"The other leg was not used: {why_not.rstrip('.')}.")
         # the surface (VTK, which releases the GIL) is built while the work grid is interpolated onto the CT
         with ThreadPoolExecutor(1) as pool:
             building = pool.submit(self._surface_of, work, recon, chain.matrix(), std)
-            labelmap, intensity = self._work_to_ct(work, ct)
+            work = replace(work, spread=self._spread(std, work, chain.matrix()))
+            labelmap, intensity = self._work_to_ct(work, *blank.result())
             t["resample"] = time.perf_counter() - t0
             report(0.8, "Building the surface")
             t0 = time.perf_counter()
@@ -472,12 +475,12 @@ class Predictor:
         return surface
 
     def _to_work_grid(self, recon: np.ndarray, patient_to_standard: np.ndarray, ct: Volume,
-                      std: np.ndarray | None = None, fuse: Callable[[np.ndarray, Grid], Fused] | None = None,
+                      fuse: Callable[[np.ndarray, Grid], Fused] | None = None,
                       cover: tuple[np.ndarray, np.ndarray] | None = None) -> WorkGrid:
-        """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the work grid (:class:`WorkGrid`),
-        over the CT box that the predicted tibia can reach; with ``std`` (Z, Y, X) also the occupancy's standard
-        deviation (:meth:`_spread`). ``fuse`` (occupancy, its grid: the work grid) puts the
-        patient's visible bone into the occupancy; the box also covers ``cover`` (a CT index box, (i, j, k) lo, hi)."""
+        """Resample the reconstruction (C, Z, Y, X) in standard coordinates onto the work grid (:class:`WorkGrid`,
+        without its spread), over the CT box that the predicted tibia can reach. ``fuse`` (occupancy, its grid: the
+        work grid) puts the patient's visible bone into the occupancy; the box also covers ``cover`` (a CT index box,
+        (i, j, k) lo, hi)."""
         grid: Grid = self.bundle.grid
         occ = recon[-1]
         inside = np.argwhere(occ > 0.25)
@@ -494,8 +497,7 @@ class Predictor:
             return resample(Volume.on_grid(values.astype(np.float32), grid), work, patient_to_standard).array
 
         if len(inside) == 0:
-            spread = None if std is None else Volume.on_grid(np.zeros(work.shape, np.float32), work)
-            return WorkGrid(work, lo, hi, factors, None, None, spread, None)
+            return WorkGrid(work, lo, hi, factors, None, None, None, None)
         occ_work, int_work = onto_work(occ), onto_work(recon[0])  # intensity channel: window-mapped HU x occupancy
         fused = None
         if fuse is not None:
@@ -503,25 +505,29 @@ class Predictor:
             occ_work = fused.occupancy
             lo_hu, hi_hu = self.bundle.window_hu
             int_work = np.where(fused.owned, np.clip((fused.hu - lo_hu) / (hi_hu - lo_hu), 0, 1) * occ_work, int_work)
-        spread = self._spread(std, work, patient_to_standard, None if fused is None else fused.fixed)
-        return WorkGrid(work, lo, hi, factors, occ_work, int_work, spread, fused)
+        return WorkGrid(work, lo, hi, factors, occ_work, int_work, None, fused)
 
-    def _spread(self, std: np.ndarray | None, work: Grid, patient_to_standard: np.ndarray,
-                fixed: np.ndarray | None) -> Volume | None:
+    def _spread(self, std: np.ndarray | None, work: WorkGrid, patient_to_standard: np.ndarray) -> Volume | None:
         """The occupancy's std (Z, Y, X; standard coordinates), which is as smooth as the model, interpolated linearly
-        onto the work grid; 0 where the patient's bone is kept where it lies (``fixed``). None without ``std``."""
+        onto the work grid; 0 where the patient's bone is kept where it lies, everywhere when nothing was predicted.
+        None without ``std``."""
         if std is None:
             return None
-        spread = resample(Volume.on_grid(std.astype(np.float32), self.bundle.grid), work, patient_to_standard)
-        if fixed is not None:
-            spread.array[fixed] = 0.0
+        if work.occupancy is None:
+            return Volume.on_grid(np.zeros(work.grid.shape, np.float32), work.grid)
+        spread = resample(Volume.on_grid(std.astype(np.float32), self.bundle.grid), work.grid, patient_to_standard)
+        if work.fused is not None:
+            spread.array[work.fused.fixed] = 0.0
         return spread
 
-    def _work_to_ct(self, work: WorkGrid, ct: Volume) -> tuple[Volume, Volume]:
-        """The labelmap (uint8) and intensity (int16 HU; the window's floor outside the tibia) on the CT grid:
-        the work grid's occupancy and intensity interpolated linearly onto the CT voxels of its box."""
+    def _blank_outputs(self, grid: Grid) -> tuple[Volume, Volume]:
+        """The labelmap (uint8, 0) and intensity (int16, the window's floor) on the CT ``grid``, to be filled."""
+        return image_volume(grid, np.uint8), image_volume(grid, np.int16, round(self.bundle.window_hu[0]))
+
+    def _work_to_ct(self, work: WorkGrid, labelmap: Volume, intensity: Volume) -> tuple[Volume, Volume]:
+        """The labelmap and intensity (HU) on the CT grid (:meth:`_blank_outputs`, filled in place and returned): the
+        work grid's occupancy and intensity interpolated linearly onto the CT voxels of its box."""
         lo_hu, hi_hu = self.bundle.window_hu
-        labelmap, intensity = image_volume(ct.grid, np.uint8), image_volume(ct.grid, np.int16, round(lo_hu))
         if work.occupancy is None:
             return labelmap, intensity
         lo, hi = work.lo, work.hi

@@ -127,8 +127,8 @@ def written_paths(result, paths: dict) -> dict:
 
 def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibia=None) -> None:
     """Write every output (and ``auto_tibia``, the segmented mask, if given) all together or not at all. The
-    volumes are compressed in a second thread while the surfaces are written (compression releases the GIL)."""
-    with staged_outputs(paths, overwrite) as staged, ThreadPoolExecutor(max_workers=1) as pool:
+    volumes are compressed in two more threads while the surfaces are written (compression releases the GIL)."""
+    with staged_outputs(paths, overwrite) as staged, ThreadPoolExecutor(max_workers=2) as pool:
         volumes = [(result.labelmap, "label", True), (result.intensity, "intensity", False)]
         if "uncertainty" in staged:
             volumes.append((result.occupancy_std, "uncertainty", False))

@@ -28,8 +28,10 @@ def run(workDir):
 
     from TibiaReconstructionLib.geometry import Grid, Volume
     from TibiaReconstructionLib.io import json_default
+    from TibiaReconstructionLib import PROCESS_SWITCH_INTERVAL_S
     from TibiaReconstructionLib.predict_cli import crops_ahead, import_in_background
 
+    sys.setswitchinterval(PROCESS_SWITCH_INTERVAL_S)  # this process's threads wait less for each other
     import_in_background("TibiaReconstructionLib.predict")  # torch loads while the inputs are read and cropped
     with open(os.path.join(workDir, "inputs.json"), encoding="utf-8") as f:
         config = json.load(f)
