@@ -4,6 +4,7 @@ import pytest
 from TibiaReconstructionLib import metrics
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
 from TibiaReconstructionLib.geometry import Grid, Volume, apply_affine, euler_rotation, mirror, resample
+from TibiaReconstructionLib.head_start import HeadStart, crops_ahead
 from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.prepare import smoothed_crops
 from TibiaReconstructionLib.surface import polydata_points
@@ -122,20 +123,39 @@ def test_inputs_are_not_modified(predictor, case):
         np.testing.assert_array_equal(b, v.array)
 
 
-def test_crops_made_beforehand_are_used_only_at_the_bundle_spacing(predictor, case, result):
+def test_crops_made_beforehand_are_used_only_at_the_bundle_spacing_and_for_the_same_inputs(predictor, case, result):
     ct, tibia, fracture = case
     spacing = predictor.bundle.grid.spacing
-    ahead = predictor.predict(*case, side="left", crops=smoothed_crops(ct, tibia, spacing, fracture))
+    ahead = predictor.predict(*case, side="left", ahead=HeadStart(case, smoothed_crops(ct, tibia, spacing, fracture)))
     np.testing.assert_array_equal(ahead.labelmap.array, result.labelmap.array)
     # crops for another spacing would give another canonical input: they are ignored, not used
     wrong = smoothed_crops(ct, tibia, 2.0 * spacing, fracture)
-    other = predictor.predict(*case, side="left", crops=wrong)
+    other = predictor.predict(*case, side="left", ahead=HeadStart(case, wrong))
     np.testing.assert_array_equal(other.labelmap.array, ahead.labelmap.array)
+    # as are crops made for other volumes: a shifted tibia mask's crops would move the input
+    moved = Volume(np.roll(tibia.array, 6, axis=0), tibia.spacing, tibia.origin, tibia.direction)
+    elsewhere = HeadStart((ct, moved, fracture), smoothed_crops(ct, moved, spacing, fracture))
+    np.testing.assert_array_equal(predictor.predict(*case, side="left", ahead=elsewhere).labelmap.array,
+                                  ahead.labelmap.array)
+
+
+def test_an_other_leg_fit_begun_beforehand_is_used_only_for_the_same_request(predictor, case):
+    from concurrent.futures import Future
+
+    begun = Future()
+    begun.set_result(InputError("the fit begun beforehand"))
+    used = predictor.predict(*case, side="left", ahead=HeadStart(case, None, "auto", begun))
+    assert used.fusion["other_leg"]["why_not"] == "the fit begun beforehand"
+    ct, tibia, fracture = case
+    other = Volume(tibia.array[:, :, ::-1].copy(), tibia.spacing, tibia.origin, tibia.direction)
+    for ahead, request in ((HeadStart(case, None, "auto", begun), other), (HeadStart(case, None, other, begun), "auto"),
+                           (HeadStart((ct, tibia, fracture.with_array(fracture.array.copy())), None, "auto", begun),
+                            "auto")):
+        fresh = predictor.predict(*case, side="left", ahead=ahead, other_tibia=request)
+        assert fresh.fusion.get("other_leg", {}).get("why_not") != "the fit begun beforehand"
 
 
 def test_the_command_prepares_the_crops_at_the_bundle_spacing(predictor, case, tmp_path):
-    from TibiaReconstructionLib.predict_cli import crops_ahead
-
     ct, tibia, fracture = case
     folder = predictor.bundle_path
     crops = crops_ahead(ct, tibia, fracture, folder)

@@ -30,6 +30,7 @@ from .models.sampler import matrix_to_theta, theta_to_matrix
 from .prepare import SmoothedCrops, align_tibia, patient_to_canonical, resample_crops, smoothed_crops
 from .fibula import FIBULA_HU, centreline
 from .fusion import Fused, fuse_visible_bone
+from .head_start import HeadStart, fit_other_leg
 from .hidden_end import hidden_end
 from .template import MAX_FIT_RMS_MM, template_box, template_occupancy
 from .refine import Placement, reduce_and_reconstruct
@@ -272,8 +273,9 @@ class Predictor:
             self._crop_cache = (key, smoothed_crops(ct, tibia, self.bundle.grid.spacing, fracture))
         return self._crop_cache[1]
 
-    def _use_crops(self, crops: SmoothedCrops | None, ct: Volume, tibia: Volume, fracture: Volume) -> None:
-        """Take ``crops`` made beforehand for these inputs, when they were made for the bundle's spacing."""
+    def _use_crops(self, ahead: HeadStart | None, ct: Volume, tibia: Volume, fracture: Volume) -> None:
+        """Take the crops made beforehand for these inputs, when they were made for the bundle's spacing."""
+        crops = None if ahead is None or not ahead.made_for(ct, tibia, fracture) else ahead.crops
         if crops is not None and np.allclose(crops.spacing, self.bundle.grid.spacing):
             self._crop_cache = ((id(ct), id(tibia), id(fracture)), crops)
 
@@ -315,12 +317,13 @@ class Predictor:
         return float(torch.sum((aligned - ref.to(aligned)) ** 2 * seen) / torch.clamp(seen.sum(), min=1.0))
 
     def predict(self, ct: Volume, tibia_mask: Volume, fracture_mask: Volume, side: str = "auto",
-                progress: Progress | None = None, crops: SmoothedCrops | None = None,
+                progress: Progress | None = None, ahead: HeadStart | None = None,
                 other_tibia: Volume | str | None = "auto") -> Prediction:
         """Predict the healthy tibia. ``side``: 'left', 'right' or 'auto' (from the fibula's position, see
         :func:`fibula_side`; without a clear fibula, the side whose mirror image the model aligns better).
-        ``crops``: :func:`prepare.smoothed_crops` of these three inputs, when made beforehand (the command makes
-        them while torch loads); used only when made for the bundle's spacing. ``other_tibia``: the healthy other
+        ``ahead``: work begun for these three inputs before torch loaded (:mod:`head_start`: the command and the
+        Slicer worker do), used only for these very inputs: the crops when made for the bundle's spacing, the other
+        leg's fit when started for this ``other_tibia``. ``other_tibia``: the healthy other
         leg's tibia mask on the CT grid, 'auto' (the default) to look for the other leg in the CT and segment it, or
         None not to use it: mirrored and fitted to the proximal main fragment, it becomes the template
         (:mod:`template`; with the visible bone kept; no uncertainty map then, the model's posterior does not describe
@@ -341,15 +344,18 @@ class Predictor:
         warnings = input_warnings(ct, box)
         t["check"] = time.perf_counter() - t0
         with ThreadPoolExecutor(2) as pool:  # beside the model: the other leg looked for and fitted, the outputs made
-            fitting = pool.submit(self._fit_other_leg, ct, tibia_mask, fracture_mask, other_tibia) \
-                if other_tibia is not None and self.keep_visible_bone and self.reduce_fragments else None
+            fitting = None
+            if other_tibia is not None and self.keep_visible_bone and self.reduce_fragments:
+                begun = ahead.other_leg_for(other_tibia) if ahead is not None and ahead.made_for(
+                    ct, tibia_mask, fracture_mask) else None
+                fitting = begun or pool.submit(fit_other_leg, ct, tibia_mask, fracture_mask, other_tibia)
             blank = pool.submit(self._blank_outputs, ct.grid)
             t0 = time.perf_counter()
             report(0.1, "Aligning and reconstructing" + (" and looking for the other leg" if fitting else ""))
             found = fibula_side(ct, tibia_mask) if side == "auto" else side
             sides = (found,) if found else ("left", "right")
             try:
-                self._use_crops(crops, ct, tibia_mask, fracture_mask)
+                self._use_crops(ahead, ct, tibia_mask, fracture_mask)
                 candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s) for s in sides}
             finally:
                 self._crop_cache = None  # never reuse crops across calls (ids can be recycled)
@@ -427,20 +433,8 @@ class Predictor:
                           self.bundle_path, str(self.device), occupancy_std, run.reduction, fusion)
 
     @staticmethod
-    def _fit_other_leg(ct: Volume, tibia: Volume, fracture: Volume, other_tibia: Volume | str):
-        """The other leg's tibia mirrored and fitted to the proximal main fragment (``other_tibia``: its mask, or
-        'auto'), a :class:`contralateral.ContralateralResult`; or the InputError that says why it cannot be."""
-        from .contralateral import contralateral_target  # only when asked for
-
-        try:
-            return contralateral_target(ct, tibia, fracture, None if isinstance(other_tibia, str) else other_tibia,
-                                        place=False)
-        except InputError as error:
-            return error
-
-    @staticmethod
     def _other_leg(other, other_tibia: Volume | str, side: str, warnings: list) -> tuple:
-        """The fitted other leg (:meth:`_fit_other_leg`'s result) and None when it can be the template; or None and
+        """The fitted other leg (:func:`head_start.fit_other_leg`'s result) and None when it can be the template; or None and
         why it cannot be used; and whether that goes without a warning ('auto' found no other leg in the CT)."""
         if isinstance(other, InputError):
             return None, str(other), isinstance(other, NoOtherLegError) and isinstance(other_tibia, str)

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import importlib
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 from .errors import InputError, OutputExistsError
+from .head_start import head_start
 from .io import check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json, write_volume
-from .prepare import SmoothedCrops, smoothed_crops
-from .resources import DEFAULT_BUNDLE
 from .surface import write_stl, write_vtp
 
 UNCERTAINTY_GRID = ("the posterior standard deviation of the predicted occupancy (0-1) as float32 in the CT's format, "
@@ -75,11 +71,12 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
         "auto" if str(other_tibia_path) == "auto" else read_mask(other_tibia_path, ct, "other tibia mask")
     if other == "auto" and segmentation is not None:  # it has looked for the other leg's tibia already
         other = segmentation.other_tibia
-    crops = crops_ahead(ct, tibia, fracture, bundle)  # while torch is still loading
+    # while torch is still loading
+    ahead = head_start(ct, tibia, fracture, bundle, other if reduce_fragments and keep_visible_bone else None)
     from .predict import Predictor  # waits for the background import if it is still running
 
     predictor = Predictor(bundle, device, reduce_fragments, keep_visible_bone, reassemble_fragments)
-    result = predictor.predict(ct, tibia, fracture, side=side, progress=progress, crops=crops, other_tibia=other)
+    result = predictor.predict(ct, tibia, fracture, side=side, progress=progress, ahead=ahead, other_tibia=other)
     paths = written_paths(result, paths)
     report = result.report()
     report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path or "automatic segmentation"),
@@ -91,20 +88,6 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     report["outputs"] = {k: str(v) for k, v in paths.items()}
     _write_outputs(result, report, paths, overwrite, tibia if segmentation is not None else None)
     return result, paths
-
-
-def crops_ahead(ct, tibia, fracture, bundle) -> SmoothedCrops | None:
-    """The Predictor's first step (:func:`prepare.smoothed_crops`), which needs no torch, at the spacing that the
-    bundle's config.json states; None when that cannot be read or the inputs are refused: then the Predictor
-    makes them itself, after its own checks, and says what is wrong."""
-    try:
-        config = json.loads((Path(bundle or DEFAULT_BUNDLE) / "config.json").read_text(encoding="utf-8"))
-        spacing = np.asarray(config["grid"]["spacing"], float)
-        if spacing.shape != (3,) or not np.all(spacing > 0):
-            return None
-        return smoothed_crops(ct, tibia, spacing, fracture)
-    except Exception:  # noqa: BLE001 - only a head start: the Predictor redoes this step and reports any problem
-        return None
 
 
 def import_in_background(module: str) -> None:

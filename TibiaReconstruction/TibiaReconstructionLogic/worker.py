@@ -26,10 +26,11 @@ def run(workDir):
     import numpy as np
     import vtk
 
+    from TibiaReconstructionLib import PROCESS_SWITCH_INTERVAL_S
     from TibiaReconstructionLib.geometry import Grid, Volume
     from TibiaReconstructionLib.io import json_default
-    from TibiaReconstructionLib import PROCESS_SWITCH_INTERVAL_S
-    from TibiaReconstructionLib.predict_cli import crops_ahead, import_in_background
+    from TibiaReconstructionLib.head_start import head_start
+    from TibiaReconstructionLib.predict_cli import import_in_background
 
     sys.setswitchinterval(PROCESS_SWITCH_INTERVAL_S)  # this process's threads wait less for each other
     import_in_background("TibiaReconstructionLib.predict")  # torch loads while the inputs are read and cropped
@@ -40,7 +41,9 @@ def run(workDir):
     tibia = Volume.on_grid(np.load(os.path.join(workDir, "tibia.npy")), grid)
     fracture = Volume.on_grid(np.load(os.path.join(workDir, "fracture.npy")), grid)
     emit(progress=0.0, message="Preparing the inputs")
-    crops = crops_ahead(ct, tibia, fracture, config.get("bundle") or None)
+    other = config.get("other_tibia")
+    wants_other = config.get("reduce_fragments", True) and config.get("keep_visible_bone", True)
+    ahead = head_start(ct, tibia, fracture, config.get("bundle") or None, other if wants_other else None)
 
     emit(progress=0.0, message="Loading the model")
     from TibiaReconstructionLib.predict import Predictor
@@ -49,8 +52,8 @@ def run(workDir):
                           reduce_fragments=config.get("reduce_fragments", True),
                           keep_visible_bone=config.get("keep_visible_bone", True),
                           reassemble_fragments=config.get("reassemble_fragments", True))
-    result = predictor.predict(ct, tibia, fracture, side=config.get("side", "auto"), crops=crops,
-                               other_tibia=config.get("other_tibia"),
+    result = predictor.predict(ct, tibia, fracture, side=config.get("side", "auto"), ahead=ahead,
+                               other_tibia=other,
                                progress=lambda fraction, message: emit(progress=float(fraction), message=str(message)))
 
     np.save(os.path.join(workDir, "labelmap.npy"), np.ascontiguousarray(result.labelmap.array))
