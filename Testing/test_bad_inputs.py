@@ -30,11 +30,12 @@ from safetensors.torch import load_file, save_file
 
 from TibiaReconstructionLib import io, predict_cli
 from TibiaReconstructionLib.bundle import load_bundle
+from TibiaReconstructionLib.checks import MAX_FRACTURE_FRACTION, validate_inputs
 from TibiaReconstructionLib.cli import main
 from TibiaReconstructionLib.errors import BundleError, GeometryMismatchError, InputError, OutputError, \
     OutputExistsError
 from TibiaReconstructionLib.geometry import Volume, euler_rotation
-from TibiaReconstructionLib.predict import MAX_FRACTURE_FRACTION, Predictor, validate_inputs
+from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.prepare import read_case_list
 from synthetic import bone_case
 from tiny_bundle import make_tiny_bundle

@@ -7,6 +7,7 @@ import pytest
 from TibiaReconstructionLib import fibula
 from TibiaReconstructionLib.geometry import Grid, Volume, about_point, bounding_box, euler_rotation, translation
 from TibiaReconstructionLib.prepare import patient_to_canonical
+from TibiaReconstructionLib.reassembly import fibula_offsets
 
 SHIFT = np.array([5.0, -4.0, -3.0])  # the distal fibula piece's displacement (mm)
 BREAK_Z = -20.0  # the fibula breaks this far below the CT's centre
@@ -78,7 +79,7 @@ def test_the_ends_line_up_when_the_distal_piece_goes_back():
     back = translation(-SHIFT)
     twist = about_point(euler_rotation((0.0, 0.0, 10.0))[:3, :3], axis_point - np.array([26.0, 10.0, 0.0]))
     moves = torch.from_numpy(np.stack([np.eye(4), back, twist @ back]).astype(np.float32))
-    offsets = fibula.offsets(found, moves[:, :3, :3], moves[:, :3, 3]).numpy()
+    offsets = fibula_offsets(found, moves[:, :3, :3], moves[:, :3, 3]).numpy()
     across = float(np.hypot(*SHIFT[:2]))
     assert offsets[1] < 0.5 and abs(offsets[0] - across) < 1.0, offsets  # back in line; as far apart as shifted
     assert offsets[2] > 3.0, offsets  # turned 10 degrees about the tibia's axis: 28 mm away, out of line again

@@ -4,7 +4,7 @@ import pytest
 from TibiaReconstructionLib import metrics
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
 from TibiaReconstructionLib.geometry import Grid, Volume, apply_affine, euler_rotation, mirror, resample
-from TibiaReconstructionLib.head_start import HeadStart, crops_ahead
+from TibiaReconstructionLib.head_start import HeadStart, blank_outputs, crops_ahead
 from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.prepare import smoothed_crops
 from TibiaReconstructionLib.surface import polydata_points
@@ -155,6 +155,33 @@ def test_an_other_leg_fit_begun_beforehand_is_used_only_for_the_same_request(pre
         assert fresh.fusion.get("other_leg", {}).get("why_not") != "the fit begun beforehand"
 
 
+def test_checks_made_beforehand_are_used_for_the_same_side_request_only(predictor, case):
+    from TibiaReconstructionLib.checks import check_inputs
+
+    checked = check_inputs(*case, side="auto")
+    checked.warnings.append("a warning from the checks made beforehand")
+    used = predictor.predict(*case, side="auto", ahead=HeadStart(case, None, checked=checked))
+    assert "a warning from the checks made beforehand" in used.warnings
+    other = predictor.predict(*case, side="left", ahead=HeadStart(case, None, checked=checked))
+    assert "a warning from the checks made beforehand" not in other.warnings
+
+
+def test_outputs_allocated_beforehand_go_to_one_prediction_only(predictor, case, result):
+    from concurrent.futures import Future
+
+    floor = round(predictor.bundle.window_hu[0])
+    allocated = Future()
+    allocated.set_result(blank_outputs(case[0].grid, floor))
+    ahead = HeadStart(case, None, outputs=allocated, floor_hu=floor)
+    first, second = (predictor.predict(*case, side="left", ahead=ahead) for _ in range(2))
+    assert first.labelmap.array is allocated.result()[0].array  # written into the arrays allocated beforehand
+    np.testing.assert_array_equal(first.labelmap.array, result.labelmap.array)
+    np.testing.assert_array_equal(first.intensity.array, result.intensity.array)
+    assert not np.shares_memory(first.labelmap.array, second.labelmap.array)
+    other_floor = HeadStart(case, None, outputs=allocated, floor_hu=floor + 1)  # another bundle's window: not used
+    assert predictor.predict(*case, side="left", ahead=other_floor).labelmap.array is not allocated.result()[0].array
+
+
 def test_the_command_prepares_the_crops_at_the_bundle_spacing(predictor, case, tmp_path):
     ct, tibia, fracture = case
     folder = predictor.bundle_path
@@ -183,7 +210,7 @@ def test_the_work_grid_goes_onto_the_ct_slab_by_slab_as_in_one_piece(predictor, 
     occupancy = rng.random(work_shape).astype(np.float32)
     intensity = (occupancy * rng.random(work_shape)).astype(np.float32)
     labelmap, hu = predictor._work_to_ct(WorkGrid(None, lo, hi, np.array(factors), occupancy, intensity, None, None),
-                                         *predictor._blank_outputs(ct.grid))
+                                         *blank_outputs(ct.grid, round(predictor.bundle.window_hu[0])))
     whole = upsample_linear(occupancy, factors[::-1], shape)
     weighted = upsample_linear(intensity, factors[::-1], shape)
     lo_hu, hi_hu = predictor.bundle.window_hu
@@ -238,7 +265,7 @@ def test_fibula_side_reads_the_side_from_the_fibula():
     without a fibula beside the tibia gives no answer (the Predictor then compares both sides)."""
     from TibiaReconstructionLib.phantoms import generate_case
     from TibiaReconstructionLib.phantoms.ct import FIBULA, TIBIA
-    from TibiaReconstructionLib.predict import fibula_side
+    from TibiaReconstructionLib.checks import fibula_side
 
     for side in ("left", "right"):
         case = generate_case(7, side=side, spacing=(1.5, 1.5, 3.0))
@@ -252,7 +279,7 @@ def test_fibula_side_reads_the_side_from_the_fibula():
 def test_a_fibula_mostly_behind_the_tibia_still_gives_the_side(lateral_mm):
     """A leg turned in the scanner puts the fibula nearly behind the tibia: 5 mm to one side of it is enough (the
     fibula's side was right on all 89 held-out phantoms looked at; the model's misfit, the fallback, was not)."""
-    from TibiaReconstructionLib.predict import fibula_side
+    from TibiaReconstructionLib.checks import fibula_side
 
     grid = Grid((100, 100, 90), (1.0, 1.0, 4.0), (-50.0, -50.0, -180.0), np.eye(3))
     p = grid.index_to_physical(np.indices(grid.shape).reshape(3, -1).T[:, ::-1].astype(float))

@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy import ndimage
 
 from .geometry import Volume, apply_affine, bounding_box, crop, invert_affine, lattice
@@ -109,19 +108,3 @@ def find_broken_fibula(ct: Volume, tibia: Volume, tibia_box: tuple[np.ndarray, n
     up = to_patient[:3, 2] / np.linalg.norm(to_patient[:3, 2])
     ends = (upper[upper[:, 2] <= upper[:, 2].min() + END_MM], lower[lower[:, 2] >= lower[:, 2].max() - END_MM])
     return BrokenFibula(*_line(apply_affine(to_patient, ends[0]), up), *_line(apply_affine(to_patient, ends[1]), up))
-
-
-def offsets(fibula: BrokenFibula, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """How far apart the broken ends' lines lie (mm) with the distal piece moved by p -> r p + t (torch (S, 3, 3) and
-    (S, 3), the distal tibial fragment's moves): the mean of the distal end's centroid's distance from the proximal
-    end's line and the proximal end's centroid's distance from the distal end's line, (S,)."""
-    cp, up, cd, ud = (torch.from_numpy(np.asarray(v, np.float32)) for v in
-                      (fibula.proximal_centre, fibula.proximal_direction, fibula.distal_centre,
-                       fibula.distal_direction))
-    moved, turned = r @ cd + t, r @ ud
-
-    def off_line(p: torch.Tensor, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        d = p - c
-        return (d - (d * u).sum(-1, keepdim=True) * u).norm(dim=-1)
-
-    return 0.5 * (off_line(moved, cp, up) + off_line(cp, moved, turned))

@@ -1,8 +1,8 @@
 """What a prediction can begin before torch has loaded (the first 1.5-2 s of a command or of the Slicer worker), with
-no torch imported here: the inputs cropped and smoothed for the model (:func:`prepare.smoothed_crops`) and, in a
-thread, the other leg looked for and fitted to the proximal main fragment (:mod:`contralateral`, about 1-1.5 s on a
-CT of both legs). The Predictor takes a :class:`HeadStart` and uses what it holds for the same inputs; it redoes and
-checks everything else itself."""
+no torch imported here: the inputs checked and the leg side found (:mod:`checks`), the inputs cropped and smoothed for
+the model (:func:`prepare.smoothed_crops`), and in threads the CT-sized outputs allocated and the other leg looked
+for and fitted to the proximal main fragment (:mod:`contralateral`, about 1-1.5 s on a CT of both legs). The Predictor
+takes a :class:`HeadStart` and uses what it holds for the same inputs; it does everything else itself."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .checks import Checked, check_inputs
 from .errors import InputError
-from .geometry import Volume
+from .geometry import Grid, Volume, image_volume
 from .prepare import SmoothedCrops, smoothed_crops
 from .resources import DEFAULT_BUNDLE
 
@@ -32,16 +33,26 @@ def fit_other_leg(ct: Volume, tibia: Volume, fracture: Volume, other_tibia: Volu
         return error
 
 
+def blank_outputs(grid: Grid, floor_hu: int) -> tuple[Volume, Volume]:
+    """A prediction's labelmap (uint8, 0) and intensity (int16, all ``floor_hu``: the bundle's window floor) on the CT
+    ``grid``, to be filled in."""
+    return image_volume(grid, np.uint8), image_volume(grid, np.int16, floor_hu)
+
+
 @dataclass(eq=False)
 class HeadStart:
-    """Work begun for a prediction on ``inputs`` (CT, tibia mask, fracture mask): their crops (None when they could
-    not be made: the Predictor then makes them and says what is wrong) and, for ``other_tibia`` (as the Predictor
-    takes it), the other leg's fit running in a thread (:func:`fit_other_leg`; None when not asked for)."""
+    """Work begun for a prediction on ``inputs`` (CT, tibia mask, fracture mask): the checks (None when they failed:
+    the Predictor checks again and says what is wrong), the crops (None when not made), for ``other_tibia`` (as the
+    Predictor takes it) the other leg's fit running in a thread (:func:`fit_other_leg`; None when not asked for), and
+    the blank outputs being allocated for a bundle whose window floor is ``floor_hu``."""
 
     inputs: tuple[Volume, Volume, Volume]
     crops: SmoothedCrops | None
     other_tibia: Volume | str | None = None
     other_leg: Future | None = None
+    checked: Checked | None = None
+    outputs: Future | None = None
+    floor_hu: int | None = None
 
     def made_for(self, ct: Volume, tibia: Volume, fracture: Volume) -> bool:
         """Whether it was made for these very volumes."""
@@ -52,25 +63,54 @@ class HeadStart:
         same = self.other_tibia is other_tibia or (isinstance(other_tibia, str) and self.other_tibia == other_tibia)
         return self.other_leg if same else None
 
+    def checked_for(self, side: str) -> Checked | None:
+        """The checks when they were made for this ``side`` request, else None."""
+        return self.checked if self.checked is not None and self.checked.asked == side else None
 
-def head_start(ct: Volume, tibia: Volume, fracture: Volume, bundle=None, other_tibia: Volume | str | None = None
-               ) -> HeadStart:
-    """Start the other leg's fit in a thread (unless ``other_tibia`` is None), then crop the inputs (:func:`crops_ahead`)
-    while it runs."""
-    other_leg = None
-    if other_tibia is not None:
-        pool = ThreadPoolExecutor(1, thread_name_prefix="other-leg")
-        other_leg = pool.submit(fit_other_leg, ct, tibia, fracture, other_tibia)
-        pool.shutdown(wait=False)
-    return HeadStart((ct, tibia, fracture), crops_ahead(ct, tibia, fracture, bundle), other_tibia, other_leg)
+    def take_outputs(self, floor_hu: int) -> Future | None:
+        """The blank outputs when allocated for this window floor, else None; given once (a second prediction must
+        not write into the first one's result)."""
+        outputs, self.outputs = (self.outputs, None) if self.floor_hu == floor_hu else (None, self.outputs)
+        return outputs
 
 
-def crops_ahead(ct: Volume, tibia: Volume, fracture: Volume, bundle=None) -> SmoothedCrops | None:
-    """The Predictor's first step (:func:`prepare.smoothed_crops`) at the spacing that the bundle's config.json
-    states; None when that cannot be read or the inputs are refused: then the Predictor makes them itself, after its
-    own checks, and says what is wrong."""
+def head_start(ct: Volume, tibia: Volume, fracture: Volume, bundle=None, other_tibia: Volume | str | None = None,
+               side: str = "auto") -> HeadStart:
+    """Start the other leg's fit (unless ``other_tibia`` is None) and the outputs' allocation in threads, then check
+    the inputs for ``side`` and crop them for the bundle's spacing (:func:`crops_ahead`) while those run."""
+    pool = ThreadPoolExecutor(2, thread_name_prefix="head-start")
+    other_leg = None if other_tibia is None else pool.submit(fit_other_leg, ct, tibia, fracture, other_tibia)
+    config = _bundle_config(bundle)
+    floor_hu = None
     try:
-        config = json.loads((Path(bundle or DEFAULT_BUNDLE) / "config.json").read_text(encoding="utf-8"))
+        floor_hu = round(float(config["window_hu"][0]))
+    except (TypeError, KeyError, IndexError, ValueError):
+        pass
+    outputs = None if floor_hu is None else pool.submit(blank_outputs, ct.grid, floor_hu)
+    pool.shutdown(wait=False)
+    try:
+        checked = check_inputs(ct, tibia, fracture, side)
+    except InputError:
+        checked = None  # the Predictor says what is wrong
+    return HeadStart((ct, tibia, fracture), crops_ahead(ct, tibia, fracture, bundle, config), other_tibia, other_leg,
+                     checked, outputs, floor_hu)
+
+
+def _bundle_config(bundle) -> dict | None:
+    """The bundle's config.json, None when it cannot be read."""
+    try:
+        return json.loads((Path(bundle or DEFAULT_BUNDLE) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def crops_ahead(ct: Volume, tibia: Volume, fracture: Volume, bundle=None, config: dict | None = None
+                ) -> SmoothedCrops | None:
+    """The Predictor's first step (:func:`prepare.smoothed_crops`) at the spacing that the bundle's config.json
+    (``config`` when already read) states; None when that cannot be read or the inputs are refused: then the
+    Predictor makes them itself, after its own checks, and says what is wrong."""
+    try:
+        config = config or _bundle_config(bundle)
         spacing = np.asarray(config["grid"]["spacing"], float)
         if spacing.shape != (3,) or not np.all(spacing > 0):
             return None

@@ -23,34 +23,20 @@ from scipy import ndimage
 from vtkmodules.vtkCommonDataModel import vtkPolyData
 
 from .bundle import Bundle, load_bundle
+from .checks import check_inputs
 from .errors import InputError, NoOtherLegError
-from .geometry import Grid, TransformChain, Volume, apply_affine, bounding_box, check_same_grid, crop_to_mask, \
-    image_volume, invert_affine, lattice, resample, upsample_linear
-from .models.sampler import matrix_to_theta, theta_to_matrix
-from .prepare import SmoothedCrops, align_tibia, patient_to_canonical, resample_crops, smoothed_crops
-from .fibula import FIBULA_HU, centreline
 from .fusion import Fused, fuse_visible_bone
-from .head_start import HeadStart, fit_other_leg
+from .geometry import Grid, TransformChain, Volume, apply_affine, check_same_grid, crop_to_mask, invert_affine, \
+    resample, upsample_linear
+from .head_start import HeadStart, blank_outputs, fit_other_leg
 from .hidden_end import hidden_end
-from .template import MAX_FIT_RMS_MM, template_box, template_occupancy
+from .models.sampler import matrix_to_theta, theta_to_matrix
+from .prepare import SmoothedCrops, align_tibia, resample_crops, smoothed_crops
 from .refine import Placement, reduce_and_reconstruct
 from .resources import DEFAULT_BUNDLE
 from .surface import UNCERTAINTY_ARRAY, add_point_array, level_surface, polydata_points
+from .template import MAX_FIT_RMS_MM, template_box, template_occupancy
 
-MAX_FRACTURE_FRACTION = 0.6  # refuse when more of the tibia than this is hidden by the fracture mask
-# Voxel size: coarser than MAX_SPACING_MM along any axis (e.g. 10 mm slices) is refused, because the fracture
-# zone and the tibial plateau are then only a few voxels thick; coarser than WARN_SPACING_MM gives a warning.
-MAX_SPACING_MM = 6.0
-WARN_SPACING_MM = 3.0
-MIN_SLICES = 8  # a CT needs at least this many voxels along every axis
-MIN_TIBIA_EXTENT_MM = 60.0  # at least this much of the tibia must be in the CT (an adult tibia is 300-450 mm)
-# Side from the fibula: bone above FIBULA_HU (:mod:`fibula`'s) within FIBULA_RADIUS_MM of the tibia, at least
-# FIBULA_MIN_MM3 of it, whose median lies at least FIBULA_MIN_OFFSET_MM to one side (:func:`fibula_side`; 90 held-out
-# phantoms: all on the right side, at 2.8 mm or more; with the axis alone and 8 mm, 17 fell to the model's misfit, which
-# chose wrong on three shaft fractures).
-FIBULA_RADIUS_MM = 45.0
-FIBULA_MIN_MM3 = 1000.0
-FIBULA_MIN_OFFSET_MM = 2.5
 MAX_UNCERTAINTY_MM = 30.0
 WORK_FRACTION = 2.0  # the result is resampled at (model spacing / WORK_FRACTION), then interpolated onto the CT
 CT_SLAB = 32  # CT slices computed together when the result is interpolated onto the CT
@@ -115,120 +101,6 @@ class Prediction:
                 "surface": {"points": self.surface.GetNumberOfPoints(), "triangles": self.surface.GetNumberOfPolys()}}
 
 
-def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> tuple[tuple[np.ndarray, np.ndarray], int, int]:
-    """Check the three inputs; raises InputError naming the problem. Returns the tibia's index box (lo, hi
-    inclusive, (k, j, i)), its voxel count and the count of its voxels under the fracture mask. The masks are only
-    scanned in full to find the box and whether the fracture mask is empty; the rest is counted inside the box."""
-    check_same_grid(ct, tibia, "CT", "tibia mask")
-    check_same_grid(ct, fracture, "CT", "fracture mask")
-    size = np.asarray(ct.grid.size)
-    if size.min() < MIN_SLICES:
-        raise InputError(f"The CT has only {size.min()} voxel(s) along its {'ijk'[int(np.argmin(size))]} axis (size "
-                         f"{'x'.join(str(n) for n in size)}); a CT that holds a tibia has dozens of slices. Load the "
-                         "whole CT series, not a single slice or a thin slab.")
-    spacing = ", ".join(f"{v:.3g}" for v in ct.spacing)
-    if ct.spacing.max() > MAX_SPACING_MM:
-        raise InputError(f"The CT's voxels are ({spacing}) mm: {ct.spacing.max():.3g} mm is coarser than the "
-                         f"{MAX_SPACING_MM:g} mm this product accepts, so the fracture zone and the tibial plateau "
-                         "cannot be resolved. Reconstruct thinner slices (3 mm or less) from the scanner data.")
-    arr = ct.array
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise InputError(f"The CT has voxel type {arr.dtype}; a CT must hold real numbers (HU).")
-    if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
-        raise InputError("The CT contains NaN or infinite voxels; fix or replace them (e.g. with -1000 HU) first.")
-    hi = float(np.percentile(arr[::4, ::4, ::4], 99.9)) if arr.size > 64 else float(arr.max())
-    if hi < 300.0:
-        raise InputError(f"The image does not look like a CT in Hounsfield units: its 99.9th percentile is {hi:.4g}, "
-                         "but bone is above 300 HU. MR or normalised images are not supported; give the original CT.")
-    lo = float(arr.min())
-    if lo >= 0:
-        raise InputError(f"The image does not look like a CT in Hounsfield units: no voxel is below 0 (minimum "
-                         f"{lo:.4g}), but a CT has air (-1000 HU) and fat (about -100 HU). MR images are not "
-                         "supported; a CT stored without its rescale intercept (e.g. 0..4095) or with its background "
-                         "set to 0 must be converted back to HU first.")
-    box = bounding_box(tibia.array)
-    if box is None:
-        raise InputError("The tibia mask is empty. Segment the tibia (all fragments) or use automatic segmentation.")
-    extent = (box[1] - box[0] + 1)[::-1] * ct.spacing
-    if extent.max() < MIN_TIBIA_EXTENT_MM:
-        raise InputError(f"The tibia mask spans only {extent.max():.0f} mm; at least {MIN_TIBIA_EXTENT_MM:g} mm of the "
-                         f"tibia must be in the CT (an adult tibia is 300-450 mm long). Check the mask, and that the "
-                         f"CT's voxel spacing ({spacing}) is in mm.")
-    if not fracture.array.any():
-        raise InputError("The fracture mask is empty. Paint a coarse mask over the fracture zone (all fracture "
-                         "lines and gaps) before predicting.")
-    inside = tuple(slice(a, b + 1) for a, b in zip(*box))
-    tib = tibia.array[inside] != 0
-    hidden_voxels = np.count_nonzero(tib & (fracture.array[inside] != 0))
-    if hidden_voxels == 0:
-        raise InputError("The fracture mask does not overlap the tibia mask at all; it must cover the fracture "
-                         "zone of the tibia. Check that the right segments were chosen.")
-    tibia_voxels = np.count_nonzero(tib)
-    hidden = hidden_voxels / tibia_voxels
-    if hidden > MAX_FRACTURE_FRACTION:
-        raise InputError(f"The fracture mask hides {hidden:.0%} of the tibia; at most {MAX_FRACTURE_FRACTION:.0%} "
-                         "can be predicted reliably. Paint only the fracture zone.")
-    return box, int(tibia_voxels), int(hidden_voxels)
-
-
-def input_warnings(ct: Volume, box: tuple[np.ndarray, np.ndarray]) -> list[str]:
-    """Problems that do not stop a prediction but make it less reliable: coarse voxels, a tibia cut off by the
-    field of view (its index ``box``, lo and hi in (k, j, i) as :func:`validate_inputs` returns it, touches the
-    first or last slice along an axis)."""
-    warnings = []
-    if ct.spacing.max() > WARN_SPACING_MM:
-        warnings.append(f"The CT's voxels are ({', '.join(f'{v:.3g}' for v in ct.spacing)}) mm, coarser than "
-                        f"{WARN_SPACING_MM:g} mm: the fracture zone and the tibial plateau are coarsely resolved and "
-                        "the prediction is less precise. Use thinner slices if available.")
-    superior = int(np.argmax(np.abs(ct.direction[2])))  # the (i, j, k) axis closest to the body's long axis
-    for axis in range(3):
-        n = ct.grid.size[axis]
-        for index, at_end in ((0, box[0][2 - axis] == 0), (n - 1, box[1][2 - axis] == n - 1)):
-            if not at_end:
-                continue
-            if axis == superior:
-                up = (index == n - 1) == (ct.direction[2, axis] > 0)
-                where = f"the {'top (superior)' if up else 'bottom (inferior)'} slice of the CT"
-            else:
-                where = "the edge of the CT"
-            warnings.append(f"The tibia mask touches {where} ({'ijk'[axis]} = {index}): the tibia is cut off by the "
-                            "field of view there, so the prediction beyond the scan is the model's extrapolation. For "
-                            "a complete prediction, scan the whole tibia from knee to ankle.")
-    return warnings
-
-
-def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
-    """The leg side from where the fibula lies: bone (> FIBULA_HU) outside the tibia, beside its middle
-    half (within FIBULA_RADIUS_MM), is lateral, and lateral is the patient's left (+x in LPS) for a left leg.
-    How far to one side: the median from the tibia's long axis or from its centre at each height, whichever is
-    farther to one side (an angulated fragment pulls the one towards the middle, a displaced shaft the other). None
-    when too little such bone is found or it is not clearly to one side; the CT is read at about ``step_mm``
-    spacing."""
-    grid, sub = lattice(ct.grid, step_mm)
-    tib = tibia.array[sub] != 0
-    tib_vol = Volume.on_grid(tib.astype(np.uint8), grid)
-    p = patient_to_canonical(tib_vol, "left")  # long axis -> z, no mirroring: x stays the patient's x
-    bone = (ct.array[sub] > FIBULA_HU) & ~ndimage.binary_dilation(tib, iterations=2)
-    idx = np.argwhere(bone)
-    if len(idx) == 0:
-        return None
-    pts = apply_affine(p, grid.index_to_physical(idx[:, ::-1].astype(float)))
-    tib_pts = apply_affine(p, grid.index_to_physical(np.argwhere(tib)[:, ::-1].astype(float)))
-    lo, hi = np.percentile(tib_pts[:, 2], [25, 75])
-    band = (pts[:, 2] > lo) & (pts[:, 2] < hi)
-    laterals = []
-    for centre in (np.zeros(2), centreline(tib_pts, pts[:, 2])):  # canonical x = patient x (LPS)
-        beside = pts[:, :2] - centre
-        near = band & (np.hypot(beside[:, 0], beside[:, 1]) < FIBULA_RADIUS_MM)
-        if np.count_nonzero(near) * np.prod(grid.spacing) < FIBULA_MIN_MM3:
-            return None
-        laterals.append(float(np.median(beside[near, 0])))
-    lateral = max(laterals, key=abs)
-    if abs(lateral) < FIBULA_MIN_OFFSET_MM:
-        return None
-    return "left" if lateral > 0 else "right"
-
-
 @dataclass
 class ModelRun:
     """The model's result for one leg side: P (patient -> canonical), θ (4x4, standard -> canonical), the
@@ -273,11 +145,12 @@ class Predictor:
             self._crop_cache = (key, smoothed_crops(ct, tibia, self.bundle.grid.spacing, fracture))
         return self._crop_cache[1]
 
-    def _use_crops(self, ahead: HeadStart | None, ct: Volume, tibia: Volume, fracture: Volume) -> None:
-        """Take the crops made beforehand for these inputs, when they were made for the bundle's spacing."""
-        crops = None if ahead is None or not ahead.made_for(ct, tibia, fracture) else ahead.crops
+    def _use_crops(self, ahead: HeadStart | None) -> None:
+        """Take the crops made beforehand (``ahead``, made for the inputs at hand), when made for the bundle's
+        spacing."""
+        crops = None if ahead is None else ahead.crops
         if crops is not None and np.allclose(crops.spacing, self.bundle.grid.spacing):
-            self._crop_cache = ((id(ct), id(tibia), id(fracture)), crops)
+            self._crop_cache = (tuple(id(v) for v in ahead.inputs), crops)
 
     def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str) -> ModelRun:
         """The model for one leg side. Where the CT cuts the tibia off (a knee or an ankle CT), the intact end goes
@@ -334,28 +207,27 @@ class Predictor:
         t = {}
         t0 = time.perf_counter()
         report(0.0, "Checking inputs")
-        if side not in ("auto", "left", "right"):
-            raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
         if isinstance(other_tibia, str) and other_tibia != "auto":
             raise InputError(f"Unknown other_tibia {other_tibia!r}; give the other tibia's mask or 'auto'.")
         if isinstance(other_tibia, Volume):
             check_same_grid(ct, other_tibia, "CT", "other tibia mask")
-        box, tibia_voxels, hidden_voxels = validate_inputs(ct, tibia_mask, fracture_mask)
-        warnings = input_warnings(ct, box)
+        ahead = ahead if ahead is not None and ahead.made_for(ct, tibia_mask, fracture_mask) else None
+        checked = (ahead and ahead.checked_for(side)) or check_inputs(ct, tibia_mask, fracture_mask, side)
+        box, tibia_voxels, hidden_voxels = checked.box, checked.tibia_voxels, checked.hidden_voxels
+        warnings = list(checked.warnings)
         t["check"] = time.perf_counter() - t0
+        floor_hu = round(self.bundle.window_hu[0])
         with ThreadPoolExecutor(2) as pool:  # beside the model: the other leg looked for and fitted, the outputs made
             fitting = None
             if other_tibia is not None and self.keep_visible_bone and self.reduce_fragments:
-                begun = ahead.other_leg_for(other_tibia) if ahead is not None and ahead.made_for(
-                    ct, tibia_mask, fracture_mask) else None
-                fitting = begun or pool.submit(fit_other_leg, ct, tibia_mask, fracture_mask, other_tibia)
-            blank = pool.submit(self._blank_outputs, ct.grid)
+                fitting = (ahead and ahead.other_leg_for(other_tibia)) or pool.submit(
+                    fit_other_leg, ct, tibia_mask, fracture_mask, other_tibia)
+            blank = (ahead and ahead.take_outputs(floor_hu)) or pool.submit(blank_outputs, ct.grid, floor_hu)
             t0 = time.perf_counter()
             report(0.1, "Aligning and reconstructing" + (" and looking for the other leg" if fitting else ""))
-            found = fibula_side(ct, tibia_mask) if side == "auto" else side
-            sides = (found,) if found else ("left", "right")
+            sides = (checked.side,) if checked.side else ("left", "right")
             try:
-                self._use_crops(ahead, ct, tibia_mask, fracture_mask)
+                self._use_crops(ahead)
                 candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s) for s in sides}
             finally:
                 self._crop_cache = None  # never reuse crops across calls (ids can be recycled)
@@ -514,12 +386,9 @@ class Predictor:
             spread.array[work.fused.fixed] = 0.0
         return spread
 
-    def _blank_outputs(self, grid: Grid) -> tuple[Volume, Volume]:
-        """The labelmap (uint8, 0) and intensity (int16, the window's floor) on the CT ``grid``, to be filled."""
-        return image_volume(grid, np.uint8), image_volume(grid, np.int16, round(self.bundle.window_hu[0]))
-
     def _work_to_ct(self, work: WorkGrid, labelmap: Volume, intensity: Volume) -> tuple[Volume, Volume]:
-        """The labelmap and intensity (HU) on the CT grid (:meth:`_blank_outputs`, filled in place and returned): the
+        """The labelmap and intensity (HU) on the CT grid (:func:`head_start.blank_outputs` for the bundle's window
+        floor, filled in place and returned): the
         work grid's occupancy and intensity interpolated linearly onto the CT voxels of its box."""
         lo_hu, hi_hu = self.bundle.window_hu
         if work.occupancy is None:

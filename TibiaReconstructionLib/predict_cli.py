@@ -72,7 +72,7 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     if other == "auto" and segmentation is not None:  # it has looked for the other leg's tibia already
         other = segmentation.other_tibia
     # while torch is still loading
-    ahead = head_start(ct, tibia, fracture, bundle, other if reduce_fragments and keep_visible_bone else None)
+    ahead = head_start(ct, tibia, fracture, bundle, other if reduce_fragments and keep_visible_bone else None, side)
     from .predict import Predictor  # waits for the background import if it is still running
 
     predictor = Predictor(bundle, device, reduce_fragments, keep_visible_bone, reassemble_fragments)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .fibula import BrokenFibula, offsets
+from .fibula import BrokenFibula
 from .geometry import Grid, Volume, bounding_box, resample
 from .models.sampler import rotation_matrices
 from .refine import adam_direction, one_thread, signed_distance
@@ -154,6 +154,22 @@ class Field:
         return values[:, 0], values[:, 1:].transpose(1, 2)
 
 
+def fibula_offsets(fibula: BrokenFibula, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """How far apart the broken ends' lines lie (mm) with the distal piece moved by p -> r p + t (torch (S, 3, 3) and
+    (S, 3), the distal tibial fragment's moves): the mean of the distal end's centroid's distance from the proximal
+    end's line and the proximal end's centroid's distance from the distal end's line, (S,)."""
+    cp, up, cd, ud = (torch.from_numpy(np.asarray(v, np.float32)) for v in
+                      (fibula.proximal_centre, fibula.proximal_direction, fibula.distal_centre,
+                       fibula.distal_direction))
+    moved, turned = r @ cd + t, r @ ud
+
+    def off_line(p: torch.Tensor, c: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        d = p - c
+        return (d - (d * u).sum(-1, keepdim=True) * u).norm(dim=-1)
+
+    return 0.5 * (off_line(moved, cp, up) + off_line(cp, moved, turned))
+
+
 def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, grid: Grid, move: np.ndarray,
                 axis: np.ndarray, fibula: BrokenFibula | None = None) -> Fit | None:
     """Fit the fragment's move (module docstring). ``anchor`` and ``fragment``: occupancies (Z, Y, X) in [0, 1] on
@@ -203,7 +219,7 @@ def fit_contact(anchor: np.ndarray, fragment: np.ndarray, hidden: np.ndarray, gr
             facing = torch.relu(-(n * (g @ rr)).sum(-1))  # the face's normal, turned, against the other's: -(r n).g
             shares.append((facing * torch.exp(-0.5 * (d / width) ** 2)).mean(-1))
         overlap = torch.relu(-fields[0](body, r, t)[0]).mean(-1)
-        offset = torch.zeros(len(params)) if fibula is None else offsets(fibula, r, t)
+        offset = torch.zeros(len(params)) if fibula is None else fibula_offsets(fibula, r, t)
         return 0.5 * (shares[0] + shares[1]), overlap, offset
 
     def gain(contact: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:

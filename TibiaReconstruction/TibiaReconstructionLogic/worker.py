@@ -43,7 +43,8 @@ def run(workDir):
     emit(progress=0.0, message="Preparing the inputs")
     other = config.get("other_tibia")
     wants_other = config.get("reduce_fragments", True) and config.get("keep_visible_bone", True)
-    ahead = head_start(ct, tibia, fracture, config.get("bundle") or None, other if wants_other else None)
+    ahead = head_start(ct, tibia, fracture, config.get("bundle") or None, other if wants_other else None,
+                       config.get("side", "auto"))
 
     emit(progress=0.0, message="Loading the model")
     from TibiaReconstructionLib.predict import Predictor
