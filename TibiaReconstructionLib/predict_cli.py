@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import InputError, OutputExistsError
+from .geometry import Volume, check_same_grid
 from .head_start import head_start
 from .io import check_output_folder, read_mask, read_volume, staged_outputs, volume_suffix, write_json, write_volume
 from .surface import write_stl, write_vtp
@@ -55,18 +56,15 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     if side not in ("auto", "left", "right"):
         raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
     check_output_folder(out)
-    ct = read_volume(ct_path)
-    fracture = read_mask(fracture_path, ct, "fracture mask")
+    ct, fracture, tibia = read_inputs(ct_path, fracture_path, tibia_path, tibia_label)
     segmentation = None
-    if tibia_path is None:
+    if tibia is None:
         from .segment import segment_tibia
 
         segmentation = segment_tibia(ct, side, fracture)
         tibia = segmentation.tibia
         if side == "auto" and not segmentation.warnings:
             side = segmentation.side  # found from the fibula's position, more reliable than the model's fit
-    else:
-        tibia = read_mask(tibia_path, ct, "tibia mask", tibia_label)
     other = None if other_tibia_path is None or str(other_tibia_path) == "none" else \
         "auto" if str(other_tibia_path) == "auto" else read_mask(other_tibia_path, ct, "other tibia mask")
     if other == "auto" and segmentation is not None:  # it has looked for the other leg's tibia already
@@ -88,6 +86,21 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     report["outputs"] = {k: str(v) for k, v in paths.items()}
     _write_outputs(result, report, paths, overwrite, tibia if segmentation is not None else None)
     return result, paths
+
+
+def read_inputs(ct_path, fracture_path, tibia_path=None, tibia_label=None) -> tuple[Volume, Volume, Volume | None]:
+    """The CT, the fracture mask and the tibia mask (None without ``tibia_path``), the masks read in threads while the
+    CT is read (reading and decompressing release the GIL) and then checked against the CT's grid."""
+    with ThreadPoolExecutor(2) as pool:
+        fracture = pool.submit(read_mask, fracture_path, None, "fracture mask")
+        tibia = None if tibia_path is None else pool.submit(read_mask, tibia_path, None, "tibia mask", tibia_label)
+        ct = read_volume(ct_path)
+        masks = [(fracture.result(), "fracture mask", fracture_path)]
+        if tibia is not None:
+            masks.append((tibia.result(), "tibia mask", tibia_path))
+    for mask, name, path in masks:
+        check_same_grid(ct, mask, "CT", f"{name} ({path})")
+    return ct, masks[0][0], masks[1][0] if tibia is not None else None
 
 
 def import_in_background(module: str) -> None:
