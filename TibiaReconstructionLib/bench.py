@@ -836,14 +836,15 @@ def speed_markdown(rows: list[dict], train_rows: list[dict], setup: dict) -> str
                   "(from the fibula's position; the model runs for both sides only when no fibula is found). Median "
                   "of the runs, in seconds; *start*: from launching Python to the code of `tibia-recon predict` "
                   "imported (torch, SimpleITK, VTK...); *read*: CT and masks; *load*: model bundle; "
-                  "*check*, *model*, *other_leg* (looking for the other leg; with both legs, segmenting and fitting "
-                  "it), *resample*, *surface*: `Prediction.timings` (the other leg is looked for while the model runs "
-                  "and the surface built while the prediction is resampled onto the CT grid: *other_leg* and "
-                  "*surface* are only what they take beyond that); *write*: "
+                  "*check* (with the side from the fibula), *model*, *other_leg* (looking for the other leg; with both "
+                  "legs, segmenting and fitting it), *resample*, *surface*: `Prediction.timings` (the other leg is "
+                  "looked for while the model runs and the surface built while the prediction is resampled onto the "
+                  "CT grid: *other_leg* and *surface* are only what they take beyond that); *write*: "
                   "all outputs; *total*: their sum. *command*: the same prediction as the command itself runs it "
-                  "(`tibia-recon predict` in its own process, from launch to exit); it imports torch while it reads "
-                  "the CT and cuts and smooths the crops, and compresses the volumes while it writes the surfaces, so "
-                  "it can take less than the stages' sum.", "",
+                  "(`tibia-recon predict` in its own process, from launch to exit); while torch loads it reads the CT "
+                  "and the masks together, checks them, finds the side, cuts and smooths the crops, allocates the "
+                  "outputs and starts looking for the other leg (`head_start`), and it compresses the volumes while "
+                  "it writes the surfaces, so it can take less than the stages' sum.", "",
                   md_table(["CT size", "spacing (mm)", "threads", *PREDICT_STAGES, "total", "command",
                             "peak RSS (MiB)", "runs"],
                            [[r["size"], spacing[r["size"]], r["threads"],
