@@ -182,6 +182,19 @@ def test_outputs_allocated_beforehand_go_to_one_prediction_only(predictor, case,
     assert predictor.predict(*case, side="left", ahead=other_floor).labelmap.array is not allocated.result()[0].array
 
 
+def test_the_volumes_are_handed_over_final_before_the_surface(predictor, case, result):
+    """``volumes_ready`` gets the result's own labelmap, intensity and uncertainty, already filled in, once."""
+    calls = []
+    ready = predictor.predict(*case, side="left", volumes_ready=lambda *volumes: calls.append(
+        [None if v is None else (v, v.array.copy()) for v in volumes]))
+    assert len(calls) == 1
+    (label, label_then), (hu, hu_then), std = calls[0]
+    assert label is ready.labelmap and hu is ready.intensity
+    assert (std is None) == (ready.occupancy_std is None) and (std is None or std[0] is ready.occupancy_std)
+    np.testing.assert_array_equal(label_then, result.labelmap.array)  # final when handed over
+    np.testing.assert_array_equal(hu_then, result.intensity.array)
+
+
 def test_the_command_prepares_the_crops_at_the_bundle_spacing(predictor, case, tmp_path):
     ct, tibia, fracture = case
     folder = predictor.bundle_path

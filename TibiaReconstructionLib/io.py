@@ -310,7 +310,8 @@ def check_output_folder(out: Path) -> None:
 def staged_outputs(paths: dict, overwrite: bool = False) -> Iterator[dict]:
     """All-or-nothing output files in one folder: yields {key: staging path} (a hidden folder beside the
     outputs) to write; on success renames them all into ``paths``, on any error removes the staging folder
-    and the folders this created. Files that appeared meanwhile are not replaced unless ``overwrite``."""
+    and the folders this created. Files that appeared meanwhile are not replaced unless ``overwrite``. ``paths``
+    is read again when the block ends: an output found unneeded meanwhile is deleted from it, not written."""
     out = Path(next(iter(paths.values()))).parent
     made = [d for d in (out, *out.parents) if not d.exists()]  # folders this creates, deepest first
     try:

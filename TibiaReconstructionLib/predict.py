@@ -191,7 +191,8 @@ class Predictor:
 
     def predict(self, ct: Volume, tibia_mask: Volume, fracture_mask: Volume, side: str = "auto",
                 progress: Progress | None = None, ahead: HeadStart | None = None,
-                other_tibia: Volume | str | None = "auto") -> Prediction:
+                other_tibia: Volume | str | None = "auto",
+                volumes_ready: Callable[[Volume, Volume, Volume | None], None] | None = None) -> Prediction:
         """Predict the healthy tibia. ``side``: 'left', 'right' or 'auto' (from the fibula's position, see
         :func:`fibula_side`; without a clear fibula, the side whose mirror image the model aligns better).
         ``ahead``: work begun for these three inputs before torch loaded (:mod:`head_start`: the command and the
@@ -202,7 +203,9 @@ class Predictor:
         (:mod:`template`; with the visible bone kept; no uncertainty map then, the model's posterior does not describe
         it). When it cannot be used (the CT shows no other leg, or its tibia does not fit this patient's, see
         :func:`template.mismatch`), the prediction is the model's; a warning says why unless 'auto' found no other
-        leg; the report's ``fusion["other_leg"]`` says what was used. Inputs are not modified."""
+        leg; the report's ``fusion["other_leg"]`` says what was used. ``volumes_ready``: called with the labelmap,
+        the intensity and the uncertainty (None without one) as soon as they are final, while the surface is still
+        being built (the command starts writing them then). Inputs are not modified."""
         report = progress or (lambda f, m: None)
         t = {}
         t0 = time.perf_counter()
@@ -280,6 +283,8 @@ class Predictor:
             work = replace(work, spread=self._spread(std, work, chain.matrix()))
             labelmap, intensity = self._work_to_ct(work, *blank.result())
             t["resample"] = time.perf_counter() - t0
+            if volumes_ready is not None:
+                volumes_ready(labelmap, intensity, work.spread)
             report(0.8, "Building the surface")
             t0 = time.perf_counter()
             surface = building.result()

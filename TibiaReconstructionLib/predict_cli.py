@@ -74,17 +74,26 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
     from .predict import Predictor  # waits for the background import if it is still running
 
     predictor = Predictor(bundle, device, reduce_fragments, keep_visible_bone, reassemble_fragments)
-    result = predictor.predict(ct, tibia, fracture, side=side, progress=progress, ahead=ahead, other_tibia=other)
-    paths = written_paths(result, paths)
-    report = result.report()
-    report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path or "automatic segmentation"),
-                        "fracture_mask": str(fracture_path),
-                        "other_tibia_mask": str(other_tibia_path)}
-    if segmentation is not None:
-        report["segmentation"] = segmentation.report()
-        result.warnings.extend(segmentation.warnings)
-    report["outputs"] = {k: str(v) for k, v in paths.items()}
-    _write_outputs(result, report, paths, overwrite, tibia if segmentation is not None else None)
+    # the volumes are compressed and written (into the staging folder) while the Predictor finishes the surface
+    with staged_outputs(paths, overwrite) as staged, ThreadPoolExecutor(max_workers=2) as pool:
+        pending = [] if segmentation is None else write_volumes(pool, staged, tibia_mask=tibia)
+
+        def volumes_ready(labelmap, intensity, occupancy_std):
+            pending.extend(write_volumes(pool, staged, labelmap, intensity, occupancy_std))
+
+        result = predictor.predict(ct, tibia, fracture, side=side, progress=progress, ahead=ahead, other_tibia=other,
+                                   volumes_ready=volumes_ready)
+        if result.occupancy_std is None:
+            del paths["uncertainty"]  # not written, so not renamed into place (see io.staged_outputs)
+        report = result.report()
+        report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path or "automatic segmentation"),
+                            "fracture_mask": str(fracture_path),
+                            "other_tibia_mask": str(other_tibia_path)}
+        if segmentation is not None:
+            report["segmentation"] = segmentation.report()
+            result.warnings.extend(segmentation.warnings)
+        report["outputs"] = {k: str(v) for k, v in paths.items()}
+        write_surfaces_and_report(result, report, staged, pending)
     return result, paths
 
 
@@ -121,22 +130,33 @@ def written_paths(result, paths: dict) -> dict:
     return {k: v for k, v in paths.items() if k != "uncertainty" or result.occupancy_std is not None}
 
 
-def _write_outputs(result, report: dict, paths: dict, overwrite: bool, auto_tibia=None) -> None:
-    """Write every output (and ``auto_tibia``, the segmented mask, if given) all together or not at all. The
-    volumes are compressed in two more threads while the surfaces are written (compression releases the GIL)."""
+def write_volumes(pool: ThreadPoolExecutor, staged: dict, labelmap=None, intensity=None, occupancy_std=None,
+                  tibia_mask=None) -> list:
+    """Write the given volumes to their ``staged`` paths in ``pool``'s threads (compression releases the GIL); the
+    writes' futures."""
+    volumes = [(labelmap, "label", True), (intensity, "intensity", False), (occupancy_std, "uncertainty", False),
+               (tibia_mask, "tibia_mask", True)]
+    return [pool.submit(write_volume, volume, staged[key], label=label) for volume, key, label in volumes
+            if volume is not None]
+
+
+def write_surfaces_and_report(result, report: dict, staged: dict, pending: list) -> None:
+    """Write the surfaces and the report to their ``staged`` paths, then wait for the ``pending`` volume writes
+    (raising the first error among them)."""
+    write_stl(result.surface, staged["stl_lps"], "LPS")
+    write_vtp(result.surface, staged["vtp_lps"])
+    write_stl(result.surface, staged["stl_ras"], "RAS")
+    write_json(report, staged["report"])
+    for job in pending:
+        job.result()
+
+
+def _write_outputs(result, report: dict, paths: dict, overwrite: bool) -> None:
+    """Write every output of a finished prediction all together or not at all (the volumes in two more threads
+    while the surfaces are written)."""
     with staged_outputs(paths, overwrite) as staged, ThreadPoolExecutor(max_workers=2) as pool:
-        volumes = [(result.labelmap, "label", True), (result.intensity, "intensity", False)]
-        if "uncertainty" in staged:
-            volumes.append((result.occupancy_std, "uncertainty", False))
-        if auto_tibia is not None:
-            volumes.append((auto_tibia, "tibia_mask", True))
-        pending = [pool.submit(write_volume, volume, staged[key], label=label) for volume, key, label in volumes]
-        write_stl(result.surface, staged["stl_lps"], "LPS")
-        write_vtp(result.surface, staged["vtp_lps"])
-        write_stl(result.surface, staged["stl_ras"], "RAS")
-        write_json(report, staged["report"])
-        for job in pending:
-            job.result()  # raises the first write error here, inside the staging: nothing is kept
+        write_surfaces_and_report(result, report, staged, write_volumes(
+            pool, staged, result.labelmap, result.intensity, result.occupancy_std if "uncertainty" in staged else None))
 
 
 def register_cli(sub) -> None:

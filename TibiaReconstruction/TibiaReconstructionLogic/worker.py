@@ -23,6 +23,8 @@ def emit(**message):
 
 
 def run(workDir):
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     import vtk
 
@@ -53,12 +55,19 @@ def run(workDir):
                           reduce_fragments=config.get("reduce_fragments", True),
                           keep_visible_bone=config.get("keep_visible_bone", True),
                           reassemble_fragments=config.get("reassemble_fragments", True))
-    result = predictor.predict(ct, tibia, fracture, side=config.get("side", "auto"), ahead=ahead,
-                               other_tibia=other,
-                               progress=lambda fraction, message: emit(progress=float(fraction), message=str(message)))
+    with ThreadPoolExecutor(2) as pool:  # the volumes are saved while the Predictor finishes the surface
+        saving = []
 
-    np.save(os.path.join(workDir, "labelmap.npy"), np.ascontiguousarray(result.labelmap.array))
-    np.save(os.path.join(workDir, "intensity.npy"), np.ascontiguousarray(result.intensity.array))
+        def volumes_ready(labelmap, intensity, occupancy_std):
+            saving.extend(pool.submit(np.save, os.path.join(workDir, name), np.ascontiguousarray(volume.array))
+                          for name, volume in (("labelmap.npy", labelmap), ("intensity.npy", intensity)))
+
+        result = predictor.predict(ct, tibia, fracture, side=config.get("side", "auto"), ahead=ahead,
+                                   other_tibia=other, volumes_ready=volumes_ready,
+                                   progress=lambda fraction, message: emit(progress=float(fraction),
+                                                                           message=str(message)))
+        for job in saving:
+            job.result()
     writer = vtk.vtkXMLPolyDataWriter()
     writer.SetFileName(os.path.join(workDir, "surface.vtp"))
     writer.SetInputData(result.surface)
