@@ -844,7 +844,7 @@ def speed_markdown(rows: list[dict], train_rows: list[dict], setup: dict) -> str
                   "(`tibia-recon predict` in its own process, from launch to exit); while torch loads it reads the CT "
                   "and the masks together, checks them, finds the side, cuts and smooths the crops, allocates the "
                   "outputs and starts looking for the other leg (`head_start`), and it compresses the volumes while "
-                  "it writes the surfaces, so it can take less than the stages' sum.", "",
+                  "it finishes the surface, so it can take less than the stages' sum.", "",
                   md_table(["CT size", "spacing (mm)", "threads", *PREDICT_STAGES, "total", "command",
                             "peak RSS (MiB)", "runs"],
                            [[r["size"], spacing[r["size"]], r["threads"],
