@@ -37,6 +37,7 @@ from .template import mismatch, place_on_template
 # 700000-19), RMSD 5 mm: 1.422 / 1.432; 10: 1.267 / 1.395; 20: 1.202 / 1.313; 30: 1.219 / 1.183 but split condyles
 # left to the model lose bone (500007 1.02 -> 1.23 mm) and with the other leg 1.022 -> 1.040 (20: 0.997).
 OWN_MM = 20.0
+PIECE_MARGIN_MM = 5.0  # a moved piece carries the fracture mask this close to it along
 MAX_MISFIT_MM = 3.0  # fragments whose surface lies farther than this (mean) from the reconstruction are not pasted
 MIN_PIECE_ML = 0.2  # smaller visible pieces are left to the model
 VOTES = 400  # voxels per piece looked up on the canonical grid to find its fragment
@@ -130,8 +131,9 @@ def _on_lattice(values: np.ndarray, offset: np.ndarray, shape: tuple[int, int, i
 def _moved_piece(piece: np.ndarray, hu: np.ndarray, hidden: np.ndarray, source: Grid, destination: Grid,
                  move: np.ndarray) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray, np.ndarray]:
     """A piece (bool on ``source``) moved by ``move`` (4x4 LPS) onto the part of ``destination`` it reaches (grown
-    by OWN_MM): that part's slices, the piece's occupancy there, its HU and the fracture mask moved with it."""
-    margin = np.ceil(OWN_MM / source.spacing[::-1]).astype(int) + 1  # (k, j, i)
+    by PIECE_MARGIN_MM): that part's slices, the piece's occupancy there, its HU and the fracture mask next to it (in
+    that part), moved with it."""
+    margin = np.ceil(PIECE_MARGIN_MM / source.spacing[::-1]).astype(int) + 1  # (k, j, i)
     lo, hi = bounding_box(piece)
     lo, hi = np.maximum(lo - margin, 0), np.minimum(hi + margin, np.asarray(piece.shape) - 1)
     part = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
