@@ -28,6 +28,7 @@ FIBULA_RADIUS_MM = 45.0
 FIBULA_MIN_MM3 = 1000.0
 FIBULA_MIN_OFFSET_MM = 2.5
 
+
 @dataclass
 class Checked:
     """What :func:`check_inputs` found: the tibia mask's index box (lo, hi inclusive, (k, j, i)), its voxel count and

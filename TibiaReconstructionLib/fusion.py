@@ -10,8 +10,9 @@ anchor's, when they clearly do: :mod:`reassembly`)
 and pasted into the prediction: within OWN_MM of a pasted piece, outside the fracture mask (moved with its
 fragment) and nearer to a pasted piece than to a fragment left to the model, the prediction becomes the patient's
 bone; elsewhere, above all in the fracture zone, it stays the model's. Pieces of fragments that fit the
-reconstruction worse than MAX_MISFIT_MM, or too small to match, are left to the model. With the other leg's tibia as the template (:mod:`template`), the template takes the model's place and
-the moved fragments are registered onto it, then reassembled from there.
+reconstruction worse than MAX_MISFIT_MM, or too small to match, are left to the model. With the other leg's tibia as
+the template (:mod:`template`), the template takes the model's place and the moved fragments are registered onto it,
+then reassembled from there.
 
 All arrays are (k, j, i) on CT-aligned grids; moves are 4x4 LPS maps of patient points.
 """
@@ -223,10 +224,11 @@ def fuse_visible_bone(model_occupancy: np.ndarray, destination: Grid, ct: Volume
     fragments = []
     for fid, misfit in misfits.items():
         piece = fragment_mask(pieces, owner, fid)
-        keep = bool(piece.any()) and misfit <= MAX_MISFIT_MM
+        seen = bool(piece.any())
+        keep = seen and misfit <= MAX_MISFIT_MM
         fragments.append({"id": fid, "anchor": fid == placement.anchor, "misfit_mm": round(float(misfit), 2),
                           "visible_ml": round(float(piece.sum() * voxel_ml), 2), "pasted": keep})
-        if not piece.any():
+        if not seen:
             continue
         stays = bool(np.allclose(moves[fid], np.eye(4), atol=1e-4))
         if stays:  # the anchor: copied, not resampled

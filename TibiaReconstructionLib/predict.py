@@ -194,7 +194,7 @@ class Predictor:
                 other_tibia: Volume | str | None = "auto",
                 volumes_ready: Callable[[Volume, Volume, Volume | None], None] | None = None) -> Prediction:
         """Predict the healthy tibia. ``side``: 'left', 'right' or 'auto' (from the fibula's position, see
-        :func:`fibula_side`; without a clear fibula, the side whose mirror image the model aligns better).
+        :func:`checks.fibula_side`; without a clear fibula, the side whose mirror image the model aligns better).
         ``ahead``: work begun for these three inputs before torch loaded (:mod:`head_start`: the command and the
         Slicer worker do), used only for these very inputs: the crops when made for the bundle's spacing, the other
         leg's fit when started for this ``other_tibia``. ``other_tibia``: the healthy other
@@ -311,8 +311,9 @@ class Predictor:
 
     @staticmethod
     def _other_leg(other, other_tibia: Volume | str, side: str, warnings: list) -> tuple:
-        """The fitted other leg (:func:`head_start.fit_other_leg`'s result) and None when it can be the template; or None and
-        why it cannot be used; and whether that goes without a warning ('auto' found no other leg in the CT)."""
+        """The fitted other leg (:func:`head_start.fit_other_leg`'s result) and None when it can be the template; or
+        None and why it cannot be used; and whether that goes without a warning ('auto' found no other leg in the
+        CT)."""
         if isinstance(other, InputError):
             return None, str(other), isinstance(other, NoOtherLegError) and isinstance(other_tibia, str)
         if other.fit["rms_mm"] > MAX_FIT_RMS_MM:
@@ -393,8 +394,8 @@ class Predictor:
 
     def _work_to_ct(self, work: WorkGrid, labelmap: Volume, intensity: Volume) -> tuple[Volume, Volume]:
         """The labelmap and intensity (HU) on the CT grid (:func:`head_start.blank_outputs` for the bundle's window
-        floor, filled in place and returned): the
-        work grid's occupancy and intensity interpolated linearly onto the CT voxels of its box."""
+        floor, filled in place and returned): the work grid's occupancy and intensity interpolated linearly onto the
+        CT voxels of its box."""
         lo_hu, hi_hu = self.bundle.window_hu
         if work.occupancy is None:
             return labelmap, intensity

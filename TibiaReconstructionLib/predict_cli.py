@@ -83,8 +83,8 @@ def run_predict(ct_path, tibia_path, fracture_path, out, bundle=None, device="au
 
         result = predictor.predict(ct, tibia, fracture, side=side, progress=progress, ahead=ahead, other_tibia=other,
                                    volumes_ready=volumes_ready)
-        if result.occupancy_std is None:
-            del paths["uncertainty"]  # not written, so not renamed into place (see io.staged_outputs)
+        for key in paths.keys() - written_paths(result, paths).keys():
+            del paths[key]  # not written, so not renamed into place (see io.staged_outputs)
         report = result.report()
         report["inputs"] = {"ct": str(ct_path), "tibia_mask": str(tibia_path or "automatic segmentation"),
                             "fracture_mask": str(fracture_path),
@@ -152,11 +152,11 @@ def write_surfaces_and_report(result, report: dict, staged: dict, pending: list)
 
 
 def _write_outputs(result, report: dict, paths: dict, overwrite: bool) -> None:
-    """Write every output of a finished prediction all together or not at all (the volumes in two more threads
-    while the surfaces are written)."""
+    """Write every output of a finished prediction (``paths``: as :func:`written_paths` gives them) all together or
+    not at all (the volumes in two more threads while the surfaces are written)."""
     with staged_outputs(paths, overwrite) as staged, ThreadPoolExecutor(max_workers=2) as pool:
-        write_surfaces_and_report(result, report, staged, write_volumes(
-            pool, staged, result.labelmap, result.intensity, result.occupancy_std if "uncertainty" in staged else None))
+        write_surfaces_and_report(result, report, staged, write_volumes(pool, staged, result.labelmap, result.intensity,
+                                                                        result.occupancy_std))
 
 
 def register_cli(sub) -> None:
