@@ -303,6 +303,29 @@ def test_a_fibula_mostly_behind_the_tibia_still_gives_the_side(lateral_mm):
         "left" if lateral_mm > 0 else "right")
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("turn_deg", [-40.0, 0.0, 40.0, 70.0])
+def test_the_side_follows_the_plateau_however_the_leg_is_turned(side, turn_deg):
+    """The fibula lies behind the plateau's widest (medial-lateral) axis, on its lateral half: that tells the side
+    however far the leg is turned about its long axis, even turned out so far that the fibula lies behind or medial
+    of the tibia in the patient's frame (70 deg here: its offset along x points to the other side)."""
+    from TibiaReconstructionLib.checks import fibula_side
+
+    grid = Grid((120, 120, 90), (1.5, 1.5, 4.0), (-90.0, -90.0, -180.0), np.eye(3))
+    p = grid.index_to_physical(np.indices(grid.shape).reshape(3, -1).T[:, ::-1].astype(float))
+    turn = np.radians(turn_deg)
+    ml, ap = np.array([np.cos(turn), np.sin(turn)]), np.array([-np.sin(turn), np.cos(turn)])  # lateral, posterior
+    u, v = p[:, :2] @ ml, p[:, :2] @ ap
+    plateau = ((u / 38.0) ** 2 + (v / 24.0) ** 2 <= 1.0) & (p[:, 2] > 140.0) & (p[:, 2] <= 170.0)
+    tibia = ((np.hypot(u, v) <= 12.0) & (np.abs(p[:, 2]) <= 170.0)) | plateau
+    centre = 30.0 * (np.cos(np.radians(52.0)) * ml + np.sin(np.radians(52.0)) * ap)
+    fibula = (np.hypot(p[:, 0] - centre[0], p[:, 1] - centre[1]) <= 6.0) & (np.abs(p[:, 2]) <= 150.0)
+    if side == "right":  # the mirror image about x = 0 (the grid is symmetric about it)
+        tibia, fibula = (m.reshape(grid.shape)[:, :, ::-1].ravel() for m in (tibia, fibula))
+    ct = Volume.on_grid(np.where(tibia | fibula, 1200, 40).astype(np.int16).reshape(grid.shape), grid)
+    assert fibula_side(ct, ct.with_array(tibia.astype(np.uint8).reshape(grid.shape))) == side
+
+
 def test_the_visible_bone_is_kept_and_the_model_fills_the_fracture_zone(predictor, case, result):
     from scipy import ndimage
 

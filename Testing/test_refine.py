@@ -206,6 +206,29 @@ def test_an_implausible_reduction_onto_the_knee_piece_falls_back_to_placing_on_t
     assert refine.find_fragments(occ, seen).anchor == placement.labels[45, 12, 12]  # first tried: the knee piece
 
 
+def test_a_split_off_condyle_does_not_anchor_the_prediction(tiny_bundle):
+    """A plateau fracture whose mask hides the shaft's half of the plateau leaves one condyle as the only visible bone
+    at the knee: it holds half the plateau, not the knee, so the single pass is placed on the largest fragment (the
+    shaft). A knee piece across the whole plateau still anchors."""
+    occ = np.zeros(tiny_bundle.grid.shape, np.float32)
+    occ[5:50, 9:15, 9:15] = occ[42:50, 8:16, 8:16] = 1.0  # shaft and plateau
+    seen = np.ones_like(occ)
+    seen[38:42] = 0.0  # the fracture below the condyle
+    seen[38:50, :, :12] = 0.0  # and the shaft's half of the plateau
+    fragments = refine.find_fragments(occ, seen)
+    condyle, shaft = fragments.labels[45, 12, 13], fragments.labels[20, 12, 12]
+    assert fragments.anchor == condyle and fragments.plateau_share == pytest.approx(0.5)
+    x = torch.from_numpy(np.stack([0.5 * occ, occ]))[None]
+    visible = torch.from_numpy(seen)[None, None]
+    theta, _, recon = tiny_bundle.align_and_reconstruct(x, visible)
+    out = refine.reduce_and_reconstruct(tiny_bundle, x, visible, theta, recon)
+    report, placement = out[4], out[5]
+    assert "knee_piece_split" in report and report["rounds"] == []
+    assert placement is not None and placement.anchor == shaft
+    occ, seen, *_ = shaft_and_knee_piece(tiny_bundle)
+    assert refine.find_fragments(occ, seen).plateau_share == pytest.approx(1.0)
+
+
 def test_the_rounds_reduce_onto_the_largest_fragment_and_the_knee_piece_still_anchors_the_prediction(
         tiny_bundle, monkeypatch):
     """A short knee piece registers less steadily than a long shaft piece: the rounds move the fragments relative to
