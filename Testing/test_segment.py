@@ -96,6 +96,20 @@ def test_right_leg_is_mirrored_left(case, result):
     assert dice(right.tibia.array, expected.array) > 0.98
 
 
+@pytest.mark.parametrize("turn_deg", [45.0, 70.0])
+def test_a_leg_turned_out_keeps_its_side(case, result, turn_deg):
+    """Turned out (toes to the patient's left for this left leg) about the vertical axis through its tibia, the fibula
+    comes to lie behind the tibia or medial of it in the patient's frame; the side still comes out left (from the
+    fibula's place relative to the plateau's axis, not the patient's x) and the tibia is the same voxels."""
+    a = np.radians(turn_deg)
+    r = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    ct = case.fractured_ct
+    centre = ct.grid.index_to_physical(np.argwhere(result.tibia.array != 0)[::20, ::-1].astype(float)).mean(0)
+    turned = segment_tibia(Volume(ct.array, ct.spacing, centre + r @ (ct.origin - centre), r @ ct.direction))
+    assert turned.side == "left" and not turned.warnings
+    assert dice(turned.tibia.array, result.tibia.array) > 0.95
+
+
 def test_oblique_grid(case):
     oblique = generate_case(3, spacing=SPACING, side="left", fracture_type="comminuted", oblique=True)
     assert not np.allclose(oblique.ct.direction, np.eye(3))

@@ -11,7 +11,7 @@ from scipy import ndimage
 from .errors import InputError
 from .fibula import FIBULA_HU, centreline
 from .geometry import Volume, apply_affine, bounding_box, check_same_grid, lattice
-from .prepare import align_tibia
+from .prepare import align_tibia, plateau_axis
 
 MAX_FRACTURE_FRACTION = 0.6  # refuse when more of the tibia than this is hidden by the fracture mask
 # Voxel size: coarser than MAX_SPACING_MM along any axis (e.g. 10 mm slices) is refused, because the fracture
@@ -26,14 +26,11 @@ MIN_TIBIA_EXTENT_MM = 60.0  # at least this much of the tibia must be in the CT 
 # is turned in the scanner. On 41 held-out phantoms the fibula lay 16 mm or more to one side of the plateau's
 # perpendicular, turned by up to 60 deg either way; its offset along the patient's x alone, the rule before, was as low
 # as -1.3 mm (the wrong side) unturned and wrong on most at 30 deg external rotation. The plateau counts when the CT
-# shows the tibia's proximal end and the cross-section of its top PLATEAU_MM is at least PLATEAU_MIN_RATIO times as
-# wide as deep (the phantoms: 1.31-2.03); else the fibula's median offset along x must be at least
-# FIBULA_MIN_OFFSET_MM to one side.
+# shows the tibia's proximal end and its axis is clear (:func:`prepare.plateau_axis`); else the fibula's median offset
+# along x must be at least FIBULA_MIN_OFFSET_MM to one side. Either way the fibula must lie that far to one side.
 FIBULA_RADIUS_MM = 45.0
 FIBULA_MIN_MM3 = 1000.0
 FIBULA_MIN_OFFSET_MM = 2.5
-PLATEAU_MM = 25.0
-PLATEAU_MIN_RATIO = 1.2
 
 @dataclass
 class Checked:
@@ -170,7 +167,7 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
         if np.count_nonzero(near) * np.prod(grid.spacing) < FIBULA_MIN_MM3:
             return None
         offsets.append(np.median(beside[near], axis=0))
-    axis = None if alignment.cut_proximal else _plateau_axis(tib_pts)
+    axis = None if alignment.cut_proximal else plateau_axis(tib_pts)
     if axis is None:
         turn = max((f[0] for f in offsets), key=abs)  # > 0: towards the patient's left
     else:  # the 2-D cross product of the axis' half towards the fibula and the fibula's offset
@@ -180,14 +177,3 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
         return None
     return "left" if turn > 0 else "right"
 
-
-def _plateau_axis(tibia: np.ndarray) -> np.ndarray | None:
-    """The unit (x, y) direction in which the top PLATEAU_MM of the tibia (points (n, 3), long axis along z,
-    superior up) is widest; None when it is less than PLATEAU_MIN_RATIO times as wide as deep."""
-    top = tibia[tibia[:, 2] > tibia[:, 2].max() - PLATEAU_MM, :2]
-    if len(top) < 10:
-        return None
-    variances, vectors = np.linalg.eigh(np.cov((top - top.mean(0)).T))
-    if variances[1] < PLATEAU_MIN_RATIO ** 2 * max(variances[0], 1e-9):
-        return None
-    return vectors[:, 1]

@@ -105,7 +105,8 @@ class Prediction:
 class ModelRun:
     """The model's result for one leg side: P (patient -> canonical), θ (4x4, standard -> canonical), the
     reconstruction (C, Z, Y, X) in standard coordinates, its misfit, the model's (reduced) inputs (x, visible),
-    the fragment reduction's report and where it placed the fragments (None without a reduction)."""
+    the fragment reduction's report, where it placed the fragments (None without a reduction) and by how much P
+    turns the leg back about its long axis (degrees, :func:`prepare.align_tibia`)."""
 
     p: np.ndarray
     theta: np.ndarray
@@ -115,6 +116,7 @@ class ModelRun:
     visible: torch.Tensor
     reduction: dict = field(default_factory=dict)
     placement: Placement | None = None
+    turned_deg: float = 0.0
 
 
 class Predictor:
@@ -156,7 +158,7 @@ class Predictor:
         """The model for one leg side. Where the CT cuts the tibia off (a knee or an ankle CT), the intact end goes
         where a typical tibia's lies on the canonical grid and the canonical voxels beyond the CT are not visible."""
         length = self.bundle.tibia_length_mm()
-        alignment = align_tibia(tibia, side, length)
+        alignment = align_tibia(tibia, side, length, limit_turn=True)
         p = alignment.matrix
         case = resample_crops(self._crops(ct, tibia, fracture), self.bundle.grid, p, self.bundle.window_hu,
                               ct.grid if alignment.cut else None)
@@ -174,7 +176,7 @@ class Predictor:
         if end is not None:
             report = {**report, "hidden_end": {**report.get("hidden_end", {}), "end": end}}
         return ModelRun(p, theta_to_matrix(theta[0]), recon[0].float().cpu().numpy(), self._misfit(aligned, recon),
-                        x, visible, report, placement)
+                        x, visible, report, placement, alignment.turned_deg)
 
     def _uncertainty(self, run: ModelRun) -> np.ndarray | None:
         """Posterior standard deviation of the reconstruction's occupancy (Z, Y, X) in standard coordinates,
@@ -258,7 +260,8 @@ class Predictor:
 
         report(0.6, "Mapping the prediction into the CT grid")
         t0 = time.perf_counter()
-        chain = TransformChain().then("mirror, align long axis, centre", p, "canonical") \
+        turn = f", turn {run.turned_deg:+.1f} deg about it" if run.turned_deg else ""
+        chain = TransformChain().then(f"mirror, align long axis{turn}, centre", p, "canonical") \
             .then("inverse theta (LocNet)", invert_affine(theta), "standard")
         fuse = None
         # the other tibia's mask cropped to it, once: a CT-sized array is slow to scan

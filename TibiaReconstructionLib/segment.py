@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
+from .checks import fibula_side
 from .errors import InputError, OutputExistsError
 from .geometry import Grid, Volume, bounding_box, check_same_grid, crop, resample
 from .io import as_label, read_mask, read_volume, volume_suffix, write_json, write_volume
@@ -101,10 +102,13 @@ def segment_tibia(ct: Volume, side: str = "auto", fracture_mask: Volume | None =
     in_fracture = _fracture_fractions(pieces, fracture_mask, work.grid)
     groups = split_legs(pieces, np.arange(1, n + 1))
     legs = [leg_tibia(pieces, ids, in_fracture) for ids in groups]
-    chosen, other, chosen_side, warnings = _choose_leg(pieces, legs, len(groups), side, in_fracture)
+    chosen, other, chosen_side = _choose_leg(pieces, legs, len(groups), side, in_fracture)
     clock.lap("identify")
     report(0.7, "Refining the tibia surface on the CT grid")
     tibia = _on_ct_grid(ct, _solid(pieces, chosen), work.grid, refine_tibia)
+    warnings = []
+    if chosen_side is None:  # one leg in the CT
+        chosen_side, warnings = _single_leg_side(pieces, chosen, side, fibula_side(ct, tibia))
     other_tibia = None if other is None else _on_ct_grid(ct, _solid(pieces, other), work.grid)
     clock.lap("refine")
     report(1.0, "Done")
@@ -178,8 +182,9 @@ def _fracture_fractions(pieces: Pieces, fracture_mask: Volume | None, grid: Grid
 
 
 def _choose_leg(pieces: Pieces, legs: list[LegTibia | None], n_groups: int, side: str,
-                in_fracture: np.ndarray) -> tuple[LegTibia, LegTibia | None, str, list[str]]:
-    """The requested (or automatically chosen) leg's tibia, the other leg's, the side, warnings."""
+                in_fracture: np.ndarray) -> tuple[LegTibia, LegTibia | None, str | None]:
+    """The requested (or automatically chosen) leg's tibia, the other leg's and the side; with one leg in the CT,
+    that leg, None and None (its side: :func:`_single_leg_side`)."""
     found = [leg for leg in legs if leg is not None]
     if not found:
         raise InputError("No tibia found: the CT has bone but no thick long bone of a lower leg. Check that the "
@@ -188,8 +193,8 @@ def _choose_leg(pieces: Pieces, legs: list[LegTibia | None], n_groups: int, side
         by_side = {"right": legs[0], "left": legs[1]}  # LPS: the patient's left is at larger x
         if side == "auto":
             side = _auto_side(pieces, by_side, in_fracture)
-        return by_side[side], by_side["left" if side == "right" else "right"], side, []
-    return _single_leg(pieces, found[0], side)
+        return by_side[side], by_side["left" if side == "right" else "right"], side
+    return found[0], None, None
 
 
 def _auto_side(pieces: Pieces, by_side: dict[str, LegTibia], in_fracture: np.ndarray) -> str:
@@ -204,20 +209,21 @@ def _auto_side(pieces: Pieces, by_side: dict[str, LegTibia], in_fracture: np.nda
     return max(fragments, key=fragments.get)
 
 
-def _single_leg(pieces: Pieces, leg: LegTibia, side: str) -> tuple[LegTibia, None, str, list[str]]:
-    """The only leg in the CT; its side from the fibula (lateral), else from its position."""
-    if leg.side is not None:
-        guess, why = leg.side, "the fibula's position"
+def _single_leg_side(pieces: Pieces, leg: LegTibia, side: str, from_fibula: str | None) -> tuple[str, list[str]]:
+    """The only leg's side and warnings: the side the fibula tells (``from_fibula``, :func:`checks.fibula_side` on
+    the segmented tibia), else its position."""
+    if from_fibula is not None:
+        guess, why = from_fibula, "the fibula's position"
     else:
         guess, why = ("left" if pieces.centroid(leg.main)[0] > 0 else "right"), "its position (x > 0: left)"
     warnings = []
-    if side == "auto" and leg.side is None:
-        warnings.append(f"No fibula was found, so the leg was taken as the {guess} one from {why}; pass "
+    if side == "auto" and from_fibula is None:
+        warnings.append(f"The fibula did not tell the side, so the leg was taken as the {guess} one from {why}; pass "
                         "side='left' or 'right' if that is wrong.")
     if side != "auto" and side != guess:
         warnings.append(f"Only one leg is in the CT and it looks like a {guess} leg (from {why}), but side "
                         f"'{side}' was requested; its tibia was segmented and labelled '{side}'.")
-    return leg, None, guess if side == "auto" else side, warnings
+    return guess if side == "auto" else side, warnings
 
 
 def _solid(pieces: Pieces, leg: LegTibia) -> np.ndarray:

@@ -37,13 +37,11 @@ TALUS_BULGE, TIBIA_FLARE = 1.15, 1.5  # a talus taken in: wider than the ankle's
 
 @dataclass
 class LegTibia:
-    """One leg's tibia on the working grid: its piece ids, main piece, the fibula's pieces, and the
-    side the fibula's position implies (None without a fibula)."""
+    """One leg's tibia on the working grid: its piece ids, main piece and the fibula's pieces."""
 
     ids: list[int]
     main: int
     fibula: list[int]
-    side: str | None
     floor_z: float | None = None  # tibia voxels below this z are the talus (joined through a blurred ankle joint)
 
 
@@ -95,7 +93,7 @@ def leg_tibia(p: Pieces, ids: np.ndarray, in_fracture: np.ndarray) -> LegTibia |
     candidates = [i for i in ids if i != main and i not in fibula and i not in excluded]
     tibia = _grow(p, main, candidates, in_fracture)
     floor = _ankle_waist(p, p.area[tibia].sum(axis=0))
-    return LegTibia(tibia, main, fibula, _side(p, fibula, offsets), floor)
+    return LegTibia(tibia, main, fibula, floor)
 
 
 def cut_ankles(p: Pieces) -> tuple[np.ndarray, int]:
@@ -267,11 +265,3 @@ def _outside_tibia_height(p: Pieces, ids: np.ndarray, fibula: list[int], main: i
         out[i] = bool(above or below)
     return out
 
-
-def _side(p: Pieces, fibula: list[int], offsets: dict[int, np.ndarray]) -> str | None:
-    """'left' when the fibula lies at larger x than the tibia (LPS x points to the patient's left)."""
-    if not fibula:
-        return None
-    w = p.volume_ml(fibula)
-    dx = float(np.average([offsets[f][0] for f in fibula], weights=w))
-    return None if abs(dx) < 3.0 else ("left" if dx > 0 else "right")

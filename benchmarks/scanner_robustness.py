@@ -8,13 +8,17 @@ SD ``--blur-mm`` in mm); ``weak``, weaker bone (every HU above 100 pulled toward
 cortex about 900 HU instead of 1500). Changes to the fracture mask, as a surgeon may paint it (the CT stays):
 ``dilated``, grown by ``--dilate-mm``; ``slab``, every slice across the tibia that the mask touches, whole, 5 mm
 beyond; ``proximal``, the mask plus the proximal ``--proximal-fraction`` of the tibia's slices (over the knee end).
-Each with the default (the other leg found in the CT as template) and from the fractured leg alone. Scores on the CT
+Changes to the pose: ``turned_out`` / ``turned_in``, the whole CT and its masks turned by ``--turn-deg`` about the
+vertical axis through the fractured tibia, the way that turns the leg's toes out (external rotation) or in (exact: the
+grid's direction and origin turn, the voxels stay). Each with the default (the other leg found in the CT as template) and from the fractured leg alone. Scores on the CT
 grid against the healthy tibia (Dice, RMSD, HD95); a mask that hides too much of the tibia is refused (counted).
 Writes scanner_robustness.md and scanner_robustness.csv into ``--out`` with the command, date and machine.
 
     python benchmarks/scanner_robustness.py --n 12 --out docs/benchmarks/scanner-robustness --overwrite
     python benchmarks/scanner_robustness.py --n 12 --changes none dilated slab proximal \
         --out docs/benchmarks/fracture-mask-styles --overwrite
+    python benchmarks/scanner_robustness.py --n 12 --changes none turned_out turned_in \
+        --out docs/benchmarks/leg-turned --overwrite
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from scipy import ndimage
 
 from TibiaReconstructionLib.bench import _inputs, heldout_case, machine_description, score
 from TibiaReconstructionLib.errors import InputError
+from TibiaReconstructionLib.geometry import Volume
 from TibiaReconstructionLib.io import atomic_path
 from TibiaReconstructionLib.metrics import mean_ci
 from TibiaReconstructionLib.predict import DEFAULT_BUNDLE, Predictor
@@ -39,10 +44,11 @@ from TibiaReconstructionLib.predict import DEFAULT_BUNDLE, Predictor
 TIBIA = 1  # phantoms/ct.py
 CT_CHANGES = ("noise", "smooth", "weak")
 MASK_CHANGES = ("dilated", "slab", "proximal")
+POSE_CHANGES = ("turned_out", "turned_in")
 SLAB_MARGIN_MM = 5.0
 METHODS = {"default": "auto", "one leg": None}  # Predictor.predict's other_tibia
 COLUMNS = ("seed", "fracture_type", "change", "method", "status", "hidden_share", "dice", "rmsd_mm", "hd95_mm",
-           "other_leg_used")
+           "other_leg_used", "side_right")
 
 
 def changed_ct(ct, change: str, args, rng: np.random.Generator):
@@ -82,6 +88,19 @@ def changed_mask(ct, tibia, fracture, change: str, args):
     return fracture.with_array(mask.astype(np.uint8))
 
 
+def turned(volumes, tibia, side: str, change: str, degrees: float) -> list:
+    """``volumes`` (on the CT grid) turned about the vertical (LPS z) axis through the centroid of ``tibia`` (a
+    mask on that grid) by ``degrees``, toes out for ``change`` 'turned_out' (anticlockwise seen from above for a
+    left leg), in for 'turned_in'; unchanged for another change."""
+    if change not in POSE_CHANGES:
+        return list(volumes)
+    a = np.radians(degrees) * (1 if change == "turned_out" else -1) * (1 if side == "left" else -1)
+    r = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    kji = np.argwhere(tibia.array != 0)[::20]
+    centre = tibia.grid.index_to_physical(kji[:, ::-1].astype(float)).mean(0)
+    return [Volume(v.array, v.spacing, centre + r @ (v.origin - centre), r @ v.direction) for v in volumes]
+
+
 def run(args) -> list[dict]:
     predictor = Predictor(args.bundle, "cpu")
     rows = []
@@ -93,20 +112,22 @@ def run(args) -> list[dict]:
         for change in args.changes:
             changed = changed_ct(ct, change, args, rng)
             mask = changed_mask(ct, tibia, fracture, change, args) if change in MASK_CHANGES else fracture
+            changed, posed, mask = turned((changed, tibia, mask), tibia, case.side, change, args.turn_deg)
             hidden = float(np.count_nonzero(mask.array[tibia.array != 0]) / np.count_nonzero(tibia.array))
             base = {"seed": seed, "fracture_type": case.fracture_type, "change": change,
                     "hidden_share": round(hidden, 4)}
             for method, other in METHODS.items():
                 try:
-                    result = predictor.predict(changed, tibia, mask, other_tibia=other)
+                    result = predictor.predict(changed, posed, mask, other_tibia=other)
                 except InputError as error:  # a mask that hides too much
                     rows.append({**base, "method": method, "status": f"refused: {error}"[:200], "dice": np.nan,
-                                 "rmsd_mm": np.nan, "hd95_mm": np.nan, "other_leg_used": False})
+                                 "rmsd_mm": np.nan, "hd95_mm": np.nan, "other_leg_used": False, "side_right": False})
                     continue
-                scores = score(result.labelmap.array != 0, truth, ct.spacing)
+                scores = score(result.labelmap.array != 0, truth, ct.spacing)  # the same voxels, turned or not
                 rows.append({**base, "method": method, "status": "ok",
                              **{k: round(scores[k], 4) for k in ("dice", "rmsd_mm", "hd95_mm")},
-                             "other_leg_used": bool(result.fusion.get("other_leg", {}).get("used", False))})
+                             "other_leg_used": bool(result.fusion.get("other_leg", {}).get("used", False)),
+                             "side_right": result.side == case.side})
             print(seed, change, [f"{r['method']} {r['rmsd_mm']:.2f}" for r in rows[-len(METHODS):]], flush=True)
     return rows
 
@@ -118,7 +139,10 @@ DESCRIPTIONS = {"none": "none = as generated", "noise": "noise = extra Gaussian 
                 "slab": "slab = every slice across the tibia that the fracture mask touches, whole, "
                         f"{SLAB_MARGIN_MM:g} mm beyond",
                 "proximal": "proximal = the fracture mask plus the proximal {proximal_fraction:.0%} of the tibia's "
-                            "slices"}
+                            "slices",
+                "turned_out": "turned_out = the CT and masks turned {turn_deg:g} deg about the vertical axis through "
+                              "the tibia, toes out",
+                "turned_in": "turned_in = the same, toes in"}
 
 
 def report(rows: list[dict], args, seconds: float) -> str:
@@ -134,9 +158,9 @@ def report(rows: list[dict], args, seconds: float) -> str:
              f"{machine['cpu']}, {machine['usable_cpus']} CPUs, git {machine['git_commit']}. Mean ± half width of the "
              "95 % confidence interval over the predicted cases; 'hidden': the share of the tibia under the fracture "
              "mask (mean); 'refused': masks that hide too much of the tibia to predict; 'other leg used': cases whose "
-             "prediction took the other leg as template.", "",
-             "| change | method | hidden | Dice | RMSD (mm) | HD95 (mm) | refused | other leg used |",
-             "|---|---|---|---|---|---|---|---|"]
+             "prediction took the other leg as template; 'wrong side': predicted as the other leg side.", "",
+             "| change | method | hidden | Dice | RMSD (mm) | HD95 (mm) | refused | other leg used | wrong side |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for change in args.changes:
         for method in METHODS:
             sel = [r for r in rows if r["change"] == change and r["method"] == method]
@@ -147,8 +171,9 @@ def report(rows: list[dict], args, seconds: float) -> str:
                 cells.append(f"{mean:.3f} ± {half:.3f}" if np.isfinite(half) else f"{mean:.3f}")
             used = sum(r["other_leg_used"] for r in done)
             hidden = np.mean([r["hidden_share"] for r in sel])
+            wrong = sum(not r["side_right"] for r in done)
             lines.append(f"| {change} | {method} | {hidden:.0%} | {' | '.join(cells)} | {len(sel) - len(done)} | "
-                         f"{used} of {len(done)} |")
+                         f"{used} of {len(done)} | {wrong} |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,8 +188,9 @@ def main() -> None:
     parser.add_argument("--bone-scale", type=float, default=0.6)
     parser.add_argument("--dilate-mm", type=float, default=3.0)
     parser.add_argument("--proximal-fraction", type=float, default=0.3)
+    parser.add_argument("--turn-deg", type=float, default=30.0)
     parser.add_argument("--changes", nargs="+", default=("none", *CT_CHANGES),
-                        choices=("none", *CT_CHANGES, *MASK_CHANGES))
+                        choices=("none", *CT_CHANGES, *MASK_CHANGES, *POSE_CHANGES))
     parser.add_argument("--out", default="docs/benchmarks/scanner-robustness")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args()
