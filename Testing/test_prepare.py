@@ -148,16 +148,19 @@ def _plateau_angle(tibia: Volume, p: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_a_leg_turned_beyond_the_trained_range_is_turned_back_for_the_model(side):
-    """A plateau turned 70 deg (a leg turned out in the scanner) comes onto the canonical frame at the training
-    phantoms' typical angle; one inside their range, or a scan without the plateau, is left as it lies."""
+@pytest.mark.parametrize("turn_deg", [-50.0, 70.0, 105.0])
+def test_a_leg_turned_beyond_the_trained_range_is_turned_back_for_the_model(side, turn_deg):
+    """A plateau turned out (70 deg, or 105: past facing sideways) or in (-50 deg) in the scanner comes onto the
+    canonical frame at the training phantoms' typical angle, turned back the short way; one inside their range, or a
+    scan without the plateau, is left as it lies."""
     lowest, typical, highest = PLATEAU_TURN_DEG
-    turned = _plateau_leg(70.0, side)
+    turned = _plateau_leg(turn_deg, side)
     alignment = align_tibia(turned, side, limit_turn=True)
     assert abs(_plateau_angle(turned, alignment.matrix) - typical) < 2.0
-    assert abs(alignment.turned_deg - (typical - 70.0)) < 2.0
+    assert abs(alignment.turned_deg - (typical - turn_deg)) < 2.0
     np.testing.assert_allclose(np.linalg.det(alignment.matrix[:3, :3]), 1.0 if side == "left" else -1.0, atol=1e-9)
-    assert abs(_plateau_angle(turned, align_tibia(turned, side).matrix) - 70.0) < 2.0  # training data: as it lies
+    as_it_lies = _plateau_angle(turned, align_tibia(turned, side).matrix)  # training data: as it lies
+    assert abs((as_it_lies - turn_deg + 90.0) % 180.0 - 90.0) < 2.0
     for leg in (_plateau_leg(20.0, side), _plateau_leg(70.0, side, slices=82)):
         alignment = align_tibia(leg, side, limit_turn=True)
         assert alignment.turned_deg == 0.0

@@ -86,7 +86,8 @@ def align_tibia(tibia: Volume, side: str, length_mm: float | None = None, limit_
     that part, its intact end would land far from where a whole tibia's end lies on the canonical grid).
     ``limit_turn``: where the CT shows the plateau and its axis (:func:`plateau_axis`) lies outside the range of
     PLATEAU_TURN_DEG, P also turns the leg about the canonical z axis to put it at the typical angle (a leg turned
-    out or in by 30 deg beyond the training phantoms' range: RMSD up to 8 mm, not so turned 0.7)."""
+    out or in by 30 deg beyond the training phantoms' range: RMSD up to 8 mm, not so turned 0.7); a leg turned by
+    90 deg or more from the typical angle (past facing sideways) is taken as turned the other way."""
     box = bounding_box(tibia.array)
     idx = np.zeros((0, 3), int) if box is None else np.argwhere(crop(tibia, *box).array != 0) + box[0]
     if len(idx) < 10:
@@ -119,9 +120,9 @@ def align_tibia(tibia: Volume, side: str, length_mm: float | None = None, limit_
     center = centroid + axis * middle
     turned = 0.0
     plateau = None if not limit_turn or cut_proximal else plateau_axis((pts - center) @ rot.T)
-    if plateau is not None:
-        angle = (np.degrees(np.arctan2(plateau[1], plateau[0])) + 90.0) % 180.0 - 90.0
+    if plateau is not None:  # an axis, not a direction: its angle within 90 deg of the typical one
         lowest, typical, highest = PLATEAU_TURN_DEG
+        angle = (np.degrees(np.arctan2(plateau[1], plateau[0])) - typical + 90.0) % 180.0 - 90.0 + typical
         if not lowest <= angle <= highest:
             turned = typical - angle
             rot = _rotation_about_z(turned) @ rot
