@@ -69,6 +69,16 @@ def test_accuracy_refuses_to_overwrite_its_report(accuracy, bundle, capsys):
     assert "already exist" in capsys.readouterr().err
 
 
+def test_accuracy_on_a_fracture_type_asked_for(bundle, tmp_path):
+    """--fracture-type gives every case that fracture (here one the models never learned from), and says so."""
+    rc = main(["bench", "accuracy", "--bundle", bundle, "--n", "1", "--spacing", "3", "3", "3", "--methods", "model",
+               "--fracture-type", "pilon", "--device", "cpu", "--out", str(tmp_path)])
+    assert rc == 0
+    assert {r["fracture_type"] for r in read_csv(tmp_path / "accuracy.csv")} == {"pilon"}
+    md = (tmp_path / "accuracy.md").read_text(encoding="utf-8")
+    assert "--fracture-type pilon" in md and "every fracture a pilon one" in md and "never learned from" in md
+
+
 def test_speed_writes_stage_timings_and_memory(bundle, tmp_path):
     rc = main(["bench", "speed", "--bundle", bundle, "--sizes", "48x48x96", "--threads", "1", "--spacing", "3", "3",
                "3", "--device", "cpu", "--out", str(tmp_path)])

@@ -14,7 +14,7 @@ from scipy.spatial import cKDTree
 
 from TibiaReconstructionLib.errors import InputError
 from TibiaReconstructionLib.geometry import apply_affine, bounding_box, mirror, resample
-from TibiaReconstructionLib.phantoms import FRACTURE_TYPES, generate_case, read_case, write_case
+from TibiaReconstructionLib.phantoms import EXTRA_FRACTURE_TYPES, FRACTURE_TYPES, generate_case, read_case, write_case
 from TibiaReconstructionLib.phantoms.anatomy import sample_anatomy
 from TibiaReconstructionLib.phantoms.cli import register_cli
 from TibiaReconstructionLib.phantoms.mesh import enclosed_volume, load_model, surface_template
@@ -114,12 +114,12 @@ def test_fibula_and_neighbours_never_take_tibia_voxels():
     assert tibia_volume_ml(c.fractured_labels) == pytest.approx(tibia_volume_ml(c.labels), rel=0.05)
 
 
-@pytest.mark.parametrize("kind", FRACTURE_TYPES)
+@pytest.mark.parametrize("kind", FRACTURE_TYPES + EXTRA_FRACTURE_TYPES)
 def test_fragments_reassemble_into_the_healthy_tibia(kind):
     c = case(11, spacing=COARSE, fracture_type=kind)
     assert c.fracture_type == kind
     healthy = c.labels.array == 1
-    assert len(c.fragments) >= 2 + (kind == "comminuted")
+    assert len(c.fragments) >= 2 + (kind in ("comminuted", "segmental"))
     assert [f["id"] for f in c.fragments] == list(range(1, len(c.fragments) + 1))
     assert np.allclose(c.fragments[0]["transform"], np.eye(4))  # the proximal main fragment stays put
     moved = [f for f in c.fragments[1:] if not np.allclose(f["transform"], np.eye(4), atol=1e-3)]
@@ -154,7 +154,7 @@ def test_a_shaft_band_moves_the_same_fracture_along_the_tibia():
     assert np.array_equal(default.fracture_mask.array, usual.fracture_mask.array)  # the generator's band
 
 
-@pytest.mark.parametrize("kind", FRACTURE_TYPES)
+@pytest.mark.parametrize("kind", FRACTURE_TYPES + EXTRA_FRACTURE_TYPES)
 def test_fracture_mask_covers_every_fracture_surface(kind):
     c = case(11, spacing=COARSE, fracture_type=kind)
     grid, ids, mask = c.ct.grid, c.fragment_ids.array, c.fracture_mask.array

@@ -32,6 +32,7 @@ from . import __version__
 from .errors import InputError, OutputExistsError, TibiaReconError
 from .geometry import Grid, Volume, bounding_box, crop, resample
 from .io import atomic_path
+from .phantoms.fractures import EXTRA_FRACTURE_TYPES, FRACTURE_TYPES
 from .models.sampler import rotation_matrices
 from .predict import ModelRun, Predictor
 
@@ -308,15 +309,16 @@ def build_methods(bundles: list[str], methods: list[str], device: str) -> tuple[
 # Accuracy: cases and scores
 
 
-def heldout_case(seed: int, spacing, shaft_band: tuple[float, float] | None = None):
+def heldout_case(seed: int, spacing, shaft_band: tuple[float, float] | None = None, fracture_type: str | None = None):
     """A fractured phantom with the healthy other leg beside it, on a field of view of both lower legs (see
     SIZE_LIMIT_MM). The fractured leg's anatomy, pose and fracture plan are the one-leg case's of the seed;
-    ``shaft_band``: where along the tibia its shaft fracture lies (the generator's band when None)."""
+    ``shaft_band``: where along the tibia its shaft fracture lies (the generator's band when None);
+    ``fracture_type``: that type instead of the seed's random one (the same leg and pose)."""
     from .phantoms import generate_case
     from .phantoms.fractures import SHAFT_BAND
 
     return generate_case(seed, fractured=True, spacing=tuple(spacing), size_limit_mm=SIZE_LIMIT_MM, both_legs=True,
-                         shaft_band=tuple(shaft_band or SHAFT_BAND))
+                         shaft_band=tuple(shaft_band or SHAFT_BAND), fracture_type=fracture_type)
 
 
 def cut_field_of_view(case, end: str, fraction: float):
@@ -459,7 +461,11 @@ def accuracy_markdown(rows: list[dict], setup: dict, files: dict) -> str:
         "(`TibiaReconstructionLib.phantoms.generate_case(..., both_legs=True)`), "
         f"seeds {setup['seed']}..{setup['seed'] + setup['n'] - 1} (training data uses small seeds), voxel spacing "
         f"{' x '.join(f'{s:g}' for s in setup['spacing'])} mm, field of view at most "
-        f"{' x '.join(f'{s:g}' for s in SIZE_LIMIT_MM)} mm; random side, pose and fracture type.",
+        f"{' x '.join(f'{s:g}' for s in SIZE_LIMIT_MM)} mm; random side and pose; "
+        + (f"every fracture a {setup['fracture_type']} one (`--fracture-type`)."
+           + (" A pattern the models never learned from: the generator draws it only when asked for."
+              if setup["fracture_type"] in EXTRA_FRACTURE_TYPES else "")
+           if setup.get("fracture_type") else "random fracture type."),
         *([f"- Field of view: a {setup['field_of_view']} CT: every volume (CT, masks, ground truth) cut to the slices "
            f"that hold the {'proximal' if setup['field_of_view'] == 'knee' else 'distal'} "
            f"{setup['fraction']:.0%} of the fractured tibia's length and beyond, so the tibia is cut off by the scan "
@@ -553,10 +559,12 @@ def worst_case_figure(row: dict, predictor: Method, spacing, side_mode: str, pat
 def run_accuracy(bundles: list[str], out, n: int = 40, seed: int = DEFAULT_SEED, spacing=(1.0, 1.0, 2.0),
                  methods=tuple(METHODS), side: str = "auto", device: str = "auto",
                  overwrite: bool = False, progress: bool = True, field_of_view: str = "legs",
-                 fraction: float = 0.5, shaft_band: tuple[float, float] | None = None) -> dict[str, Path]:
+                 fraction: float = 0.5, shaft_band: tuple[float, float] | None = None,
+                 fracture_type: str | None = None) -> dict[str, Path]:
     """Run the accuracy benchmark and write its report files into ``out``; returns their paths. ``field_of_view``
     'knee' or 'ankle': each case cut to that end's ``fraction`` of the tibia (:func:`cut_field_of_view`); cases
-    whose fracture then lies outside the scan are skipped. ``shaft_band``: see :func:`heldout_case`."""
+    whose fracture then lies outside the scan are skipped. ``shaft_band``, ``fracture_type``: see
+    :func:`heldout_case`."""
     from tqdm import tqdm
 
     if n < 1:
@@ -571,12 +579,13 @@ def run_accuracy(bundles: list[str], out, n: int = 40, seed: int = DEFAULT_SEED,
                "--seed", seed, "--spacing", *spacing, "--methods", *methods, "--side", side, "--device", device,
                *(["--field-of-view", field_of_view, "--fov-fraction", fraction] if field_of_view != "legs" else []),
                *(["--shaft-band", *shaft_band] if shaft_band is not None else []),
+               *(["--fracture-type", fracture_type] if fracture_type else []),
                "--out", out]
     start = time.perf_counter()
     predictors, bundle_info = build_methods(bundles, list(methods), device)
     rows, skipped = [], []
     for s in tqdm(range(seed, seed + n), desc="bench accuracy", disable=not progress):
-        case = heldout_case(s, spacing, shaft_band)
+        case = heldout_case(s, spacing, shaft_band, fracture_type)
         if field_of_view != "legs":
             case = cut_field_of_view(case, field_of_view, fraction)
         if case is None:
@@ -590,7 +599,7 @@ def run_accuracy(bundles: list[str], out, n: int = 40, seed: int = DEFAULT_SEED,
     setup = {"date": _today(), "command": _quote(command), "n": n, "seed": seed, "spacing": list(spacing),
              "side": side, "machine": machine_description(), "seconds": time.perf_counter() - start,
              "bundles": bundle_info, "field_of_view": field_of_view, "fraction": fraction, "skipped": skipped,
-             "shaft_band": shaft_band}
+             "shaft_band": shaft_band, "fracture_type": fracture_type}
     write_csv(rows, paths["csv"], overwrite)
     accuracy_boxplots(rows, paths["boxplots"], overwrite)
     worst = _worst_rows(rows, first, 1)
@@ -982,6 +991,9 @@ def register_cli(sub) -> None:
     a.add_argument("--shaft-band", type=float, nargs=2, metavar=("LO", "HI"),
                    help="shaft fractures between these fractions of the tibia's length from the ankle (default: the "
                         "generator's 0.25 0.75, where the training data's lie)")
+    a.add_argument("--fracture-type", choices=FRACTURE_TYPES + EXTRA_FRACTURE_TYPES, default=None,
+                   help="every case's fracture of this type (default: each seed's random one); segmental and pilon "
+                        "are patterns the models never learned from")
 
     s = kinds.add_parser("speed", help="time predict by stage and peak memory per CT size and thread count",
                          description="Time predict end to end (read, load, check, model, resample, surface, write) "
@@ -1010,7 +1022,8 @@ def register_cli(sub) -> None:
         if args.bench == "accuracy":
             paths = run_accuracy(args.bundle, args.out, args.n, args.seed, tuple(args.spacing), tuple(args.methods),
                                  args.side, args.device, args.overwrite, field_of_view=args.field_of_view,
-                                 fraction=args.fov_fraction, shaft_band=args.shaft_band)
+                                 fraction=args.fov_fraction, shaft_band=args.shaft_band,
+                                 fracture_type=args.fracture_type)
         else:
             paths = run_speed(args.bundle, args.out, tuple(args.sizes), tuple(args.threads), args.repeat,
                               args.training, args.training_steps, args.batch, args.seed, tuple(args.spacing),

@@ -1,7 +1,9 @@
 """Fracture a voxelised tibia: cut it into fragments, displace them rigidly, paint a coarse fracture mask.
 
 Types: 'transverse', 'oblique', 'spiral', 'comminuted' (butterfly wedge plus small free fragments)
-shaft fractures and 'plateau' (split of one tibial condyle). Cuts are defined in the anatomical
+shaft fractures and 'plateau' (split of one tibial condyle); only when asked for (never drawn at random, so never
+in the training data): 'segmental' (two shaft cuts, a free middle segment) and 'pilon' (a split of the distal
+articular end, the ankle's counterpart of 'plateau'). Cuts are defined in the anatomical
 frame (see anatomy.py; z along the tibia), motions too; every fragment's recorded transform is the
 4x4 LPS affine mapping its healthy position to its fractured position on the same CT grid.
 Fragment 1 (the proximal main fragment) stays put. In shaft fractures with a broken fibula (most of
@@ -21,12 +23,15 @@ from .anatomy import Anatomy
 from .ct import FIBULA, TALUS, TIBIA, Scene, TissueModel, smooth_noise
 from .voxelize import Box, box_of_points, frame_coords
 
-FRACTURE_TYPES = ("transverse", "oblique", "spiral", "comminuted", "plateau")
+FRACTURE_TYPES = ("transverse", "oblique", "spiral", "comminuted", "plateau")  # drawn at random
 _TYPE_WEIGHTS = (0.22, 0.2, 0.2, 0.2, 0.18)
+EXTRA_FRACTURE_TYPES = ("segmental", "pilon")  # only when asked for: patterns the models never learn from
 SHAFT_BAND = (0.25, 0.75)  # shaft fractures lie this far along the tibia (fractions of its length from the ankle)
 MIN_FRAGMENT_ML = 0.3  # smaller pieces (or fewer than MIN_FRAGMENT_VOXELS voxels) stay with a main fragment
 MIN_FRAGMENT_VOXELS = 30
 MAX_PUSH_MM = 10.0
+SEGMENT_MM = (60.0, 110.0)  # a segmental fracture's middle segment: this long
+PILON_WIDTH_SHARE = 0.6  # the distal tibia's width as a share of the plateau's
 
 
 def _rotation(axis: np.ndarray, angle_deg: float) -> np.ndarray:
@@ -76,12 +81,17 @@ class FracturePlan:
         ``main_only``: only the main cut (proximal 1 / distal 2), without wedge and small fragments.
         """
         p = self.params
-        if self.type == "plateau":
-            side = p["side"]
-            split = side * (x - p["x_split"]) > np.tan(np.deg2rad(p["split_tilt"])) * (z - p["z_top"])
-            above = z > p["z_top"] - p["depth"] + p["slope"] * side * (x - p["x_split"])
-            return np.where(split & above, 2, 1).astype(np.uint8)
+        if self.type in ("plateau", "pilon"):  # a split-off piece of the top (plateau) or bottom (pilon) end
+            side, up = p["side"], (1.0 if self.type == "plateau" else -1.0)
+            split = side * (x - p["x_split"]) > np.tan(np.deg2rad(p["split_tilt"])) * up * (z - p["z_end"])
+            inside = up * (z - p["z_end"]) > -p["depth"] + p["slope"] * side * (x - p["x_split"])
+            return np.where(split & inside, 2, 1).astype(np.uint8)
         dx, dy = x - (p["cx"] + p["gx"] * (z - p["z"])), y - (p["cy"] + p["gy"] * (z - p["z"]))
+        if self.type == "segmental":  # above the upper cut 1, below the lower one 2 (the ankle's), between 3
+            def above(z_cut: float, tilt: float, towards: list) -> np.ndarray:
+                return z - z_cut - np.tan(np.deg2rad(tilt)) * (dx * towards[0] + dy * towards[1]) > 0
+            upper, lower = above(p["z"], p["tilt"], p["tilt_dir"]), above(p["z2"], p["tilt2"], p["tilt_dir2"])
+            return np.where(upper, 1, np.where(lower, 3, 2)).astype(np.uint8)
         if self.type == "spiral":
             phi = np.mod(np.arctan2(dy, dx) - p["phi0"], 2 * np.pi) / (2 * np.pi)
             height = p["z"] + p["hand"] * p["pitch"] * (phi - 0.5)
@@ -107,15 +117,16 @@ def plan_fracture(rng: np.random.Generator, anatomy: Anatomy, tissue: TissueMode
     lies uniformly within ``shaft_band`` of the tibia's length from its distal end."""
     kind = str(rng.choice(FRACTURE_TYPES, p=_TYPE_WEIGHTS))
     if fracture_type is not None:
-        if fracture_type not in FRACTURE_TYPES:
-            raise InputError(f"Unknown fracture type {fracture_type!r}; use one of {', '.join(FRACTURE_TYPES)}.")
+        if fracture_type not in FRACTURE_TYPES + EXTRA_FRACTURE_TYPES:
+            raise InputError(f"Unknown fracture type {fracture_type!r}; use one of "
+                             f"{', '.join(FRACTURE_TYPES + EXTRA_FRACTURE_TYPES)}.")
         kind = fracture_type
     z_lo, z_hi = anatomy.tibia_z
     length = z_hi - z_lo
     if kind == "plateau":
         side = 1.0 if rng.random() < 0.75 else -1.0  # lateral condyle (+x, left leg) is the common one
         x_split = anatomy.plateau[0] + side * rng.uniform(0.05, 0.22) * anatomy.plateau_width
-        params = {"side": side, "x_split": x_split, "split_tilt": rng.uniform(-5.0, 20.0), "z_top": z_hi,
+        params = {"side": side, "x_split": x_split, "split_tilt": rng.uniform(-5.0, 20.0), "z_end": z_hi,
                   "depth": rng.uniform(35.0, 60.0), "slope": rng.uniform(0.3, 0.9)}
         plan = FracturePlan(kind, params)
         center = np.array([x_split + side * 0.2 * anatomy.plateau_width, anatomy.plateau[1], z_hi - 20.0])
@@ -123,15 +134,32 @@ def plan_fracture(rng: np.random.Generator, anatomy: Anatomy, tissue: TissueMode
         plan.fragments[2] = Fragment(2, _motion(center, _rotation(_random_unit(rng), rng.uniform(2.0, 6.0)), shift),
                                      np.array([side, 0.0, -0.3]))
         return plan
+    if kind == "pilon":  # the medial malleolus' side or the lateral (fibular notch) side split off, pushed up
+        side = -1.0 if rng.random() < 0.5 else 1.0
+        width = PILON_WIDTH_SHARE * anatomy.plateau_width
+        x_split = anatomy.plafond[0] + side * rng.uniform(0.05, 0.2) * width
+        params = {"side": side, "x_split": x_split, "split_tilt": rng.uniform(-5.0, 15.0), "z_end": z_lo,
+                  "depth": rng.uniform(30.0, 50.0), "slope": rng.uniform(0.3, 0.9)}
+        plan = FracturePlan(kind, params)
+        center = np.array([x_split + side * 0.2 * width, anatomy.plafond[1], z_lo + 15.0])
+        shift = np.array([side * rng.uniform(2.0, 5.0), rng.uniform(-2.0, 2.0), rng.uniform(0.0, 4.0)])
+        plan.fragments[2] = Fragment(2, _motion(center, _rotation(_random_unit(rng), rng.uniform(2.0, 6.0)), shift),
+                                     np.array([side, 0.0, 0.3]))
+        return plan
 
     z_f = z_lo + rng.uniform(*shaft_band) * length
     c_f = anatomy.shaft_center(z_f)
     axis = anatomy.plateau - anatomy.plafond
     g = axis[:2] / axis[2]
     tilt = {"transverse": rng.uniform(0.0, 10.0), "oblique": rng.uniform(30.0, 50.0),
-            "comminuted": rng.uniform(0.0, 20.0), "spiral": 0.0}[kind]
+            "comminuted": rng.uniform(0.0, 20.0), "spiral": 0.0}.get(kind)
+    if kind == "segmental":  # drawn after the others' (the same seed draws the same fracture of the other types)
+        tilt = rng.uniform(0.0, 30.0)
     params = {"z": z_f, "cx": c_f[0], "cy": c_f[1], "gx": g[0], "gy": g[1], "tilt": tilt,
               "tilt_dir": _random_unit(rng, horizontal=True)[:2].tolist()}
+    if kind == "segmental":  # z_f is the upper cut; the lower one SEGMENT_MM below it
+        params.update(z2=z_f - rng.uniform(*SEGMENT_MM), tilt2=rng.uniform(0.0, 30.0),
+                      tilt_dir2=_random_unit(rng, horizontal=True)[:2].tolist())
     if kind == "spiral":
         params.update(phi0=rng.uniform(0, 2 * np.pi), pitch=rng.uniform(40.0, 80.0), hand=float(rng.choice([-1, 1])))
     if kind == "comminuted":
@@ -152,6 +180,16 @@ def plan_fracture(rng: np.random.Generator, anatomy: Anatomy, tissue: TissueMode
     direction[1] = max(direction[1], 0.3 * direction[1])  # little anterior shift: the shin is under the skin
     shift = direction * rng.uniform(0.0, shift_max) + np.array([0, 0, -rng.uniform(1.0, 5.0)])
     plan.fragments[2] = Fragment(2, _motion(c_f, rot, shift), np.array([0.0, 0.0, -1.0]))
+    if kind == "segmental":  # the middle segment: turned and shifted on its own; the distal fragment moves about
+        c_2 = anatomy.shaft_center(params["z2"])  # the lower cut, carrying the ankle as in a single shaft fracture
+        plan.fragments[2] = Fragment(2, _motion(c_2, rot, shift), np.array([0.0, 0.0, -1.0]))
+        if plan.fibula_cut_z is not None:
+            plan.fibula_cut_z = params["z2"] + rng.uniform(-40.0, 60.0)
+        out = _random_unit(rng, horizontal=True)
+        middle = anatomy.shaft_center(0.5 * (z_f + params["z2"]))
+        plan.fragments[3] = Fragment(3, _motion(middle, _rotation(_random_unit(rng), rng.uniform(2.0, 8.0)),
+                                                out * rng.uniform(1.0, 8.0) - np.array([0.0, 0.0, rng.uniform(0.0, 3.0)])),
+                                     out)
     if kind == "comminuted":
         u = np.array([*params["u"], 0.0])
         wedge_c = c_f + 0.5 * params["radius"] * u

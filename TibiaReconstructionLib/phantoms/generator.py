@@ -31,7 +31,7 @@ from ..geometry import Volume, mirror
 from ..io import read_volume, write_json, write_volume
 from .anatomy import Surface, sample_anatomy, sample_other_leg
 from .ct import LABEL_NAMES, OTHER_LABEL_NAMES, OTHER_TIBIA, TIBIA, acquire, build_scene, clean_ct, sample_tissue
-from .fractures import FRACTURE_TYPES, SHAFT_BAND, apply_fracture, plan_fracture
+from .fractures import EXTRA_FRACTURE_TYPES, FRACTURE_TYPES, SHAFT_BAND, apply_fracture, plan_fracture
 from .scanner import sample_scan
 
 FORMATS = ("nrrd", "nii.gz")
@@ -87,7 +87,8 @@ def generate_case(seed: int, fractured: bool = True, side: str | None = None, sp
 
     side: 'left', 'right' or None (random). spacing: (sx, sy, sz) mm along the grid axes, one number
     for isotropic, or None for a random scanner-like spacing (in-plane 0.6-1.0 mm, slices 0.625-3 mm).
-    fracture_type: one of FRACTURE_TYPES or None (random). oblique: tilted grid axes (direction
+    fracture_type: one of FRACTURE_TYPES or EXTRA_FRACTURE_TYPES (never drawn at random), or None (random one of
+    FRACTURE_TYPES). oblique: tilted grid axes (direction
     matrix up to 20 deg per Euler angle). size_limit_mm: cap on the grid extent (see scanner.sample_scan).
     both_legs: the healthy other leg in the same CT (module docstring); only ``side``'s leg is fractured.
     shaft_band: where along the tibia shaft fractures lie (fractions of its length from the ankle; the same seed
@@ -95,8 +96,9 @@ def generate_case(seed: int, fractured: bool = True, side: str | None = None, sp
     """
     if side not in (None, "left", "right"):
         raise InputError(f"side must be 'left', 'right' or None (random), got {side!r}.")
-    if fracture_type is not None and fracture_type not in FRACTURE_TYPES:
-        raise InputError(f"Unknown fracture type {fracture_type!r}; use one of {', '.join(FRACTURE_TYPES)}.")
+    if fracture_type is not None and fracture_type not in FRACTURE_TYPES + EXTRA_FRACTURE_TYPES:
+        raise InputError(f"Unknown fracture type {fracture_type!r}; use one of "
+                         f"{', '.join(FRACTURE_TYPES + EXTRA_FRACTURE_TYPES)}.")
     seed = int(seed)
     r_side, r_anat, r_scan, r_tissue, r_frac, r_noise, r_noise_f, r_other = (
         np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(8))
