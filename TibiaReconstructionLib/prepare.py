@@ -2,7 +2,8 @@
 
 The canonical frame is a left-leg frame in mm (x lateral, y posterior, z superior) centred on the
 tibia: its long axis (first principal axis of the mask voxels, pointing superiorly) lies along +z
-and the middle of its extent along that axis is the origin. One 4x4 LPS affine P maps patient
+and the middle of its extent along that axis is the origin; on prediction, a leg turned about that axis further
+than the training phantoms' legs is also turned back (:func:`align_tibia`). One 4x4 LPS affine P maps patient
 points to canonical points (reflection for a right leg, then a rotation and translation); it is
 the only thing prediction needs to go back. Canonical tensors follow the layout of
 :mod:`TibiaReconstructionLib.canonical`: (C, Z, Y, X) with channel 0 = tibia-masked intensity
