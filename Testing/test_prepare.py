@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from TibiaReconstructionLib.errors import InputError
-from TibiaReconstructionLib.geometry import Grid, Volume, apply_affine, crop, euler_rotation, invert_affine, mirror, resample
+from TibiaReconstructionLib.geometry import (Grid, Volume, apply_affine, crop, euler_rotation, invert_affine, mirror,
+                                            resample)
 from TibiaReconstructionLib.prepare import (PLATEAU_TURN_DEG, align_tibia, canonical_grid, patient_to_canonical,
                                            plateau_axis, prepare_case, resample_crops, smoothed_crops, to_canonical)
 from synthetic import bone_case

@@ -32,6 +32,7 @@ FIBULA_RADIUS_MM = 45.0
 FIBULA_MIN_MM3 = 1000.0
 FIBULA_MIN_OFFSET_MM = 2.5
 
+
 @dataclass
 class Checked:
     """What :func:`check_inputs` found: the tibia mask's index box (lo, hi inclusive, (k, j, i)), its voxel count and
@@ -176,4 +177,3 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
     if abs(turn) < FIBULA_MIN_OFFSET_MM:
         return None
     return "left" if turn > 0 else "right"
-

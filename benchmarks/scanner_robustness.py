@@ -10,8 +10,9 @@ cortex about 900 HU instead of 1500). Changes to the fracture mask, as a surgeon
 beyond; ``proximal``, the mask plus the proximal ``--proximal-fraction`` of the tibia's slices (over the knee end).
 Changes to the pose: ``turned_out`` / ``turned_in``, the whole CT and its masks turned by ``--turn-deg`` about the
 vertical axis through the fractured tibia, the way that turns the leg's toes out (external rotation) or in (exact: the
-grid's direction and origin turn, the voxels stay). Each with the default (the other leg found in the CT as template) and from the fractured leg alone. Scores on the CT
-grid against the healthy tibia (Dice, RMSD, HD95); a mask that hides too much of the tibia is refused (counted).
+grid's direction and origin turn, the voxels stay). Each with the default (the other leg found in the CT as template)
+and from the fractured leg alone. Scores on the CT grid against the healthy tibia (Dice, RMSD, HD95; and whether the
+side came out right); a mask that hides too much of the tibia is refused (counted).
 Writes scanner_robustness.md and scanner_robustness.csv into ``--out`` with the command, date and machine.
 
     python benchmarks/scanner_robustness.py --n 12 --out docs/benchmarks/scanner-robustness --overwrite

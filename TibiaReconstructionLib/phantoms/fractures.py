@@ -187,9 +187,9 @@ def plan_fracture(rng: np.random.Generator, anatomy: Anatomy, tissue: TissueMode
             plan.fibula_cut_z = params["z2"] + rng.uniform(-40.0, 60.0)
         out = _random_unit(rng, horizontal=True)
         middle = anatomy.shaft_center(0.5 * (z_f + params["z2"]))
-        plan.fragments[3] = Fragment(3, _motion(middle, _rotation(_random_unit(rng), rng.uniform(2.0, 8.0)),
-                                                out * rng.uniform(1.0, 8.0) - np.array([0.0, 0.0, rng.uniform(0.0, 3.0)])),
-                                     out)
+        turn = _rotation(_random_unit(rng), rng.uniform(2.0, 8.0))
+        push = out * rng.uniform(1.0, 8.0) - np.array([0.0, 0.0, rng.uniform(0.0, 3.0)])
+        plan.fragments[3] = Fragment(3, _motion(middle, turn, push), out)
     if kind == "comminuted":
         u = np.array([*params["u"], 0.0])
         wedge_c = c_f + 0.5 * params["radius"] * u
