@@ -341,6 +341,31 @@ def test_the_side_follows_the_plateau_however_the_leg_is_turned(side, turn_deg):
     assert fibula_side(ct, ct.with_array(tibia.astype(np.uint8).reshape(grid.shape))) == side
 
 
+def test_a_fragment_missing_from_the_tibia_mask_is_warned_about_and_predicted(predictor, case, monkeypatch):
+    """A tibia mask without the fragment below the fracture ends in the shaft: too short for a tibia (the bundle's is
+    150 mm), and the CT does not cut it off. The prediction says a fragment is missing at the distal end and predicts
+    beyond it as where the CT ends there (as on a knee CT), closer to the whole bone than when taken as a whole
+    tibia; without the fragment above the fracture, the proximal end."""
+    from TibiaReconstructionLib import checks
+
+    ct, tibia, fracture = case
+    k = np.arange(tibia.array.shape[0])[:, None, None]
+    broken = np.flatnonzero(fracture.array.any(axis=(1, 2)))
+    without_distal = tibia.with_array((tibia.array * (k >= broken[0])).astype(np.uint8))
+    without_proximal = tibia.with_array((tibia.array * (k <= broken[-1])).astype(np.uint8))
+    assert checks.tibia_extent(without_distal, fracture)[1] == "distal"
+    assert checks.tibia_extent(without_proximal, fracture)[1] == "proximal"
+    length, _ = checks.tibia_extent(tibia, fracture)
+    assert length > checks.SHORT_SHARE * predictor.bundle.tibia_length_mm()  # the whole bone is long enough
+    res = predictor.predict(ct, without_distal, fracture, side="left")
+    assert any("a fragment is probably missing from the tibia mask, at its distal end" in w for w in res.warnings)
+    monkeypatch.setattr(checks, "tibia_extent", lambda *args, **kwargs: (None, None))
+    as_whole = predictor.predict(ct, without_distal, fracture, side="left")
+    assert not any("fragment is probably missing" in w for w in as_whole.warnings)
+    dice = metrics.dice(res.labelmap.array, tibia.array)
+    assert dice > 0.9 and dice > metrics.dice(as_whole.labelmap.array, tibia.array) + 0.02  # 0.915 against 0.87
+
+
 def test_the_visible_bone_is_kept_and_the_model_fills_the_fracture_zone(predictor, case, result):
     from scipy import ndimage
 

@@ -10,8 +10,8 @@ from scipy import ndimage
 
 from .errors import InputError
 from .fibula import FIBULA_HU, centreline
-from .geometry import Volume, apply_affine, bounding_box, check_same_grid, lattice
-from .prepare import align_tibia, plateau_axis
+from .geometry import Grid, Volume, apply_affine, bounding_box, check_same_grid, lattice
+from .prepare import Alignment, align_tibia, plateau_axis
 
 MAX_FRACTURE_FRACTION = 0.6  # refuse when more of the tibia than this is hidden by the fracture mask
 # Voxel size: coarser than MAX_SPACING_MM along any axis (e.g. 10 mm slices) is refused, because the fracture
@@ -31,13 +31,19 @@ MIN_TIBIA_EXTENT_MM = 60.0  # at least this much of the tibia must be in the CT 
 FIBULA_RADIUS_MM = 45.0
 FIBULA_MIN_MM3 = 1000.0
 FIBULA_MIN_OFFSET_MM = 2.5
+# A tibia mask shorter than SHORT_SHARE of a typical tibia (the bundle's: 362 mm for the default, so 260 mm; adult
+# tibiae are 300-450 mm, 311-443 on the held-out phantoms, 101-290 with their distal main fragment left out of the
+# mask, 27 of 32 such under 260) that the CT does not cut off is missing a fragment, at the end nearer to the middle
+# of the fracture mask (painted over the break): :func:`tibia_extent`, :func:`open_end_warning`.
+SHORT_SHARE = 0.72
 
 
 @dataclass
 class Checked:
     """What :func:`check_inputs` found: the tibia mask's index box (lo, hi inclusive, (k, j, i)), its voxel count and
     how many of them the fracture mask hides, the warnings (:func:`input_warnings`), the side asked for and the side
-    to predict: the one asked for, else the fibula's (:func:`fibula_side`; None when the fibula does not tell)."""
+    to predict: the one asked for, else the fibula's (:func:`fibula_side`; None when the fibula does not tell), and
+    the tibia mask's length and its end nearer to the fracture mask (:func:`tibia_extent`)."""
 
     box: tuple[np.ndarray, np.ndarray]
     tibia_voxels: int
@@ -45,6 +51,8 @@ class Checked:
     warnings: list[str]
     asked: str
     side: str | None
+    length_mm: float | None = None
+    fracture_end: str | None = None
 
 
 def check_inputs(ct: Volume, tibia: Volume, fracture: Volume, side: str = "auto") -> Checked:
@@ -53,8 +61,10 @@ def check_inputs(ct: Volume, tibia: Volume, fracture: Volume, side: str = "auto"
     if side not in ("auto", "left", "right"):
         raise InputError(f"Unknown side {side!r}; use 'left', 'right' or 'auto'.")
     box, tibia_voxels, hidden_voxels = validate_inputs(ct, tibia, fracture)
+    aligned = aligned_on_lattice(tibia)
     return Checked(box, tibia_voxels, hidden_voxels, input_warnings(ct, box), side,
-                   fibula_side(ct, tibia) if side == "auto" else side)
+                   fibula_side(ct, tibia, aligned=aligned) if side == "auto" else side,
+                   *tibia_extent(tibia, fracture, aligned=aligned))
 
 
 def validate_inputs(ct: Volume, tibia: Volume, fracture: Volume) -> tuple[tuple[np.ndarray, np.ndarray], int, int]:
@@ -139,7 +149,15 @@ def input_warnings(ct: Volume, box: tuple[np.ndarray, np.ndarray]) -> list[str]:
     return warnings
 
 
-def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
+def aligned_on_lattice(tibia: Volume, step_mm: float = 2.0) -> tuple[Grid, tuple[slice, ...], np.ndarray, Alignment]:
+    """The tibia mask read at about ``step_mm`` (the lattice's grid, the slices that read it, the mask there, bool)
+    and its alignment there (long axis to z, superior up, no mirroring: x stays the patient's x)."""
+    grid, sub = lattice(tibia.grid, step_mm)
+    tib = tibia.array[sub] != 0
+    return grid, sub, tib, align_tibia(Volume.on_grid(tib.astype(np.uint8), grid), "left")
+
+
+def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0, aligned: tuple | None = None) -> str | None:
     """The leg side from where the fibula lies: bone (> FIBULA_HU) outside the tibia, beside its middle half
     (within FIBULA_RADIUS_MM), is the fibula; its offset from the tibia is taken as the median both from the tibia's
     long axis and from its centre at each height (an angulated fragment pulls the one towards the middle, a displaced
@@ -148,11 +166,9 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
     axis' half towards it for a left leg, clockwise for a right one; both offsets must agree, the smaller turn counts.
     Without the plateau, lateral is the patient's left (+x) for a left leg; the offset farther to one side counts.
     None when too little bone is found or it is not clearly to one side; the CT is read at about ``step_mm``
-    spacing."""
-    grid, sub = lattice(ct.grid, step_mm)
-    tib = tibia.array[sub] != 0
-    alignment = align_tibia(Volume.on_grid(tib.astype(np.uint8), grid), "left")
-    p = alignment.matrix  # long axis -> z (superior), no mirroring: x stays the patient's x
+    spacing (``aligned``: :func:`aligned_on_lattice`'s for that spacing, when already made)."""
+    grid, sub, tib, alignment = aligned or aligned_on_lattice(tibia, step_mm)
+    p = alignment.matrix
     bone = (ct.array[sub] > FIBULA_HU) & ~ndimage.binary_dilation(tib, iterations=2)
     idx = np.argwhere(bone)
     if len(idx) == 0:
@@ -177,3 +193,30 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0) -> str | None:
     if abs(turn) < FIBULA_MIN_OFFSET_MM:
         return None
     return "left" if turn > 0 else "right"
+
+
+def tibia_extent(tibia: Volume, fracture: Volume, step_mm: float = 2.0, aligned: tuple | None = None
+                 ) -> tuple[float | None, str | None]:
+    """The tibia mask's length along its long axis (mm; None when the CT cuts it off, :func:`input_warnings` says
+    so) and its end nearer to the middle of the fracture mask ('distal' or 'proximal'; None when the fracture mask
+    misses the tibia); read at about ``step_mm`` (``aligned``: as for :func:`fibula_side`)."""
+    grid, sub, tib, alignment = aligned or aligned_on_lattice(tibia, step_mm)
+    if alignment.cut:
+        return None, None
+    z = apply_affine(alignment.matrix, grid.index_to_physical(np.argwhere(tib)[:, ::-1].astype(float)))[:, 2]
+    hidden = tib & (fracture.array[sub] != 0)
+    if not hidden.any():
+        return float(np.ptp(z)), None
+    middle = float(np.median(apply_affine(alignment.matrix, grid.index_to_physical(
+        np.argwhere(hidden)[:, ::-1].astype(float)))[:, 2]))
+    return float(np.ptp(z)), "distal" if middle - z.min() < z.max() - middle else "proximal"
+
+
+def open_end_warning(length_mm: float, end: str | None) -> str:
+    """What a prediction says when the tibia mask is too short (module constants) and so seems to miss a fragment
+    at ``end``."""
+    where = (f", at its {end} end next to the fracture mask; the prediction beyond that end is the model's"
+             if end else "")
+    return (f"The tibia mask spans only {length_mm:.0f} mm along the tibia, less than an adult tibia (300-450 mm), and "
+            f"the CT does not cut it off: a fragment is probably missing from the tibia mask{where}. Add every "
+            "fragment to the tibia mask.")

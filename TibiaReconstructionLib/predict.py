@@ -23,7 +23,7 @@ from scipy import ndimage
 from vtkmodules.vtkCommonDataModel import vtkPolyData
 
 from .bundle import Bundle, load_bundle
-from .checks import check_inputs
+from .checks import SHORT_SHARE, check_inputs, open_end_warning
 from .errors import InputError, NoOtherLegError
 from .fusion import Fused, fuse_visible_bone
 from .geometry import Grid, TransformChain, Volume, apply_affine, check_same_grid, crop_to_mask, invert_affine, \
@@ -154,14 +154,17 @@ class Predictor:
         if crops is not None and np.allclose(crops.spacing, self.bundle.grid.spacing):
             self._crop_cache = (tuple(id(v) for v in ahead.inputs), crops)
 
-    def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str) -> ModelRun:
-        """The model for one leg side. Where the CT cuts the tibia off (a knee or an ankle CT), the intact end goes
-        where a typical tibia's lies on the canonical grid and the canonical voxels beyond the CT are not visible."""
+    def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str, open_end: str | None = None
+                   ) -> ModelRun:
+        """The model for one leg side. Where the CT cuts the tibia off (a knee or an ankle CT), or a fragment is
+        missing from the tibia mask at ``open_end`` (:func:`checks.open_end`), the intact end goes where a typical
+        tibia's lies on the canonical grid and the canonical voxels beyond the CT (the mask's open end) are not
+        visible."""
         length = self.bundle.tibia_length_mm()
-        alignment = align_tibia(tibia, side, length, limit_turn=True)
+        alignment = align_tibia(tibia, side, length, limit_turn=True, open_end=open_end)
         p = alignment.matrix
         case = resample_crops(self._crops(ct, tibia, fracture), self.bundle.grid, p, self.bundle.window_hu,
-                              ct.grid if alignment.cut else None)
+                              alignment.field)
         x = torch.from_numpy(case.tensor[None])
         visible = torch.from_numpy(case.visible[None, None].astype(np.float32))
         tibia_z = None if alignment.cut else case.tibia_z  # a CT that cuts the tibia off does not show its length
@@ -231,9 +234,14 @@ class Predictor:
             t0 = time.perf_counter()
             report(0.1, "Aligning and reconstructing" + (" and looking for the other leg" if fitting else ""))
             sides = (checked.side,) if checked.side else ("left", "right")
+            length = self.bundle.tibia_length_mm()  # a short mask the CT does not cut off misses a fragment
+            short = checked.length_mm is not None and checked.length_mm < SHORT_SHARE * length
+            open_end = checked.fracture_end if short else None
+            if short:
+                warnings.append(open_end_warning(checked.length_mm, open_end))
             try:
                 self._use_crops(ahead)
-                candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s) for s in sides}
+                candidates = {s: self._run_model(ct, tibia_mask, fracture_mask, s, open_end) for s in sides}
             finally:
                 self._crop_cache = None  # never reuse crops across calls (ids can be recycled)
             chosen = min(candidates, key=lambda s: candidates[s].misfit)

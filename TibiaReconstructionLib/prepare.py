@@ -66,21 +66,25 @@ def mirror_for_side(side: str, center: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Alignment:
-    """P (4x4 LPS map, patient -> canonical), which ends of the tibia the CT's field of view cuts off (the mask
-    lies on the grid's outer faces, over at least MIN_CUT_MM2, within CUT_ZONE_MM of that end) and by how much P
-    turns the leg back about its long axis (degrees, :func:`align_tibia`'s ``limit_turn``)."""
+    """P (4x4 LPS map, patient -> canonical), which ends of the tibia are cut off: by the CT's field of view (the
+    mask lies on the grid's outer faces, over at least MIN_CUT_MM2, within CUT_ZONE_MM of that end) or, as
+    :func:`align_tibia` is told, by a fragment missing from the mask; by how much P turns the leg back about its long
+    axis (degrees, :func:`align_tibia`'s ``limit_turn``); and the part of the mask's grid whose voxels the model may
+    take as seen (None: all of it, nothing is cut off)."""
 
     matrix: np.ndarray
     cut_distal: bool = False
     cut_proximal: bool = False
     turned_deg: float = 0.0
+    field: Grid | None = None
 
     @property
     def cut(self) -> bool:
         return self.cut_distal or self.cut_proximal
 
 
-def align_tibia(tibia: Volume, side: str, length_mm: float | None = None, limit_turn: bool = False) -> Alignment:
+def align_tibia(tibia: Volume, side: str, length_mm: float | None = None, limit_turn: bool = False,
+                open_end: str | None = None) -> Alignment:
     """P from the tibia mask (see module doc) and where the field of view cuts the tibia off. With ``length_mm`` (a
     typical tibia's length) and only one end cut off, the canonical origin lies ``length_mm`` / 2 from the intact
     end rather than in the middle of the visible part (a knee or an ankle CT shows part of the tibia: centred on
@@ -88,7 +92,9 @@ def align_tibia(tibia: Volume, side: str, length_mm: float | None = None, limit_
     ``limit_turn``: where the CT shows the plateau and its axis (:func:`plateau_axis`) lies outside the range of
     PLATEAU_TURN_DEG, P also turns the leg about the canonical z axis to put it at the typical angle (a leg turned
     out or in by 30 deg beyond the training phantoms' range: RMSD up to 8 mm, not so turned 0.7); a leg turned by
-    90 deg or more from the typical angle (past facing sideways) is taken as turned the other way."""
+    90 deg or more from the typical angle (past facing sideways) is taken as turned the other way. ``open_end``
+    ('distal' or 'proximal'): the mask ends there in the shaft, a fragment missing from it (:func:`checks.open_end`):
+    that end counts as cut off, and the grid's voxels beyond the mask's end there as not seen."""
     box = bounding_box(tibia.array)
     idx = np.zeros((0, 3), int) if box is None else np.argwhere(crop(tibia, *box).array != 0) + box[0]
     if len(idx) < 10:
@@ -114,6 +120,11 @@ def align_tibia(tibia: Volume, side: str, length_mm: float | None = None, limit_
     on_face = ((idx == 0) | (idx == last)) @ face_mm2 * step
     cut_distal = bool(on_face[along < lo + CUT_ZONE_MM].sum() >= MIN_CUT_MM2)
     cut_proximal = bool(on_face[along > hi - CUT_ZONE_MM].sum() >= MIN_CUT_MM2)
+    field = tibia.grid if cut_distal or cut_proximal else None
+    if open_end is not None and not (cut_distal if open_end == "distal" else cut_proximal):
+        end = along < lo + CUT_ZONE_MM if open_end == "distal" else along > hi - CUT_ZONE_MM
+        field = _field_up_to(tibia, box, idx[end], np.abs(axis @ mirror[:3, :3] @ tibia.direction)[::-1])
+        cut_distal, cut_proximal = cut_distal or open_end == "distal", cut_proximal or open_end == "proximal"
     middle = (lo + hi) / 2.0
     if length_mm is not None and cut_distal != cut_proximal:
         half = max(length_mm, hi - lo) / 2.0
@@ -127,7 +138,19 @@ def align_tibia(tibia: Volume, side: str, length_mm: float | None = None, limit_
         if not lowest <= angle <= highest:
             turned = typical - angle
             rot = _rotation_about_z(turned) @ rot
-    return Alignment(make_affine(rot, -rot @ center) @ mirror, cut_distal, cut_proximal, round(float(turned), 2))
+    return Alignment(make_affine(rot, -rot @ center) @ mirror, cut_distal, cut_proximal, round(float(turned), 2), field)
+
+
+def _field_up_to(tibia: Volume, box: tuple[np.ndarray, np.ndarray], end: np.ndarray, along: np.ndarray) -> Grid:
+    """The mask's grid cut at its index box's face that the voxels ``end`` ((n, 3) k, j, i: those at the open end)
+    lie on, across the index axis most along the long axis (``along``: each (k, j, i) axis' share of it)."""
+    a = int(np.argmax(along))
+    lo, hi = np.zeros(3, int), np.asarray(tibia.array.shape) - 1
+    if abs(end[:, a].mean() - box[0][a]) < abs(end[:, a].mean() - box[1][a]):
+        lo[a] = box[0][a]
+    else:
+        hi[a] = box[1][a]
+    return crop(tibia, lo, hi).grid
 
 
 def plateau_axis(points: np.ndarray) -> np.ndarray | None:
