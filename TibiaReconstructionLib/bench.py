@@ -195,8 +195,9 @@ class PrototypePredictor(_BaselinePredictor):
     """Baseline: the Predictor's pipeline with the bundle's prototype (the mean aligned tibia) in place of the
     autoencoder's reconstruction; it is placed by the mask-robust LocNet's θ as the model's output is."""
 
-    def _run_model(self, ct, tibia, fracture, side):
-        return replace(super()._run_model(ct, tibia, fracture, side), recon=self.bundle.prototype[0].float().cpu().numpy())
+    def _run_model(self, ct, tibia, fracture, side, open_end=None):
+        return replace(super()._run_model(ct, tibia, fracture, side, open_end),
+                       recon=self.bundle.prototype[0].float().cpu().numpy())
 
 
 class RigidFitPredictor(_BaselinePredictor):
@@ -206,7 +207,7 @@ class RigidFitPredictor(_BaselinePredictor):
 
     steps = 150
 
-    def _run_model(self, ct, tibia, fracture, side):
+    def _run_model(self, ct, tibia, fracture, side, open_end=None):  # the baseline as it was: no open end
         from .models import AffineGridSampler, coarser_grid, theta_to_matrix
         from .prepare import patient_to_canonical, to_canonical
 
