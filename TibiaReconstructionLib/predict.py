@@ -157,7 +157,7 @@ class Predictor:
     def _run_model(self, ct: Volume, tibia: Volume, fracture: Volume, side: str, open_end: str | None = None
                    ) -> ModelRun:
         """The model for one leg side. Where the CT cuts the tibia off (a knee or an ankle CT), or a fragment is
-        missing from the tibia mask at ``open_end`` (:func:`checks.open_end`), the intact end goes where a typical
+        missing from the tibia mask at ``open_end`` (:func:`checks.tibia_extent`), the intact end goes where a typical
         tibia's lies on the canonical grid and the canonical voxels beyond the CT (the mask's open end) are not
         visible."""
         length = self.bundle.tibia_length_mm()

@@ -93,8 +93,9 @@ def align_tibia(tibia: Volume, side: str, length_mm: float | None = None, limit_
     PLATEAU_TURN_DEG, P also turns the leg about the canonical z axis to put it at the typical angle (a leg turned
     out or in by 30 deg beyond the training phantoms' range: RMSD up to 8 mm, not so turned 0.7); a leg turned by
     90 deg or more from the typical angle (past facing sideways) is taken as turned the other way. ``open_end``
-    ('distal' or 'proximal'): the mask ends there in the shaft, a fragment missing from it (:func:`checks.open_end`):
-    that end counts as cut off, and the grid's voxels beyond the mask's end there as not seen."""
+    ('distal' or 'proximal'): the mask ends there in the shaft, a fragment missing from it
+    (:func:`checks.tibia_extent`): that end counts as cut off, and the grid's voxels beyond the mask's end there as
+    not seen."""
     box = bounding_box(tibia.array)
     idx = np.zeros((0, 3), int) if box is None else np.argwhere(crop(tibia, *box).array != 0) + box[0]
     if len(idx) < 10:
