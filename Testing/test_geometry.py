@@ -5,7 +5,7 @@ from scipy.spatial.transform import Rotation
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
 from TibiaReconstructionLib.geometry import (Grid, TransformChain, Volume, affine_lps_to_ras, affine_ras_to_lps,
                                              apply_affine, check_same_grid, crop_to_mask, euler_rotation,
-                                             invert_affine, lps_to_ras, make_affine, mirror, nearest_rigid,
+                                             invert_affine, lps_to_ras, make_affine, mirror, moved, nearest_rigid,
                                              ras_to_lps, resample, scaling, translation)
 
 
@@ -81,6 +81,19 @@ def test_mirror_twice_is_identity_and_moves_points_by_reflection(oblique_volume)
     ijk_m = np.rint(once.physical_to_index(apply_affine(h, p))).astype(int)
     np.testing.assert_allclose(once.physical_to_index(apply_affine(h, p)), ijk_m, atol=1e-9)
     assert once.array[ijk_m[2], ijk_m[1], ijk_m[0]] == oblique_volume.array[2, 7, 3]
+
+
+def test_moved_volume_carries_each_voxel_centre_by_the_map_and_back(oblique_volume, rng):
+    """A grid moved by a rigid map: every voxel centre lands where the map takes it, the voxels stay, and moving by
+    the inverse gives the original grid back."""
+    rigid = euler_rotation((25.0, -40.0, 70.0), (10.0, -5.0, 30.0)) @ translation((4.0, -7.5, 12.0))
+    turned = moved(oblique_volume, rigid)
+    assert turned.array is oblique_volume.array
+    ijk = rng.uniform(0, 5, size=(20, 3))
+    expected = apply_affine(rigid, oblique_volume.index_to_physical(ijk))
+    np.testing.assert_allclose(turned.index_to_physical(ijk), expected, atol=1e-9)
+    back = moved(turned, invert_affine(rigid))
+    assert back.grid.same_as(oblique_volume.grid, tol_mm=1e-9)
 
 
 def test_resample_identity_grid_is_exact(oblique_volume):

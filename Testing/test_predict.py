@@ -3,12 +3,13 @@ import pytest
 
 from TibiaReconstructionLib import metrics
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
-from TibiaReconstructionLib.geometry import Grid, Volume, apply_affine, euler_rotation, mirror, resample
+from TibiaReconstructionLib.geometry import (Grid, Volume, apply_affine, euler_rotation, mirror, moved, resample,
+                                            translation)
 from TibiaReconstructionLib.head_start import HeadStart, blank_outputs, crops_ahead
 from TibiaReconstructionLib.predict import Predictor
 from TibiaReconstructionLib.prepare import smoothed_crops
 from TibiaReconstructionLib.surface import polydata_points
-from synthetic import bone_case
+from synthetic import bone_case, plateau_leg
 from tiny_bundle import make_tiny_bundle
 
 
@@ -65,8 +66,7 @@ def test_surface_lies_on_the_labelmap_boundary(result, case):
 def test_translation_moves_the_prediction(predictor, case, result):
     ct, tibia, fracture = case
     shift = np.array([31.0, -12.5, 40.0])
-    moved = [Volume(v.array, v.spacing, v.origin + shift, v.direction) for v in case]
-    res = predictor.predict(*moved, side="left")
+    res = predictor.predict(*(moved(v, translation(shift)) for v in case), side="left")
     assert metrics.dice(res.labelmap.array, result.labelmap.array) > 0.99
     np.testing.assert_allclose(surface_centroid(res.surface), surface_centroid(result.surface) + shift, atol=0.2)
 
@@ -76,8 +76,8 @@ def test_a_leg_turned_beyond_the_trained_range_is_predicted_as_turned_back(predi
     the range the model learned from and both are turned back to the same angle for it: the same voxels come out,
     and the surface turns with the grid."""
     def turned(degrees):
-        r = euler_rotation((0.0, 0.0, degrees))[:3, :3]
-        return [Volume(v.array, v.spacing, r @ v.origin, r @ v.direction) for v in case], r
+        r = euler_rotation((0.0, 0.0, degrees))
+        return [moved(v, r) for v in case], r[:3, :3]
 
     (a, ra), (b, rb) = turned(60.0), turned(100.0)
     res_a, res_b = predictor.predict(*a, side="left"), predictor.predict(*b, side="left")
@@ -326,19 +326,7 @@ def test_the_side_follows_the_plateau_however_the_leg_is_turned(side, turn_deg):
     of the tibia in the patient's frame (70 deg here: its offset along x points to the other side)."""
     from TibiaReconstructionLib.checks import fibula_side
 
-    grid = Grid((120, 120, 90), (1.5, 1.5, 4.0), (-90.0, -90.0, -180.0), np.eye(3))
-    p = grid.index_to_physical(np.indices(grid.shape).reshape(3, -1).T[:, ::-1].astype(float))
-    turn = np.radians(turn_deg)
-    ml, ap = np.array([np.cos(turn), np.sin(turn)]), np.array([-np.sin(turn), np.cos(turn)])  # lateral, posterior
-    u, v = p[:, :2] @ ml, p[:, :2] @ ap
-    plateau = ((u / 38.0) ** 2 + (v / 24.0) ** 2 <= 1.0) & (p[:, 2] > 140.0) & (p[:, 2] <= 170.0)
-    tibia = ((np.hypot(u, v) <= 12.0) & (np.abs(p[:, 2]) <= 170.0)) | plateau
-    centre = 30.0 * (np.cos(np.radians(52.0)) * ml + np.sin(np.radians(52.0)) * ap)
-    fibula = (np.hypot(p[:, 0] - centre[0], p[:, 1] - centre[1]) <= 6.0) & (np.abs(p[:, 2]) <= 150.0)
-    if side == "right":  # the mirror image about x = 0 (the grid is symmetric about it)
-        tibia, fibula = (m.reshape(grid.shape)[:, :, ::-1].ravel() for m in (tibia, fibula))
-    ct = Volume.on_grid(np.where(tibia | fibula, 1200, 40).astype(np.int16).reshape(grid.shape), grid)
-    assert fibula_side(ct, ct.with_array(tibia.astype(np.uint8).reshape(grid.shape))) == side
+    assert fibula_side(*plateau_leg(turn_deg, side)) == side
 
 
 def test_a_fragment_missing_from_the_tibia_mask_is_warned_about_and_predicted(predictor, case, monkeypatch):

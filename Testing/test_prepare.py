@@ -2,11 +2,10 @@ import numpy as np
 import pytest
 
 from TibiaReconstructionLib.errors import InputError
-from TibiaReconstructionLib.geometry import (Grid, Volume, apply_affine, crop, euler_rotation, invert_affine, mirror,
-                                            resample)
+from TibiaReconstructionLib.geometry import Volume, apply_affine, crop, euler_rotation, invert_affine, mirror, resample
 from TibiaReconstructionLib.prepare import (PLATEAU_TURN_DEG, align_tibia, canonical_grid, patient_to_canonical,
                                            plateau_axis, prepare_case, resample_crops, smoothed_crops, to_canonical)
-from synthetic import bone_case
+from synthetic import bone_case, plateau_leg
 
 GRID = canonical_grid((24, 24, 56), 3.0)
 
@@ -125,22 +124,6 @@ def test_voxels_beyond_the_scan_are_not_visible():
     assert not seen.tensor[:, ~seen.visible.astype(bool)].any()
 
 
-def _plateau_leg(turn_deg: float, side: str = "left", slices: int = 90) -> Volume:
-    """A tibia mask: a round shaft under an elliptic plateau (38 x 24 mm) whose wide axis lies ``turn_deg`` from +x
-    towards +y (posterior) for a left leg; a right leg is its mirror image. ``slices``: the scan's first slices only
-    (the plateau is in slices 80-87)."""
-    grid = Grid((120, 120, 90), (1.5, 1.5, 4.0), (-89.25, -89.25, -180.0), np.eye(3))  # symmetric about x = 0
-    p = grid.index_to_physical(np.indices(grid.shape).reshape(3, -1).T[:, ::-1].astype(float))
-    if side == "right":
-        p[:, 0] = -p[:, 0]
-    t = np.radians(turn_deg)
-    u = p[:, 0] * np.cos(t) + p[:, 1] * np.sin(t)
-    v = -p[:, 0] * np.sin(t) + p[:, 1] * np.cos(t)
-    plateau = ((u / 38.0) ** 2 + (v / 24.0) ** 2 <= 1.0) & (p[:, 2] > 140.0) & (p[:, 2] <= 170.0)
-    tibia = ((np.hypot(u, v) <= 12.0) & (np.abs(p[:, 2]) <= 170.0)) | plateau
-    return crop(Volume.on_grid(tibia.astype(np.uint8).reshape(grid.shape), grid), (0, 0, 0), (slices - 1, 119, 119))
-
-
 def _plateau_angle(tibia: Volume, p: np.ndarray) -> float:
     """Where the plateau's wide axis lies on the canonical frame of P (degrees from +x towards +y, -90..90)."""
     pts = apply_affine(p, tibia.index_to_physical(np.argwhere(tibia.array != 0)[:, ::-1].astype(float)))
@@ -155,14 +138,14 @@ def test_a_leg_turned_beyond_the_trained_range_is_turned_back_for_the_model(side
     canonical frame at the training phantoms' typical angle, turned back the short way; one inside their range, or a
     scan without the plateau, is left as it lies."""
     lowest, typical, highest = PLATEAU_TURN_DEG
-    turned = _plateau_leg(turn_deg, side)
+    turned = plateau_leg(turn_deg, side)[1]
     alignment = align_tibia(turned, side, limit_turn=True)
     assert abs(_plateau_angle(turned, alignment.matrix) - typical) < 2.0
     assert abs(alignment.turned_deg - (typical - turn_deg)) < 2.0
     np.testing.assert_allclose(np.linalg.det(alignment.matrix[:3, :3]), 1.0 if side == "left" else -1.0, atol=1e-9)
     as_it_lies = _plateau_angle(turned, align_tibia(turned, side).matrix)  # training data: as it lies
     assert abs((as_it_lies - turn_deg + 90.0) % 180.0 - 90.0) < 2.0
-    for leg in (_plateau_leg(20.0, side), _plateau_leg(70.0, side, slices=82)):
+    for leg in (plateau_leg(20.0, side)[1], plateau_leg(70.0, side, slices=82)[1]):
         alignment = align_tibia(leg, side, limit_turn=True)
         assert alignment.turned_deg == 0.0
         np.testing.assert_allclose(alignment.matrix, align_tibia(leg, side).matrix)

@@ -8,7 +8,7 @@ import pytest
 
 from TibiaReconstructionLib.cli import main
 from TibiaReconstructionLib.errors import GeometryMismatchError, InputError
-from TibiaReconstructionLib.geometry import Grid, Volume, mirror, resample
+from TibiaReconstructionLib.geometry import Grid, Volume, euler_rotation, mirror, moved, resample
 from TibiaReconstructionLib.io import read_volume, write_volume
 from TibiaReconstructionLib.metrics import dice
 from TibiaReconstructionLib.phantoms import generate_case
@@ -101,11 +101,9 @@ def test_a_leg_turned_out_keeps_its_side(case, result, turn_deg):
     """Turned out (toes to the patient's left for this left leg) about the vertical axis through its tibia, the fibula
     comes to lie behind the tibia or medial of it in the patient's frame; the side still comes out left (from the
     fibula's place relative to the plateau's axis, not the patient's x) and the tibia is the same voxels."""
-    a = np.radians(turn_deg)
-    r = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
     ct = case.fractured_ct
     centre = ct.grid.index_to_physical(np.argwhere(result.tibia.array != 0)[::20, ::-1].astype(float)).mean(0)
-    turned = segment_tibia(Volume(ct.array, ct.spacing, centre + r @ (ct.origin - centre), r @ ct.direction))
+    turned = segment_tibia(moved(ct, euler_rotation((0.0, 0.0, turn_deg), centre)))
     assert turned.side == "left" and not turned.warnings
     assert dice(turned.tibia.array, result.tibia.array) > 0.95
 

@@ -4,6 +4,7 @@ command can run it while torch loads (:mod:`head_start`). Points are LPS mm; arr
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -149,15 +150,36 @@ def input_warnings(ct: Volume, box: tuple[np.ndarray, np.ndarray]) -> list[str]:
     return warnings
 
 
-def aligned_on_lattice(tibia: Volume, step_mm: float = 2.0) -> tuple[Grid, tuple[slice, ...], np.ndarray, Alignment]:
-    """The tibia mask read at about ``step_mm`` (the lattice's grid, the slices that read it, the mask there, bool)
-    and its alignment there (long axis to z, superior up, no mirroring: x stays the patient's x)."""
+@dataclass
+class LatticeTibia:
+    """The tibia mask read at about a step (the lattice's grid, the slices that read a volume on the CT's grid there,
+    the mask there, bool) and aligned there (long axis to z, superior up, no mirroring: x stays the patient's x)."""
+
+    grid: Grid
+    sub: tuple[slice, ...]
+    mask: np.ndarray
+    alignment: Alignment
+
+    def points(self, mask: np.ndarray) -> np.ndarray:
+        """The voxels of ``mask`` (on the lattice) as points (n, 3) on the aligned frame (mm)."""
+        kji = np.argwhere(mask)
+        return apply_affine(self.alignment.matrix, self.grid.index_to_physical(kji[:, ::-1].astype(float)))
+
+    @cached_property
+    def tibia_points(self) -> np.ndarray:
+        """The tibia mask's voxels as points (:meth:`points`), made once."""
+        return self.points(self.mask)
+
+
+def aligned_on_lattice(tibia: Volume, step_mm: float = 2.0) -> LatticeTibia:
+    """The tibia mask read at about ``step_mm`` and aligned there (:class:`LatticeTibia`)."""
     grid, sub = lattice(tibia.grid, step_mm)
     tib = tibia.array[sub] != 0
-    return grid, sub, tib, align_tibia(Volume.on_grid(tib.astype(np.uint8), grid), "left")
+    return LatticeTibia(grid, sub, tib, align_tibia(Volume.on_grid(tib.astype(np.uint8), grid), "left"))
 
 
-def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0, aligned: tuple | None = None) -> str | None:
+def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0, aligned: LatticeTibia | None = None
+                ) -> str | None:
     """The leg side from where the fibula lies: bone (> FIBULA_HU) outside the tibia, beside its middle half
     (within FIBULA_RADIUS_MM), is the fibula; its offset from the tibia is taken as the median both from the tibia's
     long axis and from its centre at each height (an angulated fragment pulls the one towards the middle, a displaced
@@ -167,24 +189,21 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0, aligned: tuple 
     Without the plateau, lateral is the patient's left (+x) for a left leg; the offset farther to one side counts.
     None when too little bone is found or it is not clearly to one side; the CT is read at about ``step_mm``
     spacing (``aligned``: :func:`aligned_on_lattice`'s for that spacing, when already made)."""
-    grid, sub, tib, alignment = aligned or aligned_on_lattice(tibia, step_mm)
-    p = alignment.matrix
-    bone = (ct.array[sub] > FIBULA_HU) & ~ndimage.binary_dilation(tib, iterations=2)
-    idx = np.argwhere(bone)
-    if len(idx) == 0:
+    aligned = aligned or aligned_on_lattice(tibia, step_mm)
+    bone = (ct.array[aligned.sub] > FIBULA_HU) & ~ndimage.binary_dilation(aligned.mask, iterations=2)
+    if not bone.any():
         return None
-    pts = apply_affine(p, grid.index_to_physical(idx[:, ::-1].astype(float)))
-    tib_pts = apply_affine(p, grid.index_to_physical(np.argwhere(tib)[:, ::-1].astype(float)))
+    pts, tib_pts = aligned.points(bone), aligned.tibia_points
     lo, hi = np.percentile(tib_pts[:, 2], [25, 75])
     band = (pts[:, 2] > lo) & (pts[:, 2] < hi)
     offsets = []
     for centre in (np.zeros(2), centreline(tib_pts, pts[:, 2])):
         beside = pts[:, :2] - centre
         near = band & (np.hypot(beside[:, 0], beside[:, 1]) < FIBULA_RADIUS_MM)
-        if np.count_nonzero(near) * np.prod(grid.spacing) < FIBULA_MIN_MM3:
+        if np.count_nonzero(near) * np.prod(aligned.grid.spacing) < FIBULA_MIN_MM3:
             return None
         offsets.append(np.median(beside[near], axis=0))
-    axis = None if alignment.cut_proximal else plateau_axis(tib_pts)
+    axis = None if aligned.alignment.cut_proximal else plateau_axis(tib_pts)
     if axis is None:
         turn = max((f[0] for f in offsets), key=abs)  # > 0: towards the patient's left
     else:  # the 2-D cross product of the axis' half towards the fibula and the fibula's offset
@@ -195,20 +214,19 @@ def fibula_side(ct: Volume, tibia: Volume, step_mm: float = 2.0, aligned: tuple 
     return "left" if turn > 0 else "right"
 
 
-def tibia_extent(tibia: Volume, fracture: Volume, step_mm: float = 2.0, aligned: tuple | None = None
+def tibia_extent(tibia: Volume, fracture: Volume, step_mm: float = 2.0, aligned: LatticeTibia | None = None
                  ) -> tuple[float | None, str | None]:
     """The tibia mask's length along its long axis (mm; None when the CT cuts it off, :func:`input_warnings` says
     so) and its end nearer to the middle of the fracture mask ('distal' or 'proximal'; None when the fracture mask
     misses the tibia); read at about ``step_mm`` (``aligned``: as for :func:`fibula_side`)."""
-    grid, sub, tib, alignment = aligned or aligned_on_lattice(tibia, step_mm)
-    if alignment.cut:
+    aligned = aligned or aligned_on_lattice(tibia, step_mm)
+    if aligned.alignment.cut:
         return None, None
-    z = apply_affine(alignment.matrix, grid.index_to_physical(np.argwhere(tib)[:, ::-1].astype(float)))[:, 2]
-    hidden = tib & (fracture.array[sub] != 0)
+    z = aligned.tibia_points[:, 2]
+    hidden = aligned.mask & (fracture.array[aligned.sub] != 0)
     if not hidden.any():
         return float(np.ptp(z)), None
-    middle = float(np.median(apply_affine(alignment.matrix, grid.index_to_physical(
-        np.argwhere(hidden)[:, ::-1].astype(float)))[:, 2]))
+    middle = float(np.median(aligned.points(hidden)[:, 2]))
     return float(np.ptp(z)), "distal" if middle - z.min() < z.max() - middle else "proximal"
 
 

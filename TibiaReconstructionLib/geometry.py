@@ -457,6 +457,14 @@ def lattice(grid: Grid, step_mm: float) -> tuple[Grid, tuple[slice, ...]]:
             tuple(slice(None, None, s) for s in step[::-1]))
 
 
+def moved(volume: Volume, rigid: np.ndarray) -> Volume:
+    """The same voxels on a grid moved by ``rigid`` (4x4 LPS, a rotation and a translation): each voxel centre goes
+    where ``rigid`` maps it; nothing is resampled (a patient turned or shifted in the scanner)."""
+    rigid = np.asarray(rigid, dtype=float)
+    return Volume(volume.array, volume.spacing, apply_affine(rigid, volume.origin[None])[0],
+                  rigid[:3, :3] @ volume.direction)
+
+
 def reflection(normal: Sequence[float] = (1.0, 0.0, 0.0), point: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
     """4x4 LPS reflection about the plane through ``point`` with unit ``normal``."""
     n = _as_vec3(normal, "plane normal")

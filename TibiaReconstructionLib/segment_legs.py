@@ -264,4 +264,3 @@ def _outside_tibia_height(p: Pieces, ids: np.ndarray, fibula: list[int], main: i
         below = top < lo + BELOW_FIBULA_MM + 10.0 or (centre < lo + BELOW_FIBULA_MM and top < lo + 60.0)
         out[i] = bool(above or below)
     return out
-

@@ -37,7 +37,7 @@ from scipy import ndimage
 
 from TibiaReconstructionLib.bench import _inputs, heldout_case, machine_description, score
 from TibiaReconstructionLib.errors import InputError
-from TibiaReconstructionLib.geometry import Volume
+from TibiaReconstructionLib.geometry import euler_rotation, moved
 from TibiaReconstructionLib.io import atomic_path
 from TibiaReconstructionLib.metrics import mean_ci
 from TibiaReconstructionLib.predict import DEFAULT_BUNDLE, Predictor
@@ -95,11 +95,10 @@ def turned(volumes, tibia, side: str, change: str, degrees: float) -> list:
     left leg), in for 'turned_in'; unchanged for another change."""
     if change not in POSE_CHANGES:
         return list(volumes)
-    a = np.radians(degrees) * (1 if change == "turned_out" else -1) * (1 if side == "left" else -1)
-    r = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    a = degrees * (1 if change == "turned_out" else -1) * (1 if side == "left" else -1)
     kji = np.argwhere(tibia.array != 0)[::20]
-    centre = tibia.grid.index_to_physical(kji[:, ::-1].astype(float)).mean(0)
-    return [Volume(v.array, v.spacing, centre + r @ (v.origin - centre), r @ v.direction) for v in volumes]
+    turn = euler_rotation((0.0, 0.0, a), tibia.grid.index_to_physical(kji[:, ::-1].astype(float)).mean(0))
+    return [moved(v, turn) for v in volumes]
 
 
 def run(args) -> list[dict]:
